@@ -1,0 +1,13 @@
+"""Backbones: known tokens and text context to one condition vector per position."""
+
+from .._registry import Registry
+from ._abstract import AbstractBackbone as AbstractBackbone
+from ._abstract import AbstractCausalBackbone as AbstractCausalBackbone
+
+BACKBONES: Registry = Registry("backbone", AbstractBackbone, "fluid.backbones")
+
+from ._bidirectional import BidirectionalTransformer as BidirectionalTransformer  # noqa: E402
+from ._causal import CausalTransformer as CausalTransformer  # noqa: E402
+
+BACKBONES.register("causal", CausalTransformer)
+BACKBONES.register("bidirectional", BidirectionalTransformer)

@@ -1,0 +1,12 @@
+"""Output heads: a loss against the target token, or a sampled token, from a condition."""
+
+from .._registry import Registry
+from ._abstract import AbstractOutputHead as AbstractOutputHead
+
+HEADS: Registry = Registry("output head", AbstractOutputHead, "fluid.heads")
+
+from ._diffusion import DiffusionHead as DiffusionHead  # noqa: E402
+from ._softmax import SoftmaxHead as SoftmaxHead  # noqa: E402
+
+HEADS.register("softmax", SoftmaxHead)
+HEADS.register("diffusion", DiffusionHead)

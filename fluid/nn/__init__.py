@@ -1,0 +1,1 @@
+"""Shared layers: attention, transformer blocks stacked and scanned."""

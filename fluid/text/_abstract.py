@@ -1,0 +1,24 @@
+import abc
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
+from .._types import TextIds, TextMask
+
+
+class AbstractTextEncoder(eqx.Module):
+    """Maps the token ids of one caption to one vector per text token.
+
+    `vocab_size` is the size of the id space the encoder reads, `dim` the width of its
+    outputs, and `trainable` whether the trainer may update it (a pretrained T5 is frozen:
+    the model wraps its output in `jax.lax.stop_gradient` and the trainer leaves it out).
+    Padding positions (`mask == False`) must not influence the outputs at real positions.
+    """
+
+    vocab_size: eqx.AbstractVar[int]
+    dim: eqx.AbstractVar[int]
+    trainable: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def __call__(self, ids: TextIds, mask: TextMask) -> Float[Array, "ctx text_dim"]:
+        """Encode one caption (`ids` padded to a fixed length, `mask` True at real tokens)."""
