@@ -67,8 +67,11 @@ class AbstractOutputHead(eqx.Module):
         One token, of the same kind and shape as a training target.
         """
 
+    @abc.abstractmethod
     def num_evaluations(self) -> int:
-        """Network evaluations per sampled token without guidance (1 for one-shot heads)."""
-        return 1
+        """Network evaluations per sampled token without guidance (1 for one-shot heads).
+
+        Guidance doubles it. Benchmarks count head work with it.
+        """
 
 

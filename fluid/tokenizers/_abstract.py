@@ -1,8 +1,9 @@
 import abc
 
 import equinox as eqx
+import numpy as np
 
-from .._types import Image, Tokens
+from .._types import Image, Key, Tokens
 
 
 class AbstractImageTokenizer(eqx.Module):
@@ -46,3 +47,23 @@ class AbstractImageTokenizer(eqx.Module):
     @abc.abstractmethod
     def decode(self, tokens: Tokens) -> Image:
         """Turn tokens (as `encode` returns them) back into one image in [-1, 1]."""
+
+    @abc.abstractmethod
+    def fit(self, images: np.ndarray, *, key: Key) -> "AbstractImageTokenizer":
+        """Adapt the tokenizer to data, once, before a model is trained on its tokens.
+
+        A tokenizer whose tokens depend on the data (a codebook fitted by k-means, say)
+        computes them here; the model and trainer then treat it as frozen. Tokenizers that
+        need no fitting return `self`.
+
+        **Arguments:**
+
+        - `images`: `[n, h, w, 3]` host images (NumPy, float32) in [-1, 1] with
+          `h == w == image_size`.
+        - `key`: randomness of the fitting procedure (initialisation, sampling).
+
+        **Returns:**
+
+        A new tokenizer of the same class and token grid, fitted to `images`; `self` is left
+        unchanged.
+        """

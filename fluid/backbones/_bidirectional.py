@@ -1,0 +1,74 @@
+import typing
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float
+
+from .._types import BIDIRECTIONAL, Context, Key, TextMask
+from ..nn import TransformerStack
+from ..nn._init import embedding, layer_norm
+from ._abstract import AbstractBackbone
+
+
+@typing.final
+class BidirectionalTransformer(AbstractBackbone):
+    """A transformer over all positions at once, for masked (random-order) prediction.
+
+    Unknown positions are replaced by a learned mask embedding before anything reads them
+    (MaskGIT, MAR); a learned position embedding is added; every block has bidirectional
+    self-attention over all positions, cross-attention to the context and an MLP; a
+    LayerNorm closes the stack, and a learned per-position output embedding (MAR's
+    `diffusion_pos_embed_learned`) tells the head which position it predicts.
+
+    **Arguments:**
+
+    - `dim`: width of the tokens, the context and the outputs.
+    - `depth`: number of blocks.
+    - `num_heads`: attention heads; must divide `dim`.
+    - `seq_len`: number of positions.
+    - `mlp_ratio`: MLP inner width over `dim`.
+    - `key`: initialisation key.
+    """
+
+    attention: typing.ClassVar[str] = BIDIRECTIONAL
+    mask_embed: Float[Array, " dim"]
+    pos_embed: Float[Array, "seq dim"]
+    blocks: TransformerStack
+    norm: eqx.nn.LayerNorm
+    out_pos_embed: Float[Array, "seq dim"]
+    dim: int = eqx.field(static=True)
+    seq_len: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        seq_len: int,
+        mlp_ratio: float = 4.0,
+        *,
+        key: Key,
+    ):
+        k_mask, k_pos, k_blocks, k_out = jr.split(key, 4)
+        self.dim = dim
+        self.seq_len = seq_len
+        self.mask_embed = embedding((dim,), key=k_mask)
+        self.pos_embed = embedding((seq_len, dim), key=k_pos)
+        self.blocks = TransformerStack(
+            depth, dim, num_heads, mlp_ratio, cross_attention=True, key=k_blocks
+        )
+        self.norm = layer_norm(dim)
+        self.out_pos_embed = embedding((seq_len, dim), key=k_out)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        known: Bool[Array, " seq"],
+        context: Context,
+        context_mask: TextMask,
+    ) -> Float[Array, "seq dim"]:
+        h = jnp.where(known[:, None], x, self.mask_embed[None, :]) + self.pos_embed
+        h = self.blocks(h, None, context, context_mask)
+        return jax.vmap(self.norm)(h) + self.out_pos_embed

@@ -1,0 +1,101 @@
+import typing
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int
+
+from .._types import CAUSAL, Context, Key, TextMask
+from ..nn import KVCache, TransformerStack, attention_mask
+from ..nn._init import embedding, layer_norm
+from ._abstract import AbstractCausalBackbone
+
+
+@typing.final
+class CausalTransformer(AbstractCausalBackbone):
+    """A decoder-only transformer with causal self-attention and cross-attention to text.
+
+    The input is shifted right by one behind a learned start embedding, so `z[t]` is
+    computed from the tokens before `t` only; unknown positions are replaced by a learned
+    mask embedding first. A learned absolute position embedding is added to the input, and
+    a second one to the output (MAR's `diffusion_pos_embed_learned`) so the head sees
+    which position it predicts. Every block has causal self-attention, cross-attention to
+    the context and an MLP; a LayerNorm closes the stack.
+
+    Incremental decoding uses a `fluid.nn.KVCache`: self-attention keys and values of
+    shape `[depth, seq_len, heads, head_dim]`, written at position `t` by `decode_step`,
+    and the context's cross-attention keys and values, projected once by `init_cache`.
+
+    **Arguments:**
+
+    - `dim`: width of the tokens, the context and the outputs.
+    - `depth`: number of blocks.
+    - `num_heads`: attention heads; must divide `dim`.
+    - `seq_len`: number of positions.
+    - `mlp_ratio`: MLP inner width over `dim`.
+    - `key`: initialisation key.
+    """
+
+    attention: typing.ClassVar[str] = CAUSAL
+    start_embed: Float[Array, " dim"]
+    mask_embed: Float[Array, " dim"]
+    pos_embed: Float[Array, "seq dim"]
+    blocks: TransformerStack
+    norm: eqx.nn.LayerNorm
+    out_pos_embed: Float[Array, "seq dim"]
+    dim: int = eqx.field(static=True)
+    seq_len: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        seq_len: int,
+        mlp_ratio: float = 4.0,
+        *,
+        key: Key,
+    ):
+        k_start, k_mask, k_pos, k_blocks, k_out = jr.split(key, 5)
+        self.dim = dim
+        self.seq_len = seq_len
+        self.start_embed = embedding((dim,), key=k_start)
+        self.mask_embed = embedding((dim,), key=k_mask)
+        self.pos_embed = embedding((seq_len, dim), key=k_pos)
+        self.blocks = TransformerStack(
+            depth, dim, num_heads, mlp_ratio, cross_attention=True, key=k_blocks
+        )
+        self.norm = layer_norm(dim)
+        self.out_pos_embed = embedding((seq_len, dim), key=k_out)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        known: Bool[Array, " seq"],
+        context: Context,
+        context_mask: TextMask,
+    ) -> Float[Array, "seq dim"]:
+        h = jnp.where(known[:, None], x, self.mask_embed[None, :])
+        h = jnp.concatenate([self.start_embed[None, :], h[:-1]]) + self.pos_embed
+        h = self.blocks(h, attention_mask(self.seq_len, causal=True), context, context_mask)
+        return jax.vmap(self.norm)(h) + self.out_pos_embed
+
+    def init_cache(self, context: Context, context_mask: TextMask) -> KVCache:
+        del context_mask  # padding is masked at every step instead
+        return self.blocks.init_cache(self.seq_len, context)
+
+    def decode_step(
+        self,
+        x_prev: Float[Array, " dim"],
+        t: Int[Array, ""],
+        cache: KVCache,
+        context: Context,
+        context_mask: TextMask,
+    ) -> tuple[Float[Array, " dim"], KVCache]:
+        del context  # its keys and values were projected into the cache by `init_cache`
+        h = jnp.where(t == 0, self.start_embed, x_prev)
+        h = h + jax.lax.dynamic_index_in_dim(self.pos_embed, t, keepdims=False)
+        h, cache = self.blocks.decode(h, t, cache, context_mask)
+        z = self.norm(h) + jax.lax.dynamic_index_in_dim(self.out_pos_embed, t, keepdims=False)
+        return z, cache

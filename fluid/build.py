@@ -1,0 +1,138 @@
+"""From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry."""
+
+import inspect
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+from jax.typing import ArrayLike
+
+from ._types import DISCRETE, Key
+from .config import ModelConfig, _registries
+from .model import FluidModel, TokenEmbedding
+from .text import TextAligner, TextTokenizer
+
+
+def _build(slot: str, spec, derived: dict, key: Key):
+    registry = _registries()[slot]
+    params = inspect.signature(registry.get(spec.name)).parameters
+    extra = {k: v for k, v in derived.items() if k in params}
+    return registry.build(spec.name, key=key, **spec.kwargs, **extra)
+
+
+# Built under one jit per configuration: initialising eagerly compiles every primitive of
+# every shape one at a time, which costs tens of seconds per model on a 2-core CPU.
+@eqx.filter_jit
+def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_size, key):
+    k_text, k_align, k_embed, k_back, k_head, k_order = jr.split(key, 6)
+    text_encoder = _build(
+        "text_encoder",
+        config.text_encoder,
+        {"vocab_size": text_vocab_size, "max_len": config.text_len},
+        k_text,
+    )
+    aligner = TextAligner(
+        text_encoder.dim, config.width, config.aligner_depth, config.aligner_heads, key=k_align
+    )
+    embedding = TokenEmbedding(
+        token_kind, token_dim, vocab_size if token_kind == DISCRETE else None, config.width,
+        key=k_embed,
+    )
+    backbone = _build("backbone", config.backbone, {"dim": config.width, "seq_len": seq_len}, k_back)
+    head = _build(
+        "head",
+        config.head,
+        {"cond_dim": config.width, "token_dim": token_dim, "vocab_size": vocab_size},
+        k_head,
+    )
+    order = _build("order", config.order, {}, k_order)
+    return text_encoder, aligner, embedding, backbone, head, order
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    text_tokenizer: TextTokenizer,
+    key: Key,
+    fit_images: np.ndarray | Sequence[np.ndarray] | None = None,
+) -> FluidModel:
+    """Build every part of `config` and compose them.
+
+    **Arguments:**
+
+    - `config`: the model configuration.
+    - `text_tokenizer`: the caption tokenizer; gives the text vocabulary size and the empty
+      caption used for guidance.
+    - `key`: initialisation key.
+    - `fit_images`: `[N, h, w, 3]` images in [-1, 1] for tokenizers fitted to data (the
+      `palette` codebook); ignored by tokenizers that need no fitting.
+    """
+    null_ids, null_mask = text_tokenizer.encode([""], config.text_len)
+    return compose(
+        config,
+        text_vocab_size=text_tokenizer.vocab_size,
+        null_text=(null_ids[0], null_mask[0]),
+        key=key,
+        fit_images=fit_images,
+    )
+
+
+def compose(
+    config: ModelConfig,
+    *,
+    text_vocab_size: int,
+    null_text: tuple[ArrayLike, ArrayLike],
+    key: Key,
+    fit_images: np.ndarray | Sequence[np.ndarray] | None = None,
+) -> FluidModel:
+    """`build_model` given the text vocabulary size and the empty caption's `(ids, mask)`."""
+    k_tok, k_fit, k_parts = jr.split(key, 3)
+    tokenizer = _build("tokenizer", config.tokenizer, {}, k_tok)
+    if fit_images is not None:
+        tokenizer = tokenizer.fit(np.asarray(fit_images, np.float32), key=k_fit)
+    text_encoder, aligner, embedding, backbone, head, order = _build_parts(
+        config,
+        tokenizer.token_kind,
+        tokenizer.token_dim,
+        tokenizer.vocab_size,
+        tokenizer.seq_len,
+        text_vocab_size,
+        k_parts,
+    )
+    return FluidModel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        aligner=aligner,
+        token_embedding=embedding,
+        backbone=backbone,
+        head=head,
+        order=order,
+        null_text=null_text,
+        caption_dropout=config.caption_dropout,
+    )
+
+
+def abstract_model(config: ModelConfig, *, text_vocab_size: int | None = None) -> FluidModel:
+    """The model's structure with `jax.ShapeDtypeStruct` leaves: no weights allocated."""
+    vocab = text_vocab_size or config.text_vocab_size
+    null_ids = np.zeros((config.text_len,), np.int32)
+    null_mask = np.arange(config.text_len) < 1
+    return jax.eval_shape(
+        lambda k: compose(config, text_vocab_size=vocab, null_text=(null_ids, null_mask), key=k),
+        jr.key(0),
+    )
+
+
+def count_params(tree) -> int:
+    """Number of floating-point parameters in a model or its abstract structure."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return int(
+        sum(
+            np.prod(x.shape)
+            for x in leaves
+            if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
+            and np.issubdtype(x.dtype, np.floating)
+        )
+    )

@@ -1,0 +1,256 @@
+"""Configuration: frozen keyword-only dataclasses of JSON values, checked when built.
+
+A plug-in slot is a `ComponentSpec(name, kwargs)` resolved through the kind's registry. The
+builder supplies the arguments that follow from the other parts (the backbone's `dim` and
+`seq_len`, the head's `cond_dim` and `token_dim` or `vocab_size`, the text encoder's
+`vocab_size` and `max_len`), so a spec holds only the part's own hyperparameters; those are
+checked against the class signature here, not mid-training.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import json
+import types
+import typing
+from typing import Any
+
+from ._registry import Registry, check_kwargs
+
+# Constructor arguments that the builder derives from the other parts, per slot.
+DERIVED = {
+    "tokenizer": frozenset(),
+    "head": frozenset({"cond_dim", "token_dim", "vocab_size"}),
+    "order": frozenset(),
+    "backbone": frozenset({"dim", "seq_len"}),
+    "text_encoder": frozenset({"vocab_size", "max_len"}),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComponentSpec:
+    """A registry name and the keyword arguments of its constructor."""
+
+    name: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __hash__(self):
+        return hash((self.name, json.dumps(self.kwargs, sort_keys=True)))
+
+
+def _registries() -> dict[str, Registry]:
+    from .backbones import BACKBONES
+    from .heads import HEADS
+    from .orders import ORDERS
+    from .text import TEXT_ENCODERS
+    from .tokenizers import TOKENIZERS
+
+    return {
+        "tokenizer": TOKENIZERS,
+        "head": HEADS,
+        "order": ORDERS,
+        "backbone": BACKBONES,
+        "text_encoder": TEXT_ENCODERS,
+    }
+
+
+def check_spec(slot: str, spec: ComponentSpec) -> None:
+    """Raise if `spec.name` is unknown or its kwargs do not fit the class."""
+    cls = _registries()[slot].get(spec.name)
+    derived = DERIVED[slot]
+    clash = sorted(derived & set(spec.kwargs))
+    if clash:
+        raise TypeError(
+            f"{slot} {spec.name!r}: {clash} are derived from the other parts; remove them "
+            "from the spec."
+        )
+    params = inspect.signature(cls).parameters
+    filled = {k: None for k in derived if k in params}
+    check_kwargs(cls, {**spec.kwargs, **filled}, what=f"{slot} {spec.name!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The parts of a `FluidModel` and the sizes that tie them together."""
+
+    tokenizer: ComponentSpec = ComponentSpec(name="patch", kwargs={"image_size": 32, "patch_size": 4})
+    head: ComponentSpec = ComponentSpec(name="diffusion", kwargs={"width": 256, "depth": 3})
+    order: ComponentSpec = ComponentSpec(name="random")
+    backbone: ComponentSpec = ComponentSpec(
+        name="bidirectional", kwargs={"depth": 4, "num_heads": 4}
+    )
+    text_encoder: ComponentSpec = ComponentSpec(
+        name="learned", kwargs={"dim": 128, "depth": 2, "num_heads": 4}
+    )
+    width: int = 256
+    aligner_depth: int = 1
+    aligner_heads: int = 4
+    text_len: int = 24
+    text_vocab_size: int = 128
+    caption_dropout: float = 0.1
+
+    def __post_init__(self):
+        for slot in DERIVED:
+            check_spec(slot, getattr(self, slot))
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where training images and captions come from."""
+
+    dataset: str = "shapes"
+    image_size: int = 32
+    categories: tuple[str, ...] | None = None  # None: every category of the data set
+    seed: int = 0
+    fit_images: int = 2048  # images used to fit data-fitted parts (palette codebook)
+
+    def __post_init__(self):
+        if self.dataset != "shapes":
+            raise ValueError(f"unknown dataset {self.dataset!r}; the built-in one is 'shapes'.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with Fluid's defaults and a warm-up; MAR's gradient clipping."""
+
+    learning_rate: float = 1e-4
+    schedule: str = "constant"  # "constant" after warm-up, or "cosine"
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.02
+    grad_clip: float | None = 3.0
+    ema_decay: float = 0.9999
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A whole training run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    log_every: int = 25
+    sample_steps: int = 16
+    sample_cfg: float = 3.0
+    sample_temperature: float = 1.0
+
+
+# -- JSON and dotted overrides ------------------------------------------------------------
+def to_dict(config: Any) -> Any:
+    """A JSON-serialisable dict of a config (specs as {name, kwargs})."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Inverse of `to_dict`."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}.")
+    return cls(**kwargs)
+
+
+def _coerce(value: str, hint: Any, key: str) -> Any:
+    """Parse a command-line string as the type `hint` of the field it replaces."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{key}={value!r} fits none of {hint}: {'; '.join(errors)}")
+    if hint is bool:
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise TypeError(f"{key} takes true or false, got {value!r}.")
+    if hint is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise TypeError(f"{key} takes an int, got {value!r}.") from None
+    if hint is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"{key} takes a float, got {value!r}.") from None
+    if hint is str:
+        return value
+    if origin is tuple:
+        return tuple(v for v in value.split(",") if v)
+    # dicts and anything else: JSON
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise TypeError(f"{key} takes JSON, got {value!r}.") from None
+
+
+def override(config: Any, dotted: str, value: Any) -> Any:
+    """`config` with the field at `dotted` (e.g. `"optim.learning_rate"`) replaced.
+
+    A string `value` is parsed as the field's type. Into a `ComponentSpec`, `head.width=512`
+    sets one kwarg and `head.name=softmax` the name. A typo names the closest valid key.
+    """
+    head, _, rest = dotted.partition(".")
+    if isinstance(config, ComponentSpec):
+        if head == "name" and not rest:
+            return dataclasses.replace(config, name=str(value))
+        if head == "kwargs" and rest:
+            head, rest = rest, ""
+        if rest:
+            raise KeyError(f"component kwargs are flat; cannot set {dotted!r}.")
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        return dataclasses.replace(config, kwargs={**config.kwargs, head: value})
+    names = [f.name for f in dataclasses.fields(config)]
+    if head not in names:
+        close = difflib.get_close_matches(head, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(
+            f"{type(config).__name__} has no field {head!r}.{hint} Fields: {', '.join(names)}."
+        )
+    current = getattr(config, head)
+    if rest:
+        return dataclasses.replace(config, **{head: override(current, rest, value)})
+    hint = typing.get_type_hints(type(config))[head]
+    if isinstance(value, str):
+        value = _coerce(value, hint, dotted)
+    return dataclasses.replace(config, **{head: value})

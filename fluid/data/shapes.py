@@ -1,0 +1,331 @@
+"""`shapes`: the built-in procedural data set of captioned coloured shapes.
+
+Each item is a small image of flat-coloured shapes on a plain dark background with a caption
+in one of GenEval's six categories (Ghosh et al., 2023): a single object, a colour, two
+objects, a count, a relative position, or colours attributed to two objects. Items are
+generated on the fly and deterministically from `(seed, index)`, so the set needs no
+download, any index can be read in any order (a random-access source for Grain), and a
+generated image can be checked against its prompt automatically.
+
+Coordinates are in pixels: `x` grows to the right, `y` grows downwards, and pixel `(row, col)`
+covers `[col, col + 1) x [row, row + 1)`. An object's `size` is the side of its bounding box
+(a circle's diameter, a square's side, a triangle's base and height).
+"""
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Hues far apart in RGB, so that a nearest-colour check of a generated pixel is unambiguous.
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.10, 0.10),
+    "green": (0.10, 0.75, 0.20),
+    "blue": (0.15, 0.30, 0.95),
+    "yellow": (0.95, 0.90, 0.10),
+    "purple": (0.60, 0.20, 0.85),
+    "orange": (1.00, 0.55, 0.05),
+    "white": (0.95, 0.95, 0.95),
+}
+BACKGROUND: tuple[float, float, float] = (0.08, 0.08, 0.10)
+CATEGORIES: tuple[str, ...] = (
+    "single_object",
+    "colors",
+    "two_object",
+    "counting",
+    "position",
+    "color_attr",
+)
+RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+NUMBERS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
+PLURALS: dict[str, str] = {s: s + "s" for s in SHAPES}
+
+DEMO_PROMPTS: tuple[str, ...] = (
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow circle",
+    "a purple square",
+    "an orange triangle",
+    "a red square and a blue circle",
+    "a white circle and a green triangle",
+)
+
+# Anti-aliasing: shapes are rasterised at this many samples per pixel side, then averaged.
+_SUPERSAMPLE = 4
+# Object sizes as fractions of the image side, by how many objects share the image: at 32 px
+# one object spans 10-14 px and each of four objects 8-10 px.
+_SIZE_RANGE: dict[int, tuple[float, float]] = {
+    1: (0.31, 0.44),
+    2: (0.25, 0.38),
+    3: (0.25, 0.33),
+    4: (0.25, 0.31),
+}
+_MAX_TRIES = 1000
+_OBJECT_TRIES = 50
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _noun_phrase(shape: str, color: str | None = None) -> str:
+    words = f"{color} {shape}" if color else shape
+    return f"{_article(words)} {words}"
+
+
+def _inside(obj: dict[str, Any], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Boolean coverage of one object at sample points `x`, `y` (pixel units)."""
+    cx, cy = obj["center"]
+    half = obj["size"] / 2
+    if obj["shape"] == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    if obj["shape"] == "square":
+        return (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    if obj["shape"] == "triangle":
+        # Apex up; the half-width grows linearly from 0 at the apex to `half` at the base.
+        top = cy - half
+        return (y <= cy + half) & (np.abs(x - cx) <= (y - top) / 2)
+    raise ValueError(f"unknown shape {obj['shape']!r}; shapes are {SHAPES}.")
+
+
+def render(objects: Sequence[dict[str, Any]], image_size: int) -> np.ndarray:
+    """Draw objects on the dark background, anti-aliased.
+
+    **Arguments:**
+
+    - `objects`: dicts with `shape` (one of `SHAPES`), `color` (a key of `COLORS`),
+      `center` (`(x, y)` in pixels) and `size` (bounding-box side in pixels). Later objects
+      are drawn over earlier ones.
+    - `image_size`: side of the square image in pixels.
+
+    **Returns:**
+
+    A float32 array `[image_size, image_size, 3]` with values in [-1, 1].
+    """
+    n = image_size * _SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
+    y, x = coords[:, None], coords[None, :]
+    canvas = np.empty((n, n, 3), np.float32)
+    canvas[...] = BACKGROUND
+    for obj in objects:
+        if obj["color"] not in COLORS:
+            raise ValueError(f"unknown colour {obj['color']!r}; colours are {tuple(COLORS)}.")
+        canvas[_inside(obj, x, y)] = COLORS[obj["color"]]
+    image = canvas.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean((1, 3))
+    return (image * 2 - 1).astype(np.float32)
+
+
+def _separated(a: dict[str, Any], b: dict[str, Any], gap: float) -> bool:
+    """Bounding boxes at least `gap` pixels apart along x or along y."""
+    reach = (a["size"] + b["size"]) / 2 + gap
+    return (
+        abs(a["center"][0] - b["center"][0]) >= reach
+        or abs(a["center"][1] - b["center"][1]) >= reach
+    )
+
+
+def relation_holds(a: dict[str, Any], b: dict[str, Any], relation: str) -> bool:
+    """Whether object `a` is clearly `relation` object `b` (one of `RELATIONS`).
+
+    Clearly means: the bounding boxes do not overlap along the relation's axis, and the
+    centres are further apart along that axis than across it.
+    """
+    dx = b["center"][0] - a["center"][0]
+    dy = b["center"][1] - a["center"][1]
+    reach = (a["size"] + b["size"]) / 2
+    if relation == "to the left of":
+        return dx >= reach and dx > abs(dy)
+    if relation == "to the right of":
+        return -dx >= reach and -dx > abs(dy)
+    if relation == "above":
+        return dy >= reach and dy > abs(dx)
+    if relation == "below":
+        return -dy >= reach and -dy > abs(dx)
+    raise ValueError(f"unknown relation {relation!r}; relations are {RELATIONS}.")
+
+
+def _layout(
+    rng: np.random.Generator,
+    shapes: Sequence[str],
+    colors: Sequence[str],
+    image_size: int,
+    relation: str | None = None,
+) -> list[dict[str, Any]]:
+    """Place objects inside the image, 1 px apart, with `objects[0] relation objects[1]`."""
+    lo, hi = _SIZE_RANGE[len(shapes)]
+    margin = 1.0
+    for _ in range(_MAX_TRIES):
+        placed: list[dict[str, Any]] = []
+        for shape, color in zip(shapes, colors):
+            size = float(rng.uniform(lo, hi) * image_size)
+            half = size / 2
+            # Retrying each object where it failed, not the whole layout, keeps crowded
+            # images (four objects at 16 px) from needing thousands of attempts.
+            for _ in range(_OBJECT_TRIES):
+                x, y = rng.uniform(margin + half, image_size - margin - half, 2)
+                obj = {"shape": shape, "color": color, "center": (float(x), float(y)), "size": size}
+                if all(_separated(obj, other, margin) for other in placed):
+                    placed.append(obj)
+                    break
+            else:
+                break
+        else:
+            if relation is None or relation_holds(placed[0], placed[1], relation):
+                return placed
+    raise RuntimeError(  # unreachable with the size ranges above: layouts succeed within tries
+        f"could not place {len(shapes)} objects in a {image_size} px image."
+    )
+
+
+def _sample(rng: np.random.Generator, category: str, image_size: int):
+    def pick_shapes(k):
+        return [SHAPES[i] for i in rng.choice(len(SHAPES), k, replace=False)]
+
+    def pick_colors(k, distinct):
+        return [tuple(COLORS)[i] for i in rng.choice(len(COLORS), k, replace=not distinct)]
+
+    if category in ("single_object", "colors"):
+        (shape,), (color,) = pick_shapes(1), pick_colors(1, True)
+        objects = _layout(rng, [shape], [color], image_size)
+        caption = _noun_phrase(shape, color if category == "colors" else None)
+    elif category in ("two_object", "color_attr"):
+        shapes, colors = pick_shapes(2), pick_colors(2, category == "color_attr")
+        objects = _layout(rng, shapes, colors, image_size)
+        named = colors if category == "color_attr" else [None, None]
+        caption = " and ".join(_noun_phrase(s, c) for s, c in zip(shapes, named))
+    elif category == "counting":
+        count = int(rng.integers(2, 5))
+        (shape,) = pick_shapes(1)
+        objects = _layout(rng, [shape] * count, pick_colors(count, False), image_size)
+        caption = f"{NUMBERS[count]} {PLURALS[shape]}"
+    elif category == "position":
+        shapes, colors = pick_shapes(2), pick_colors(2, False)
+        relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+        objects = _layout(rng, shapes, colors, image_size, relation)
+        caption = f"{_noun_phrase(shapes[0])} {relation} {_noun_phrase(shapes[1])}"
+    else:
+        raise ValueError(f"unknown category {category!r}; categories are {CATEGORIES}.")
+    return caption, objects
+
+
+class ShapesDataset:
+    """Captioned images of coloured shapes, generated deterministically per index.
+
+    Item `i` depends only on `(seed, i)` (and `image_size`), so items can be read in any
+    order, by any number of workers, and reproduced anywhere.
+
+    **Arguments:**
+
+    - `image_size`: side of the square images in pixels, at least 16.
+    - `seed`: seed of the whole set.
+    - `size`: number of items; `None` for an unbounded set (its length is then `2**31 - 1`,
+      so that it still serves as a random-access source).
+    - `categories`: the GenEval categories to draw captions from (see `CATEGORIES`).
+    - `category_weights`: relative frequency of each category; uniform when `None`.
+
+    Items are dicts: `image` (float32 `[h, w, 3]` in [-1, 1]), `caption`, `category` and
+    `objects` (as `render` takes them).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        seed: int = 0,
+        size: int | None = None,
+        categories: Sequence[str] = CATEGORIES,
+        category_weights: Sequence[float] | None = None,
+    ):
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
+        categories = tuple(categories)
+        unknown = [c for c in categories if c not in CATEGORIES]
+        if not categories or unknown:
+            raise ValueError(
+                f"categories must be a non-empty subset of {CATEGORIES}, got {categories}."
+            )
+        if category_weights is None:
+            weights = np.ones(len(categories))
+        else:
+            weights = np.asarray(category_weights, np.float64)
+            if weights.shape != (len(categories),) or np.any(weights < 0) or weights.sum() <= 0:
+                raise ValueError(
+                    "category_weights must give one non-negative weight per category (not all "
+                    f"zero); got {category_weights} for {categories}."
+                )
+        if size is not None and size < 0:
+            raise ValueError(f"size must be non-negative or None, got {size}.")
+        self.image_size = image_size
+        self.seed = seed
+        self.size = size
+        self.categories = categories
+        self.category_weights = weights / weights.sum()
+
+    def __len__(self) -> int:
+        return 2**31 - 1 if self.size is None else self.size
+
+    def _index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"indices must be integers, got {type(index).__name__}.")
+        index = int(index)
+        n = len(self)
+        if index < 0 and self.size is not None:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a data set of {n} items.")
+        return index
+
+    def describe(self, index: int) -> dict[str, Any]:
+        """Item `index` without its image: `caption`, `category` and `objects`."""
+        rng = np.random.default_rng((self.seed, self._index(index)))
+        category = self.categories[int(rng.choice(len(self.categories), p=self.category_weights))]
+        caption, objects = _sample(rng, category, self.image_size)
+        return {"caption": caption, "category": category, "objects": objects}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.describe(index)
+        item["image"] = render(item["objects"], self.image_size)
+        return item
+
+    def captions(self, n: int, start: int = 0) -> list[str]:
+        """Captions of items `start, ..., start + n - 1`, without rendering their images."""
+        return [self.describe(start + i)["caption"] for i in range(n)]
+
+
+def caption_corpus(n: int = 4096, seed: int = 0) -> list[str]:
+    """Captions for training a text tokenizer: `n` drawn from every category, plus the demo
+    prompts, so every word of the data set's vocabulary occurs."""
+    return ShapesDataset(seed=seed, size=n).captions(n) + list(DEMO_PROMPTS)
+
+
+def parse_caption(caption: str) -> dict[str, Any]:
+    """What a caption of this data set asks for, the inverse of the captioning.
+
+    **Returns:**
+
+    A dict with `category` and `objects`, a list of dicts with `shape` and `color` (`None`
+    when the caption names none); for `position` also `relation` (between objects 0 and 1).
+    Raises `ValueError` for a caption that no category produces.
+    """
+    shape = "|".join(SHAPES)
+    color = "|".join(COLORS)
+    phrase = rf"an? (?:({color}) )?({shape})"
+    if m := re.fullmatch(phrase, caption):
+        category = "colors" if m[1] else "single_object"
+        return {"category": category, "objects": [{"shape": m[2], "color": m[1]}]}
+    if m := re.fullmatch(rf"{phrase} and {phrase}", caption):
+        category = "color_attr" if m[1] and m[3] else "two_object"
+        objects = [{"shape": m[2], "color": m[1]}, {"shape": m[4], "color": m[3]}]
+        return {"category": category, "objects": objects}
+    relation = "|".join(RELATIONS)
+    if m := re.fullmatch(rf"an? ({shape}) ({relation}) an? ({shape})", caption):
+        objects = [{"shape": m[1], "color": None}, {"shape": m[3], "color": None}]
+        return {"category": "position", "objects": objects, "relation": m[2]}
+    number = "|".join(NUMBERS.values())
+    if m := re.fullmatch(rf"({number}) ({'|'.join(PLURALS.values())})", caption):
+        count = {v: k for k, v in NUMBERS.items()}[m[1]]
+        single = {v: k for k, v in PLURALS.items()}[m[2]]
+        return {"category": "counting", "objects": [{"shape": single, "color": None}] * count}
+    raise ValueError(f"{caption!r} is not a caption of the shapes data set.")

@@ -1,0 +1,326 @@
+"""`FluidModel`: one tokenizer, text encoder, backbone, head and order, composed and batched."""
+
+import itertools
+import typing
+from collections.abc import Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jax.typing import ArrayLike
+from jaxtyping import Array, Bool, Float, Int
+
+from ._types import CAUSAL, CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
+from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
+from .heads import HEADS, AbstractOutputHead
+from .orders import ORDERS, AbstractGenerationOrder
+from .text import AbstractTextEncoder, TextAligner
+from .tokenizers import AbstractImageTokenizer
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class IncompatibleComponentsError(ValueError):
+    """Parts that cannot work together, with the parts that would fit."""
+
+
+@typing.final
+class TokenEmbedding(eqx.Module):
+    """Embeds tokens for the backbone: a table for discrete codes, a linear map otherwise."""
+
+    layer: eqx.nn.Linear | eqx.nn.Embedding
+    norm: eqx.nn.LayerNorm
+    token_kind: str = eqx.field(static=True)
+
+    def __init__(self, token_kind: str, token_dim: int, vocab_size: int | None, dim: int, *, key: Key):
+        self.token_kind = token_kind
+        if token_kind == DISCRETE:
+            assert vocab_size is not None
+            self.layer = eqx.nn.Embedding(
+                weight=0.02 * jr.normal(key, (vocab_size, dim))
+            )
+        else:
+            self.layer = eqx.nn.Linear(token_dim, dim, key=key)
+        self.norm = eqx.nn.LayerNorm(dim)
+
+    def __call__(self, tokens: Tokens) -> Float[Array, "seq dim"]:
+        return jax.vmap(self.embed_one)(tokens)
+
+    def embed_one(self, token: Float[Array, " token_dim"] | Int[Array, ""]) -> Float[Array, " dim"]:
+        return self.norm(self.layer(token))
+
+
+def _names_where(registry, predicate) -> list[str]:
+    out = []
+    for name in registry.names():
+        try:
+            if predicate(registry.get(name)):
+                out.append(name)
+        except Exception:  # a broken plug-in must not hide the real error
+            continue
+    return out
+
+
+@typing.final
+class FluidModel(eqx.Module):
+    """A text-to-image model composed of one part of each kind; the only batched API.
+
+    **Arguments:**
+
+    - `tokenizer`: image tokenizer (frozen).
+    - `text_encoder`: text encoder (frozen unless `text_encoder.trainable`).
+    - `aligner`: trainable text aligner from the encoder's width to the backbone's.
+    - `token_embedding`: embeds tokens into the backbone's width.
+    - `backbone`, `head`, `order`: as their names say.
+    - `null_text`: `(ids, mask)` of the empty caption, the unconditional input.
+    - `caption_dropout`: probability of replacing a caption by the empty one in training.
+    """
+
+    tokenizer: AbstractImageTokenizer
+    text_encoder: AbstractTextEncoder
+    aligner: TextAligner
+    token_embedding: TokenEmbedding
+    backbone: AbstractBackbone
+    head: AbstractOutputHead
+    order: AbstractGenerationOrder
+    null_ids: Int[Array, " ctx"]
+    null_mask: Bool[Array, " ctx"]
+    caption_dropout: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        tokenizer: AbstractImageTokenizer,
+        text_encoder: AbstractTextEncoder,
+        aligner: TextAligner,
+        token_embedding: TokenEmbedding,
+        backbone: AbstractBackbone,
+        head: AbstractOutputHead,
+        order: AbstractGenerationOrder,
+        null_text: tuple[ArrayLike, ArrayLike],
+        caption_dropout: float = 0.1,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.aligner = aligner
+        self.token_embedding = token_embedding
+        self.backbone = backbone
+        self.head = head
+        self.order = order
+        null_ids, null_mask = (np.asarray(a).reshape(-1) for a in null_text)
+        if null_ids.shape != null_mask.shape or not null_mask.any():
+            raise ValueError(
+                "null_text must be (ids, mask) of one caption with at least one real token, "
+                "as TextTokenizer.encode(['']) gives."
+            )
+        self.null_ids = jnp.asarray(null_ids, jnp.int32)
+        self.null_mask = jnp.asarray(null_mask, bool)
+        self.caption_dropout = caption_dropout
+
+    def __check_init__(self):
+        tok, head, backbone, order = self.tokenizer, self.head, self.backbone, self.order
+        if head.token_kind != tok.token_kind:
+            fits = _names_where(HEADS, lambda c: c.token_kind == tok.token_kind)
+            raise IncompatibleComponentsError(
+                f"the head {type(head).__name__} takes {head.token_kind} tokens but the "
+                f"tokenizer {type(tok).__name__} makes {tok.token_kind} ones. Heads for "
+                f"{tok.token_kind} tokens: {', '.join(fits) or 'none registered'}."
+            )
+        if backbone.attention not in order.supported_attention:
+            backs = _names_where(BACKBONES, lambda c: c.attention in order.supported_attention)
+            orders = _names_where(ORDERS, lambda c: backbone.attention in c.supported_attention)
+            raise IncompatibleComponentsError(
+                f"the order {type(order).__name__} supports "
+                f"{sorted(order.supported_attention)} attention, but the backbone "
+                f"{type(backbone).__name__} is {backbone.attention}. Backbones that fit this "
+                f"order: {', '.join(backs) or 'none'}; orders that fit this backbone: "
+                f"{', '.join(orders) or 'none'}."
+            )
+        if backbone.attention == CAUSAL and not isinstance(backbone, AbstractCausalBackbone):
+            raise IncompatibleComponentsError(
+                f"{type(backbone).__name__} declares causal attention but does not implement "
+                "AbstractCausalBackbone (init_cache, decode_step), which sampling needs."
+            )
+        for what, a, b in [
+            ("head.cond_dim vs backbone.dim", head.cond_dim, backbone.dim),
+            ("backbone.seq_len vs tokenizer.seq_len", backbone.seq_len, tok.seq_len),
+            ("aligner.dim vs backbone.dim", self.aligner.dim, backbone.dim),
+            ("aligner.in_dim vs text_encoder.dim", self.aligner.in_dim, self.text_encoder.dim),
+        ]:
+            if a != b:
+                raise IncompatibleComponentsError(f"sizes do not fit: {what} = {a} vs {b}.")
+
+    # -- pieces ---------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.tokenizer.seq_len
+
+    def encode_images(
+        self, images: Float[Array, "batch h w 3"]
+    ) -> Float[Array, "batch seq token_dim"] | Int[Array, "batch seq"]:
+        """Tokens of a batch of images (no gradient flows into the tokenizer)."""
+        return jax.lax.stop_gradient(jax.vmap(self.tokenizer.encode)(images))
+
+    def encode_text(self, ids: Int[Array, " ctx"], mask: TextMask) -> Context:
+        """The aligned text context of one caption."""
+        hidden = self.text_encoder(ids, mask)
+        if not self.text_encoder.trainable:
+            hidden = jax.lax.stop_gradient(hidden)
+        return self.aligner(hidden, mask)
+
+    # -- training -------------------------------------------------------------------------
+    def loss(self, batch: Mapping[str, ArrayLike], *, key: Key) -> Float[Array, ""]:
+        """Mean loss over the target positions of a batch.
+
+        `batch` holds `text_ids` (`Int[batch ctx]`), `text_mask` (`Bool[batch ctx]`) and
+        either `image` (`Float[batch h w 3]` in [-1, 1]) or precomputed `tokens`.
+        """
+        tokens = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        bsz, n = ids.shape[0], self.seq_len
+        k_drop, k_perm, k_known, k_head = jr.split(key, 4)
+
+        dropped = jr.bernoulli(k_drop, self.caption_dropout, (bsz,))
+        ids = jnp.where(dropped[:, None], self.null_ids[None], ids)
+        mask = jnp.where(dropped[:, None], self.null_mask[None], mask)
+        context = jax.vmap(self.encode_text)(ids, mask)
+
+        if self.backbone.attention == CAUSAL:
+            known = jnp.ones((bsz, n), bool)
+            targets = known
+        else:
+            perm = jax.vmap(lambda k: self.order.permutation(n, key=k))(jr.split(k_perm, bsz))
+            rank = jnp.argsort(perm, axis=-1)  # rank[i]: step at which position i is produced
+            known = rank < self.order.num_known(n, key=k_known)
+            targets = ~known
+        x = jax.vmap(self.token_embedding)(tokens)
+        z = jax.vmap(self.backbone)(x, known, context, mask)
+        keys = jr.split(k_head, (bsz, n))
+        per_pos = jax.vmap(jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k)))(z, tokens, keys)
+        weights = targets.astype(jnp.float32)
+        return jnp.sum(per_pos.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    # -- sampling -------------------------------------------------------------------------
+    def generate(
+        self,
+        text_ids: Int[Array, "batch ctx"],
+        text_mask: Bool[Array, "batch ctx"],
+        *,
+        key: Key,
+        steps: int = 64,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+    ) -> Float[Array, "batch h w 3"]:
+        """Generate one image per caption.
+
+        **Arguments:**
+
+        - `text_ids`, `text_mask`: tokenized captions (see `fluid.text.TextTokenizer`).
+        - `key`: randomness.
+        - `steps`: sampling steps requested from the order (raster ignores it).
+        - `cfg`: classifier-free guidance scale; 1 disables guidance (static).
+        - `cfg_schedule`: `"linear"` (scale grows from 1 to `cfg` with the fraction of tokens
+          produced) or `"constant"` (static).
+        - `temperature`: passed to the head.
+
+        **Returns:**
+
+        Images in [-1, 1]. Jit this call with `eqx.filter_jit` (steps, cfg and the schedule
+        are static); `fluid.sample` does.
+        """
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
+        tokens = self.generate_tokens(
+            text_ids, text_mask, key=key, steps=steps, cfg=cfg,
+            cfg_schedule=cfg_schedule, temperature=temperature,
+        )
+        return jax.vmap(self.tokenizer.decode)(tokens)
+
+    def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature):
+        """`generate` without the final decoding: the sampled tokens."""
+        guided = cfg != 1.0
+        one = self._generate_causal if self.backbone.attention == CAUSAL else self._generate_masked
+        keys = jr.split(key, text_ids.shape[0])
+        return jax.vmap(
+            lambda i, m, k: one(i, m, k, steps, guided, cfg, cfg_schedule, temperature)
+        )(text_ids, text_mask, keys)
+
+    def _contexts(self, ids, mask, guided):
+        ctx = self.encode_text(ids, mask)
+        if not guided:
+            return ctx[None], mask[None]
+        null = self.encode_text(self.null_ids, self.null_mask)
+        return jnp.stack([ctx, null]), jnp.stack([mask, self.null_mask])
+
+    def _cfg_at(self, cfg, schedule, produced):
+        if schedule == "constant":
+            return jnp.asarray(cfg, jnp.float32)
+        return 1.0 + (cfg - 1.0) * produced.astype(jnp.float32) / self.seq_len
+
+    def _sample_head(self, z, guided, cfg_value, temperature, key):
+        """Sample tokens at the `k` positions given by `z`: `[1 or 2, k, dim]`."""
+        keys = jr.split(key, z.shape[1])
+        if guided:
+            return jax.vmap(
+                lambda c, u, k: self.head.sample(c, u, cfg_value, temperature, key=k)
+            )(z[0], z[1], keys)
+        return jax.vmap(lambda c, k: self.head.sample(c, None, 1.0, temperature, key=k))(z[0], keys)
+
+    def _empty_tokens(self):
+        n = self.seq_len
+        if self.tokenizer.token_kind == CONTINUOUS:
+            return jnp.zeros((n, self.tokenizer.token_dim), jnp.float32)
+        return jnp.zeros((n,), jnp.int32)
+
+    def _generate_masked(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
+        n = self.seq_len
+        k_perm, key = jr.split(key)
+        perm = self.order.permutation(n, key=k_perm)
+        ctx, ctx_mask = self._contexts(ids, mask, guided)
+        counts = self.order.step_counts(n, steps)
+        tokens, known = self._empty_tokens(), jnp.zeros((n,), bool)
+        start = 0
+        # Steps that produce the same number of tokens share one scan: shapes stay static
+        # and the head runs on exactly the positions produced at each step.
+        for k, run in itertools.groupby(counts):
+            length = len(list(run))
+
+            def body(carry, i, k=k, start=start):
+                tokens, known, key = carry
+                key, sub = jr.split(key)
+                first = start + i * k
+                idx = jax.lax.dynamic_slice(perm, (first,), (k,))
+                x = self.token_embedding(tokens)
+                z = jax.vmap(self.backbone, in_axes=(None, None, 0, 0))(x, known, ctx, ctx_mask)
+                cfg_value = self._cfg_at(cfg, schedule, first + k)
+                new = self._sample_head(z[:, idx], guided, cfg_value, temperature, sub)
+                return (tokens.at[idx].set(new), known.at[idx].set(True), key), None
+
+            (tokens, known, key), _ = jax.lax.scan(
+                body, (tokens, known, key), jnp.arange(length, dtype=jnp.int32)
+            )
+            start += k * length
+        return tokens
+
+    def _generate_causal(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
+        del steps  # causal decoding produces one token per step
+        backbone = typing.cast(AbstractCausalBackbone, self.backbone)
+        ctx, ctx_mask = self._contexts(ids, mask, guided)
+        caches = jax.vmap(backbone.init_cache)(ctx, ctx_mask)
+        dim = backbone.dim
+
+        def body(carry, t):
+            x_prev, caches, key = carry
+            key, sub = jr.split(key)
+            z, caches = jax.vmap(backbone.decode_step, in_axes=(None, None, 0, 0, 0))(
+                x_prev, t, caches, ctx, ctx_mask
+            )
+            token = self._sample_head(z[:, None], guided, self._cfg_at(cfg, schedule, t + 1),
+                                      temperature, sub)[0]
+            return (self.token_embedding.embed_one(token), caches, key), token
+
+        init = (jnp.zeros((dim,), jnp.float32), caches, key)
+        _, tokens = jax.lax.scan(body, init, jnp.arange(self.seq_len, dtype=jnp.int32))
+        return tokens

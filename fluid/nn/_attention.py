@@ -1,0 +1,120 @@
+import typing
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int
+
+from .._types import Key
+from ._init import linear
+
+
+def attention_mask(
+    seq: int, key_mask: Bool[Array, " seq"] | None = None, causal: bool = False
+) -> Bool[Array, "seq seq"] | None:
+    """Which keys each query may read: `mask[q, k]`, or `None` when all may be read.
+
+    **Arguments:**
+
+    - `seq`: sequence length (static).
+    - `key_mask`: True at keys that may be read (False at padding).
+    - `causal`: if True, query `q` reads only keys `k <= q`.
+    """
+    mask = None
+    if causal:
+        idx = jnp.arange(seq)
+        mask = idx[:, None] >= idx[None, :]
+    if key_mask is not None:
+        keys = jnp.broadcast_to(key_mask[None, :], (seq, seq))
+        mask = keys if mask is None else mask & keys
+    return mask
+
+
+def dot_product_attention(
+    q: Float[Array, "q heads head_dim"],
+    k: Float[Array, "k heads head_dim"],
+    v: Float[Array, "k heads head_dim"],
+    mask: Bool[Array, "q k"] | None = None,
+) -> Float[Array, "q heads head_dim"]:
+    """Scaled dot-product attention with a boolean mask (True = may attend).
+
+    The softmax runs in float32 whatever the input dtype, so low-precision compute keeps
+    well-normalised weights. A fully masked row attends uniformly rather than giving NaN.
+    """
+    logits = jnp.einsum("qhd,khd->hqk", q, k) * (q.shape[-1] ** -0.5)
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        # The most negative finite number, not -inf: exp underflows to exactly zero, so
+        # masked keys contribute nothing, and a row with no valid key cannot become NaN.
+        lowest = jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32)
+        logits = jnp.where(mask[None], logits, lowest)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("hqk,khd->qhd", weights, v)
+
+
+@typing.final
+class SelfAttention(eqx.Module):
+    """Multi-head self-attention with one fused query/key/value projection (as timm's ViT).
+
+    Runs on a whole sequence with a boolean mask (`__call__`) or on one new position
+    against a key/value cache (`decode`).
+
+    **Arguments:**
+
+    - `dim`: width; must be divisible by `num_heads`.
+    - `num_heads`: number of attention heads.
+    - `key`: initialisation key.
+    """
+
+    qkv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_heads: int, *, key: Key):
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}.")
+        k_qkv, k_proj = jr.split(key)
+        self.qkv = linear(dim, 3 * dim, key=k_qkv)
+        self.proj = linear(dim, dim, key=k_proj)
+        self.num_heads = num_heads
+
+    def _split(self, qkv: Array) -> tuple[Array, Array, Array]:
+        # (..., 3, heads, head_dim) order, as timm reshapes its fused projection.
+        parts = qkv.reshape(*qkv.shape[:-1], 3, self.num_heads, -1)
+        return parts[..., 0, :, :], parts[..., 1, :, :], parts[..., 2, :, :]
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], mask: Bool[Array, "seq seq"] | None = None
+    ) -> Float[Array, "seq dim"]:
+        """Attend every position to the positions `mask` allows (all when `None`)."""
+        q, k, v = self._split(jax.vmap(self.qkv)(x))
+        out = dot_product_attention(q, k, v, mask)
+        return jax.vmap(self.proj)(out.reshape(x.shape))
+
+    def decode(
+        self,
+        x: Float[Array, " dim"],
+        t: Int[Array, ""],
+        k_cache: Float[Array, "seq heads head_dim"],
+        v_cache: Float[Array, "seq heads head_dim"],
+    ) -> tuple[
+        Float[Array, " dim"], Float[Array, "seq heads head_dim"], Float[Array, "seq heads head_dim"]
+    ]:
+        """Causal attention for position `t` alone.
+
+        Writes this position's key and value into the caches at `t`, then attends to cache
+        positions `<= t`; entries after `t` are never read, whatever they hold.
+
+        **Returns:**
+
+        The output at `t` and the updated caches.
+        """
+        q, k, v = self._split(self.qkv(x))
+        zero = jnp.zeros((), t.dtype)
+        at = (t, zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        visible = jnp.arange(k_cache.shape[0]) <= t
+        out = dot_product_attention(q[None], k_cache, v_cache, visible[None])
+        return self.proj(out.reshape(x.shape)), k_cache, v_cache

@@ -1,0 +1,71 @@
+import typing
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float
+
+from .._types import Key
+from ._attention import dot_product_attention
+from ._init import linear
+
+
+@typing.final
+class CrossAttention(eqx.Module):
+    """Multi-head attention from a sequence to a padded context (the text).
+
+    The context's keys and values can be projected once (`project_context`) and reused,
+    which the causal backbone does for every decoding step.
+
+    **Arguments:**
+
+    - `dim`: width of the queries and of the output; divisible by `num_heads`.
+    - `context_dim`: width of the context.
+    - `num_heads`: number of attention heads.
+    - `key`: initialisation key.
+    """
+
+    q: eqx.nn.Linear
+    kv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, *, key: Key):
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}.")
+        k_q, k_kv, k_proj = jr.split(key, 3)
+        self.q = linear(dim, dim, key=k_q)
+        self.kv = linear(context_dim, 2 * dim, key=k_kv)
+        self.proj = linear(dim, dim, key=k_proj)
+        self.num_heads = num_heads
+
+    def project_context(
+        self, context: Float[Array, "ctx context_dim"]
+    ) -> tuple[Float[Array, "ctx heads head_dim"], Float[Array, "ctx heads head_dim"]]:
+        """Keys and values of the context."""
+        kv = jax.vmap(self.kv)(context).reshape(context.shape[0], 2, self.num_heads, -1)
+        return kv[:, 0], kv[:, 1]
+
+    def attend(
+        self,
+        x: Float[Array, "seq dim"],
+        k: Float[Array, "ctx heads head_dim"],
+        v: Float[Array, "ctx heads head_dim"],
+        context_mask: Bool[Array, " ctx"],
+    ) -> Float[Array, "seq dim"]:
+        """Attend `x` to precomputed context keys and values, skipping padding."""
+        q = jax.vmap(self.q)(x).reshape(x.shape[0], self.num_heads, -1)
+        mask = jnp.broadcast_to(context_mask[None, :], (x.shape[0], k.shape[0]))
+        out = dot_product_attention(q, k, v, mask)
+        return jax.vmap(self.proj)(out.reshape(x.shape))
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        context: Float[Array, "ctx context_dim"],
+        context_mask: Bool[Array, " ctx"],
+    ) -> Float[Array, "seq dim"]:
+        """Attend `x` to the real (mask True) positions of `context`."""
+        k, v = self.project_context(context)
+        return self.attend(x, k, v, context_mask)

@@ -1,0 +1,33 @@
+"""Initialisers shared by the transformer layers (MAR/ViT's choices)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float
+
+from .._types import Key
+
+# MAR initialises learned embeddings (positions, mask and start tokens) as N(0, 0.02^2).
+EMBED_STD = 0.02
+# timm's ViT blocks, which MAR uses, build their LayerNorms with eps 1e-6.
+LN_EPS = 1e-6
+
+
+def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:
+    """A linear layer with xavier-uniform weights and zero biases (MAR's `_init_weights`)."""
+    layer = eqx.nn.Linear(in_features, out_features, key=key)
+    weight = jax.nn.initializers.xavier_uniform()(key, (out_features, in_features))
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias), layer, (weight, jnp.zeros((out_features,)))
+    )
+
+
+def layer_norm(dim: int) -> eqx.nn.LayerNorm:
+    """LayerNorm with unit scale and zero shift."""
+    return eqx.nn.LayerNorm(dim, eps=LN_EPS)
+
+
+def embedding(shape: tuple[int, ...], *, key: Key) -> Float[Array, "..."]:
+    """A learned embedding table, normal with standard deviation 0.02."""
+    return EMBED_STD * jr.normal(key, shape)

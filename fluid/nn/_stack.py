@@ -1,0 +1,113 @@
+import typing
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int
+
+from .._types import Key
+from ._cache import KVCache
+from ._transformer import TransformerBlock
+
+
+# One compilation per configuration (ints static under filter_jit): initialising eagerly
+# compiles every primitive of every shape one by one, seconds per model on a 2-core CPU.
+@eqx.filter_jit
+def _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key):
+    def make(k):
+        return TransformerBlock(dim, num_heads, mlp_ratio, cross_attention, key=k)
+
+    return eqx.filter_vmap(make)(jr.split(key, depth))
+
+
+@typing.final
+class TransformerStack(eqx.Module):
+    """`depth` transformer blocks stored stacked and run with `jax.lax.scan`.
+
+    Every array leaf of `layers` has a leading `depth` axis (the blocks are built by
+    `eqx.filter_vmap` over keys), so the stack compiles one block, not `depth` of them.
+
+    **Arguments:**
+
+    - `depth`: number of blocks (may be 0: the stack is then the identity).
+    - `dim`, `num_heads`, `mlp_ratio`, `cross_attention`: as `TransformerBlock`.
+    - `key`: initialisation key.
+    """
+
+    layers: TransformerBlock
+    depth: int = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        depth: int,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        cross_attention: bool = False,
+        *,
+        key: Key,
+    ):
+        self.layers = _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key)
+        self.depth = depth
+        self.dim = dim
+        self.num_heads = num_heads
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.layers.cross is not None
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        mask: Bool[Array, "seq seq"] | None = None,
+        context: Float[Array, "ctx dim"] | None = None,
+        context_mask: Bool[Array, " ctx"] | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """Every block in turn; arguments as `TransformerBlock.__call__`."""
+        params, static = eqx.partition(self.layers, eqx.is_array)
+
+        def body(h, p):
+            return eqx.combine(p, static)(h, mask, context, context_mask), None
+
+        x, _ = jax.lax.scan(body, x, params)
+        return x
+
+    def init_cache(self, seq_len: int, context: Float[Array, "ctx dim"]) -> KVCache:
+        """An empty self-attention cache for `seq_len` positions, with the context's
+        cross-attention keys and values of every block projected once."""
+        if not self.cross_attention:
+            raise ValueError("init_cache needs a stack built with cross_attention=True.")
+        params, static = eqx.partition(self.layers, eqx.is_array)
+        context_k, context_v = jax.vmap(
+            lambda p: eqx.combine(p, static).cross.project_context(context)
+        )(params)
+        shape = (self.depth, seq_len, self.num_heads, self.dim // self.num_heads)
+        empty = jnp.zeros(shape, context_k.dtype)
+        return KVCache(k=empty, v=empty, context_k=context_k, context_v=context_v)
+
+    def decode(
+        self,
+        x: Float[Array, " dim"],
+        t: Int[Array, ""],
+        cache: KVCache,
+        context_mask: Bool[Array, " ctx"],
+    ) -> tuple[Float[Array, " dim"], KVCache]:
+        """Every block at position `t` alone (causal self-attention through `cache`).
+
+        **Returns:**
+
+        The output at `t` and `cache` with position `t` written in every block.
+        """
+        params, static = eqx.partition(self.layers, eqx.is_array)
+
+        def body(h, xs):
+            p, k, v, ck, cv = xs
+            h, k, v = eqx.combine(p, static).decode(h, t, k, v, ck, cv, context_mask)
+            return h, (k, v)
+
+        xs = (params, cache.k, cache.v, cache.context_k, cache.context_v)
+        x, (k, v) = jax.lax.scan(body, x, xs)
+        return x, KVCache(k=k, v=v, context_k=cache.context_k, context_v=cache.context_v)

@@ -1,0 +1,76 @@
+import functools
+import math
+import typing
+
+import jax.numpy as jnp
+import jax.random as jr
+import equinox as eqx
+from jaxtyping import Array, Int
+
+from .._types import BIDIRECTIONAL, Key
+from ._abstract import AbstractGenerationOrder
+
+MASK_SCHEDULES = ("mar", "cosine")
+
+
+@functools.lru_cache(maxsize=None)
+def cosine_step_counts(n: int, steps: int) -> tuple[int, ...]:
+    """MAR's cosine sampling schedule: positions produced at each of `steps` steps.
+
+    After step `s` the number still masked is `floor(n * cos(pi/2 * (s+1)/steps))`, clamped
+    so that at least one position is produced per step and one stays masked until the
+    last step, which produces the rest.
+    """
+    if not 1 <= steps <= n:
+        raise ValueError(
+            f"the cosine schedule needs 1 <= steps <= n tokens; got steps={steps}, n={n}. "
+            f"Use at most {n} steps."
+        )
+    counts = []
+    remaining = n
+    for s in range(steps):
+        if s == steps - 1:
+            after = 0
+        else:
+            after = max(1, min(remaining - 1, math.floor(n * math.cos(math.pi / 2 * (s + 1) / steps))))
+        counts.append(remaining - after)
+        remaining = after
+    return tuple(counts)
+
+
+@typing.final
+class RandomOrder(AbstractGenerationOrder):
+    """MAR's random order: a fresh permutation per example, masked prediction.
+
+    **Arguments:**
+
+    - `mask_schedule`: how the masked fraction of a training batch is drawn. `"mar"`: a normal
+      with location 1 and scale 0.25 truncated to [0.7, 1] (mean 0.867), as MAR; `"cosine"`:
+      MaskGIT's `cos(pi/2 * u)` with `u` uniform on [0, 1], as Fluid.
+    """
+
+    supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL})
+    mask_schedule: str = eqx.field(static=True, default="mar")
+
+    def __check_init__(self):
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(
+                f"unknown mask_schedule {self.mask_schedule!r}; choose one of {MASK_SCHEDULES}."
+            )
+
+    def permutation(self, n: int, *, key: Key) -> Int[Array, " n"]:
+        return jr.permutation(key, n).astype(jnp.int32)
+
+    def mask_ratio(self, *, key: Key) -> Array:
+        """The masked fraction of one training batch, in (0, 1]."""
+        if self.mask_schedule == "mar":
+            # Standardised bounds of [0.7, 1] under N(1, 0.25^2).
+            return 1.0 + 0.25 * jr.truncated_normal(key, -1.2, 0.0)
+        return jnp.cos(jnp.pi / 2 * jr.uniform(key))
+
+    def num_known(self, n: int, *, key: Key) -> Int[Array, ""]:
+        num_masked = jnp.ceil(n * self.mask_ratio(key=key)).astype(jnp.int32)
+        return n - jnp.clip(num_masked, 1, n)
+
+    def step_counts(self, n: int, steps: int) -> tuple[int, ...]:
+        return cosine_step_counts(n, steps)

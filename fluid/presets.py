@@ -1,0 +1,139 @@
+"""Presets: plain Python functions returning a `TrainConfig`, all built by the same code.
+
+`get_config(name, **overrides)` with dotted overrides (`get_config("demo", steps=10)`,
+`get_config("tiny-fluid", **{"optim.learning_rate": 1e-3})`). The four variants of the paper:
+
+| variant | tokens | order | backbone | head |
+|---|---|---|---|---|
+| `fluid` | continuous (`patch`) | `random` | `bidirectional` | `diffusion` |
+| `continuous-raster` | continuous (`patch`) | `raster` | `causal` | `diffusion` |
+| `discrete-random` | discrete (`palette`) | `random` | `bidirectional` | `softmax` |
+| `discrete-raster` | discrete (`palette`) | `raster` | `causal` | `softmax` |
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from .config import ComponentSpec, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
+
+VARIANTS = ("fluid", "continuous-raster", "discrete-random", "discrete-raster")
+
+
+def _parts(variant: str, *, image_size: int, patch_size: int, vocab: int, head: dict, depth: int,
+           heads: int, mask_schedule: str = "mar") -> dict:
+    continuous = variant in ("fluid", "continuous-raster")
+    random = variant in ("fluid", "discrete-random")
+    tok = {"image_size": image_size, "patch_size": patch_size}
+    return dict(
+        tokenizer=ComponentSpec(name="patch", kwargs=tok)
+        if continuous
+        else ComponentSpec(name="palette", kwargs={**tok, "vocab_size": vocab}),
+        head=ComponentSpec(name="diffusion", kwargs=head)
+        if continuous
+        else ComponentSpec(name="softmax"),
+        order=ComponentSpec(name="random", kwargs={"mask_schedule": mask_schedule})
+        if random
+        else ComponentSpec(name="raster"),
+        backbone=ComponentSpec(
+            name="bidirectional" if random else "causal",
+            kwargs={"depth": depth, "num_heads": heads},
+        ),
+    )
+
+
+def tiny(variant: str) -> TrainConfig:
+    """A tiny model of `variant` for tests: 16 px, 16 tokens, width 32; trains in seconds.
+
+    `fluid train tiny-fluid`: the loss falls within 30 steps.
+    """
+    model = ModelConfig(
+        **_parts(variant, image_size=16, patch_size=4, vocab=32,
+                 head={"width": 32, "depth": 1, "batch_mul": 2}, depth=2, heads=2),
+        text_encoder=ComponentSpec(name="learned", kwargs={"dim": 32, "depth": 1, "num_heads": 2}),
+        width=32, aligner_depth=1, aligner_heads=2, text_len=16, text_vocab_size=64,
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(image_size=16, fit_images=256),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=5, ema_decay=0.9),
+        steps=30, batch_size=8, log_every=10, sample_steps=4,
+    )
+
+
+def shapes(variant: str) -> TrainConfig:
+    """A laptop-sized model of `variant` on 32 px `shapes` (64 tokens, width 256).
+
+    `fluid train shapes-fluid`: a few thousand steps on a CPU give prompt-following samples.
+    """
+    model = ModelConfig(
+        **_parts(variant, image_size=32, patch_size=4, vocab=512,
+                 head={"width": 256, "depth": 3, "batch_mul": 4}, depth=6, heads=4),
+        text_encoder=ComponentSpec(name="learned", kwargs={"dim": 128, "depth": 2, "num_heads": 4}),
+        width=256, aligner_depth=1, aligner_heads=4, text_len=24, text_vocab_size=128,
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(image_size=32),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+                          weight_decay=0.02),
+        steps=4000, batch_size=32, log_every=25, sample_steps=16,
+    )
+
+
+def demo() -> TrainConfig:
+    """`fluid demo`: the Fluid variant on 32 px `shapes`, sized for 15 minutes on 2 CPU cores.
+
+    Expected: loss falls from about 2 to below 0.5 (diffusion loss, MSE + VB) and the sample
+    grid shows the prompts' colours and shapes.
+    """
+    config = shapes("fluid")
+    return dataclasses.replace(config, steps=3000)
+
+
+def scale(size: str) -> TrainConfig:
+    """Pod-scale presets after MAR's released sizes (256 px, 256 tokens; see DESIGN.md).
+
+    `b`: width 768, 24 blocks, head 6x1024; `l`: 1024, 32, 8x1280; `h`: 1280, 40, 12x1536.
+    The tokenizer is the `patch` tokenizer at 16 px patches until a KL autoencoder is
+    configured in its place; counts come from `fluid.build.abstract_model`.
+    """
+    width, depth, heads, hw, hd = {
+        "b": (768, 24, 12, 1024, 6),
+        "l": (1024, 32, 16, 1280, 8),
+        "h": (1280, 40, 16, 1536, 12),
+    }[size]
+    model = ModelConfig(
+        **_parts("fluid", image_size=256, patch_size=16, vocab=0,
+                 head={"width": hw, "depth": hd}, depth=depth, heads=heads,
+                 mask_schedule="cosine"),
+        text_encoder=ComponentSpec(name="learned", kwargs={"dim": 1024, "depth": 2, "num_heads": 16}),
+        width=width, aligner_depth=2, aligner_heads=heads, text_len=128, text_vocab_size=32000,
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(image_size=256),
+        optim=OptimConfig(learning_rate=1e-4, warmup_steps=65_000, ema_decay=0.9999),
+        steps=1_000_000, batch_size=2048,
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"demo": demo}
+for _v in VARIANTS:
+    PRESETS[f"tiny-{_v}"] = lambda v=_v: tiny(v)
+    PRESETS[f"shapes-{_v}"] = lambda v=_v: shapes(v)
+for _s in ("b", "l", "h"):
+    PRESETS[f"scale-{_s}"] = lambda s=_s: scale(s)
+
+
+def get_config(name: str, **overrides) -> TrainConfig:
+    """The preset `name` with dotted-key overrides applied."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown preset {name!r}.{hint} Presets: {', '.join(sorted(PRESETS))}.")
+    config = PRESETS[name]()
+    for key, value in overrides.items():
+        config = override(config, key, value)
+    return config

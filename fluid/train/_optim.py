@@ -1,0 +1,82 @@
+"""Optimiser, learning-rate schedules, trainable and weight-decay masks, EMA."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+
+from ..config import OptimConfig
+from ..model import FluidModel
+from ._rules import first_match, map_with_names
+
+# No decay on the diffusion/softmax head (as MAR), norms, biases, embeddings, 1-D params.
+NO_DECAY_RULES: tuple[tuple[str, bool], ...] = (
+    (r"^head\.", False),
+    (r"(^|\.)(norm|ln|[a-z_]*_norm|[a-z_]*_ln)\d*\.", False),
+    (r"\.bias$", False),
+    (r"embed", False),
+)
+
+
+def trainable_mask(model: FluidModel):
+    """True at the floating-point leaves the optimiser updates.
+
+    The image tokenizer is always frozen; the text encoder unless it declares itself
+    trainable; integer buffers (the empty caption) never train.
+    """
+    mask = jtu.tree_map(eqx.is_inexact_array, model)
+    frozen = lambda tree: jtu.tree_map(lambda _: False, tree)  # noqa: E731
+    mask = eqx.tree_at(lambda m: m.tokenizer, mask, replace=frozen(model.tokenizer))
+    if not model.text_encoder.trainable:
+        mask = eqx.tree_at(lambda m: m.text_encoder, mask, replace=frozen(model.text_encoder))
+    return mask
+
+
+def decay_mask(params):
+    """True where weight decay applies: matrices outside the rules in `NO_DECAY_RULES`."""
+    return map_with_names(
+        lambda name, x: x is not None
+        and x.ndim >= 2
+        and first_match(name, NO_DECAY_RULES, True),
+        params,
+    )
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up, then constant or cosine decay to zero at `total_steps`."""
+    warmup = max(int(config.warmup_steps), 0)
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (Fluid's betas and decay) behind global-norm clipping (MAR's 3.0)."""
+    parts = []
+    if config.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(config, total_steps),
+            b1=config.b1,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+def ema_update(ema, params, decay: float):
+    """`decay * ema + (1 - decay) * params`, leaf by leaf."""
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)))

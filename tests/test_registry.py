@@ -1,0 +1,176 @@
+"""The registry: entry-point discovery through fake distributions, lazy loading, errors."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from _plugins import make_distribution
+from fluid._registry import (
+    BUILTIN_SOURCE,
+    DuplicateComponentError,
+    InvalidComponentError,
+    Registry,
+    UnknownComponentError,
+)
+from fluid.heads import HEADS, AbstractOutputHead, DiffusionHead, SoftmaxHead
+
+HEAD_SOURCE = textwrap.dedent(
+    """
+    import typing
+    import jax.numpy as jnp
+    from fluid.heads import AbstractOutputHead
+
+    LOADED = True
+
+    @typing.final
+    class {cls}(AbstractOutputHead):
+        token_kind: typing.ClassVar[str] = "continuous"
+        cond_dim: int = 4
+
+        def loss(self, z, target, *, key):
+            return jnp.sum(z) * 0.0
+
+        def sample(self, z, z_uncond, cfg, temperature, *, key):
+            return jnp.zeros((3,))
+
+        def num_evaluations(self):
+            return 1
+    """
+)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A fresh head registry over group `fluid_test.heads`, with two fake plug-ins."""
+    make_distribution(
+        tmp_path / "a",
+        "plugin-a",
+        {"fluid_test.heads": {"alpha": "plugin_a_mod:AlphaHead"}},
+        {"plugin_a_mod": HEAD_SOURCE.format(cls="AlphaHead")},
+    )
+    make_distribution(
+        tmp_path / "b",
+        "plugin-b",
+        {"fluid_test.heads": {"beta": "plugin_b_mod:BetaHead"}},
+        {"plugin_b_mod": HEAD_SOURCE.format(cls="BetaHead")},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    for mod in ("plugin_a_mod", "plugin_b_mod"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    reg = Registry("output head", AbstractOutputHead, "fluid_test.heads")
+    reg.register("softmax", SoftmaxHead)
+    return reg
+
+
+def test_entry_points_are_discovered_with_their_source(registry):
+    entries = {e.name: e for e in registry.entries()}
+    assert sorted(entries) == ["alpha", "beta", "softmax"]
+    assert entries["alpha"].source == "plugin-a"
+    assert entries["beta"].target == "plugin_b_mod:BetaHead"
+    assert entries["softmax"].source == BUILTIN_SOURCE
+
+
+def test_listing_imports_no_plugin_and_get_loads_only_one(registry):
+    assert "alpha" in registry.names()
+    assert "plugin_a_mod" not in sys.modules
+    cls = registry.get("alpha")
+    assert cls.__name__ == "AlphaHead" and issubclass(cls, AbstractOutputHead)
+    assert "plugin_a_mod" in sys.modules
+    assert "plugin_b_mod" not in sys.modules
+    assert registry.get("alpha") is cls  # cached
+
+
+def test_unknown_name_lists_known_names(registry):
+    with pytest.raises(UnknownComponentError) as info:
+        registry.get("alhpa")
+    message = str(info.value)
+    assert "'alhpa'" in message and "alpha, beta, softmax" in message
+    assert "Did you mean 'alpha'" in message
+    assert "fluid_test.heads" in message
+
+
+def test_plugin_claiming_a_builtin_name_is_an_error_naming_both(tmp_path, registry, monkeypatch):
+    make_distribution(
+        tmp_path / "c",
+        "plugin-c",
+        {"fluid_test.heads": {"softmax": "plugin_c_mod:Nope"}},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "c"))
+    registry.refresh()
+    with pytest.raises(DuplicateComponentError) as info:
+        registry.get("softmax")
+    assert BUILTIN_SOURCE in str(info.value) and "plugin-c" in str(info.value)
+    with pytest.raises(DuplicateComponentError):
+        registry.names()
+    # other names still resolve
+    assert registry.get("beta").__name__ == "BetaHead"
+
+
+def test_two_plugins_with_one_name_is_an_error_naming_both(tmp_path, registry, monkeypatch):
+    make_distribution(
+        tmp_path / "d",
+        "plugin-d",
+        {"fluid_test.heads": {"alpha": "plugin_d_mod:Other"}},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "d"))
+    registry.refresh()
+    with pytest.raises(DuplicateComponentError) as info:
+        registry.get("alpha")
+    assert "plugin-a" in str(info.value) and "plugin-d" in str(info.value)
+
+
+def test_builtin_registered_twice_is_an_error(registry):
+    with pytest.raises(DuplicateComponentError, match="registered twice"):
+        registry.register("softmax", DiffusionHead)
+    registry.register("softmax", SoftmaxHead)  # the same class again is harmless
+
+
+def test_abstract_or_wrong_base_is_refused(registry, tmp_path, monkeypatch):
+    with pytest.raises(InvalidComponentError, match="abstract"):
+        registry.register("abstract", AbstractOutputHead)
+    with pytest.raises(InvalidComponentError, match="does not subclass"):
+        registry.register("dict", dict)
+    make_distribution(
+        tmp_path / "e",
+        "plugin-e",
+        {"fluid_test.heads": {"wrong": "plugin_e_mod:NotAHead"}},
+        {"plugin_e_mod": "class NotAHead:\n    pass\n"},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "e"))
+    monkeypatch.delitem(sys.modules, "plugin_e_mod", raising=False)
+    registry.refresh()
+    with pytest.raises(InvalidComponentError, match="plugin-e"):
+        registry.get("wrong")
+
+
+def test_build_checks_kwargs_against_the_signature():
+    import jax.random as jr
+
+    with pytest.raises(TypeError, match="Did you mean 'vocab_size'"):
+        HEADS.build("softmax", key=jr.key(0), cond_dim=4, vocab_sise=3)
+    head = HEADS.build("softmax", key=jr.key(0), cond_dim=4, vocab_size=3)
+    assert isinstance(head, SoftmaxHead)
+
+
+def test_example_plugin_is_found_through_the_real_registry():
+    # conftest exposes examples/plugin_head as an installed distribution.
+    entries = {e.name: e for e in HEADS.entries()}
+    assert entries["flow"].source == "fluid-flow-head"
+    cls = HEADS.get("flow")
+    assert cls.__module__ == "fluid_flow_head"
+
+
+def test_components_command_lists_plugins_with_source(tmp_path):
+    make_distribution(
+        tmp_path, "plugin-z", {"fluid.orders": {"zigzag": "nowhere:Zig"}}
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "fluid.cli", "components"],
+        capture_output=True, text=True, check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    ).stdout
+    assert "zigzag" in out and "plugin-z" in out  # listed without importing `nowhere`
+    assert "diffusion" in out and BUILTIN_SOURCE in out
