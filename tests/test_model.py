@@ -184,3 +184,27 @@ def test_head_samples_each_position_exactly_once(trained, variant, steps):
     jax.block_until_ready(tokens)
     # one head evaluation per position and image, whatever the number of steps
     assert sum(_COUNT) == 2 * model.seq_len
+
+
+def test_plugin_head_from_entry_point_trains():
+    # `flow` comes from examples/plugin_head through its entry point (exposed by conftest);
+    # nothing here imports the plug-in's module.
+    config = get_config("tiny-fluid", steps=12)
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(
+            config.model, head=ComponentSpec(name="flow", kwargs={"width": 32, "sampling_steps": 4})
+        ),
+    )
+    trainer = Trainer(config, progress=False)
+    assert type(trainer.model().head).__module__ == "fluid_flow_head"
+    # copies: the trainer donates its state's buffers to the next step
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves(trainer.model(ema=False).head)]
+    losses = [r["loss"] for r in trainer.run()]
+    after = jax.tree_util.tree_leaves(trainer.model(ema=False).head)
+    assert len(losses) == 12 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert any(float(np.abs(a - np.asarray(b)).max()) > 0 for a, b in zip(before, after))
+    images = sample_images(trainer.model(), trainer.text_tokenizer, ["a red circle"],
+                           text_len=config.model.text_len, steps=4, cfg=2.0)
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()

@@ -209,12 +209,16 @@ def p_mean_variance(
     model_output: Float[Array, " out"],
     x_t: Float[Array, " token_dim"],
     t: Int[Array, ""],
+    clip_denoised: float | None = None,
 ) -> tuple[Float[Array, " token_dim"], Float[Array, " token_dim"], Float[Array, " token_dim"]]:
     """Mean, log-variance and predicted `x_0` of `p(x_{t-1} | x_t)` from the network's raw
-    output at `x_t` (no clipping of `x_0`, as MAR samples with `clip_denoised=False`)."""
+    output at `x_t`. With `clip_denoised=c`, `x_0` is clipped to `[-c, c]` first (IDDPM's
+    `clip_denoised` for data in a known range); `None` leaves it alone, as MAR samples."""
     eps, var_values = split_output(model_output)
     log_variance = learned_range_log_variance(s, var_values, t)
     pred_xstart = predict_xstart_from_eps(s, x_t, t, eps)
+    if clip_denoised is not None:
+        pred_xstart = jnp.clip(pred_xstart, -clip_denoised, clip_denoised)
     mean, _ = q_posterior_mean_variance(s, pred_xstart, x_t, t)
     return mean, log_variance, pred_xstart
 

@@ -98,7 +98,11 @@ class Trainer:
 
     # -- models ---------------------------------------------------------------------------
     def model(self, ema: bool = True) -> FluidModel:
-        """The current model, with EMA weights by default (as used for evaluation)."""
+        """The current model, with EMA weights by default (as used for evaluation).
+
+        Its arrays are the training state's own, which the jitted step donates: take a copy
+        (`jax.tree.map(jnp.copy, model)`) to keep a model across further `run` calls.
+        """
         params = self.state.ema if ema else self.state.params
         return eqx.combine(params, self.frozen, self.static)
 
