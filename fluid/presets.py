@@ -127,7 +127,7 @@ def scale(size: str) -> TrainConfig:
         # Sized by parameter count to the ends of Fluid's study (about 3B) and its largest
         # model (10.5B); the paper's exact shapes are not reproduced here.
         "3b": (2048, 44, 16, 2048, 12),
-        "10b": (4096, 38, 32, 3072, 12),
+        "10b": (4096, 35, 32, 3072, 12),
     }[size]
     model = ModelConfig(
         **_parts("fluid", image_size=256, patch_size=16, vocab=0,
