@@ -18,7 +18,7 @@ from fluid.model import FluidModel, TokenEmbedding
 from fluid.orders import ORDERS
 from fluid.text import TEXT_ENCODERS, TextAligner
 from fluid.tokenizers import TOKENIZERS
-from fluid.train._data import make_text_tokenizer
+from fluid.train import make_text_tokenizer
 
 keys = jr.split(jr.key(0), 6)
 data = ShapesDataset(image_size=32)

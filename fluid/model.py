@@ -204,8 +204,8 @@ class FluidModel(eqx.Module):
     # -- sampling -------------------------------------------------------------------------
     def generate(
         self,
-        text_ids: Int[Array, "batch ctx"],
-        text_mask: Bool[Array, "batch ctx"],
+        text_ids: Int[Array | np.ndarray, "batch ctx"],
+        text_mask: Bool[Array | np.ndarray, "batch ctx"],
         *,
         key: Key,
         steps: int = 64,
@@ -233,7 +233,7 @@ class FluidModel(eqx.Module):
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
         tokens = self.generate_tokens(
-            text_ids, text_mask, key=key, steps=steps, cfg=cfg,
+            jnp.asarray(text_ids), jnp.asarray(text_mask), key=key, steps=steps, cfg=cfg,
             cfg_schedule=cfg_schedule, temperature=temperature,
         )
         return jax.vmap(self.tokenizer.decode)(tokens)

@@ -1,6 +1,7 @@
 """Training: the one trainer of fluid, its optimiser and data."""
 
 from ._data import Batches as Batches
+from ._data import make_text_tokenizer as make_text_tokenizer
 from ._optim import decay_mask as decay_mask
 from ._optim import learning_rate_schedule as learning_rate_schedule
 from ._optim import make_optimizer as make_optimizer
