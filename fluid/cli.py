@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def _train_and_report(config, out: Path, *, time_budget=None, prompts=None) -> dict:
+def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resume=True) -> dict:
     import jax.random as jr
 
     from .data.shapes import DEMO_PROMPTS
@@ -47,7 +49,7 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None) -> d
     from .viz import save_grid, save_loss_curve
 
     t0 = time.perf_counter()
-    trainer = Trainer(config, out_dir=out)
+    trainer = Trainer(config, out_dir=out, resume=resume)
     print(f"training {config.steps} steps of batch {config.batch_size}; writing to {out}/")
     history = trainer.run(time_budget=time_budget)
     train_time = time.perf_counter() - t0
@@ -82,7 +84,10 @@ def cmd_demo(args) -> int:
 
     config = get_config("demo", **_overrides(args.override))
     out = Path(args.out)
-    summary = _train_and_report(config, out, time_budget=args.time_budget)
+    # The demo always trains from scratch: earlier checkpoints in its folder are replaced.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    summary = _train_and_report(config, out, time_budget=args.time_budget, resume=False)
     print(f"\ndone in {summary['train_seconds'] + summary['sample_seconds']:.0f} s "
           f"({summary['steps']} steps, final loss {summary['final_loss_mean_of_last_50']:.4f})")
     print(f"samples:    {summary['samples']}")
@@ -91,8 +96,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when launched as one of several processes.
+
+    Signs of a multi-process launch: an explicit coordinator (`JAX_COORDINATOR_ADDRESS`),
+    a TPU pod slice with several workers, or a SLURM job of several tasks; JAX reads the
+    rest (process count and id) from the same environment.
+    """
+    env = os.environ
+    several = (
+        bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+    )
+    if several:
+        import jax
+
+        jax.distributed.initialize()
+
+
 def cmd_train(args) -> int:
     from .presets import get_config
+
+    _initialize_distributed()
 
     config = get_config(args.preset, **_overrides(args.override))
     summary = _train_and_report(config, Path(args.out or f"runs/{args.preset}"))

@@ -96,19 +96,39 @@ class ModelConfig:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}.")
 
 
+DATASETS = ("shapes", "folder", "jsonl")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where training images and captions come from."""
+    """Where training images and captions come from, and how they are read.
+
+    `dataset`: `"shapes"` (built in, procedural), `"folder"` (images with same-named `.txt`
+    captions under `path`) or `"jsonl"` (a file of `{"image": ..., "caption": ...}` lines at
+    `path`). Random flips are off by default: they break left/right captions.
+    """
 
     dataset: str = "shapes"
+    path: str | None = None
     image_size: int = 32
-    categories: tuple[str, ...] | None = None  # None: every category of the data set
+    categories: tuple[str, ...] | None = None  # shapes only; None: every category
+    object_scale: float = 1.0  # shapes only: multiplies object sizes
     seed: int = 0
+    shuffle: bool = True
+    flip: bool = False
+    workers: int = 0  # worker processes decoding images; 0 reads in the training process
     fit_images: int = 2048  # images used to fit data-fitted parts (palette codebook)
 
     def __post_init__(self):
-        if self.dataset != "shapes":
-            raise ValueError(f"unknown dataset {self.dataset!r}; the built-in one is 'shapes'.")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}.")
+        if self.dataset != "shapes" and not self.path:
+            raise ValueError(
+                f"dataset {self.dataset!r} needs data.path (a folder of images with .txt "
+                "captions, or a JSONL file of image/caption pairs)."
+            )
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,20 +149,60 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}.")
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Devices and parameter placement (see `fluid.train.make_mesh`, `fluid.train.RULES`).
+
+    `data`, `model`: mesh axis sizes, -1 meaning the rest of the devices. `rules`: a rule set
+    (`"replicate"`, `"fsdp"`); `min_shard_size`: arrays with fewer elements stay replicated.
+    """
+
+    data: int = -1
+    model: int = 1
+    rules: str = "replicate"
+    min_shard_size: int = 2**14
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """A whole training run."""
+    """A whole training run.
+
+    `grad_accum`: micro-batches per step (the batch is split, gradients summed: the same
+    update as the whole batch at once). `precision`: `"bfloat16"` computes the backbone in
+    bfloat16 with float32 master weights (head and loss stay float32); `"auto"` picks
+    bfloat16 on accelerators and float32 on CPU, where it measures faster.
+    `checkpoint_every`: steps between checkpoints (0: only at the end), the last
+    `keep_checkpoints` kept; `sample_every`: steps between sample grids (0: none).
+    """
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
     steps: int = 1000
     batch_size: int = 32
+    grad_accum: int = 1
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 25
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    sample_every: int = 0
     sample_steps: int = 16
     sample_cfg: float = 3.0
     sample_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} must be >= 1 and divide "
+                f"batch_size={self.batch_size}."
+            )
 
 
 # -- JSON and dotted overrides ------------------------------------------------------------

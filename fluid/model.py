@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jaxtyping
 import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int
@@ -20,6 +21,12 @@ from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
 
 CFG_SCHEDULES = ("linear", "constant")
+
+
+def _float_dtype(module) -> jnp.dtype:
+    """The dtype of a module's floating-point parameters (float32 if it has none)."""
+    leaves = jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array))
+    return leaves[0].dtype if leaves else jnp.dtype(jnp.float32)
 
 
 class IncompatibleComponentsError(ValueError):
@@ -176,30 +183,53 @@ class FluidModel(eqx.Module):
         `batch` holds `text_ids` (`Int[batch ctx]`), `text_mask` (`Bool[batch ctx]`) and
         either `image` (`Float[batch h w 3]` in [-1, 1]) or precomputed `tokens`.
         """
+        bsz = batch["text_ids"].shape[0]
+        total, count = self.loss_terms(batch, keys=jr.split(key, bsz))
+        return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
+
+    def loss_terms(
+        self, batch: Mapping[str, ArrayLike], *, keys: jaxtyping.Key[Array, " batch"]
+    ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
+        """Per example: the summed loss over its target positions, and how many there are.
+
+        Every random choice of example `i` (caption dropout, order, known positions, the
+        head's noise) comes from `keys[i]` alone, so a batch split into micro-batches with
+        the matching keys gives the same sums (gradient accumulation is exact), and
+        `loss = sum(total) / sum(count)`.
+
+        The backbone computes in the dtype of its parameters (cast them to bfloat16 for
+        mixed precision); its inputs are cast to that dtype and its outputs back to float32,
+        so the head and the loss stay in float32.
+        """
         tokens = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
-        ids, mask = batch["text_ids"], batch["text_mask"]
-        bsz, n = ids.shape[0], self.seq_len
-        k_drop, k_perm, k_known, k_head = jr.split(key, 4)
+        ids, mask = jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"])
+        n = self.seq_len
+        compute = _float_dtype(self.backbone)
 
-        dropped = jr.bernoulli(k_drop, self.caption_dropout, (bsz,))
-        ids = jnp.where(dropped[:, None], self.null_ids[None], ids)
-        mask = jnp.where(dropped[:, None], self.null_mask[None], mask)
-        context = jax.vmap(self.encode_text)(ids, mask)
+        def one(tokens, ids, mask, key):
+            k_drop, k_perm, k_known, k_head = jr.split(key, 4)
+            dropped = jr.bernoulli(k_drop, self.caption_dropout)
+            ids = jnp.where(dropped, self.null_ids, ids)
+            mask = jnp.where(dropped, self.null_mask, mask)
+            context = self.encode_text(ids, mask)
+            if self.backbone.attention == CAUSAL:
+                known = jnp.ones((n,), bool)
+                targets = known
+            else:
+                rank = jnp.argsort(self.order.permutation(n, key=k_perm))
+                # rank[i]: the step at which position i is produced.
+                known = rank < self.order.num_known(n, key=k_known)
+                targets = ~known
+            x = self.token_embedding(tokens)
+            z = self.backbone(x.astype(compute), known, context.astype(compute), mask)
+            z = z.astype(jnp.float32)
+            per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
+                z, tokens, jr.split(k_head, n)
+            )
+            weights = targets.astype(jnp.float32)
+            return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
 
-        if self.backbone.attention == CAUSAL:
-            known = jnp.ones((bsz, n), bool)
-            targets = known
-        else:
-            perm = jax.vmap(lambda k: self.order.permutation(n, key=k))(jr.split(k_perm, bsz))
-            rank = jnp.argsort(perm, axis=-1)  # rank[i]: step at which position i is produced
-            known = rank < self.order.num_known(n, key=k_known)
-            targets = ~known
-        x = jax.vmap(self.token_embedding)(tokens)
-        z = jax.vmap(self.backbone)(x, known, context, mask)
-        keys = jr.split(k_head, (bsz, n))
-        per_pos = jax.vmap(jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k)))(z, tokens, keys)
-        weights = targets.astype(jnp.float32)
-        return jnp.sum(per_pos.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return jax.vmap(one)(tokens, ids, mask, keys)
 
     # -- sampling -------------------------------------------------------------------------
     def generate(

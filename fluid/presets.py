@@ -87,7 +87,11 @@ def demo() -> TrainConfig:
 
     Continuous patch tokens (64 of 48 values), random order, bidirectional backbone of width
     128 and depth 4, MAR's diffusion head (2 x 128); trained on the single-object colour and
-    colour-attribution captions that the demo prompts come from.
+    colour-attribution captions that the demo prompts come from. Two choices make 15 CPU
+    minutes enough: objects 1.6 times the default size (less room to move, so where an
+    object is takes fewer steps to learn), and a noise schedule shifted by the patch side
+    (4): a flat 4 x 4 patch averages its noise down by 4, so at MAR's schedule the head
+    rarely needs the backbone's condition, and the backbone learns slowly from it.
     """
     config = shapes("fluid")
     model = dataclasses.replace(
@@ -96,19 +100,21 @@ def demo() -> TrainConfig:
         backbone=ComponentSpec(name="bidirectional", kwargs={"depth": 4, "num_heads": 4}),
         head=ComponentSpec(
             name="diffusion",
-            kwargs={"width": 128, "depth": 2, "batch_mul": 2, "clip_denoised": 1.0},
+            kwargs={"width": 128, "depth": 2, "batch_mul": 2, "clip_denoised": 1.0,
+                    "noise_shift": 4.0},
         ),
         text_encoder=ComponentSpec(name="learned", kwargs={"dim": 128, "depth": 1, "num_heads": 4}),
     )
     return dataclasses.replace(
         config,
         model=model,
-        data=DataConfig(image_size=32, categories=("colors", "color_attr")),
+        data=DataConfig(image_size=32, categories=("colors", "color_attr"), object_scale=1.6),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, ema_decay=0.995),
         steps=1500,
         batch_size=32,
-        sample_steps=16,
+        sample_steps=32,
         sample_cfg=3.0,
+        sample_temperature=0.8,
     )
 
 

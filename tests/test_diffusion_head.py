@@ -120,6 +120,26 @@ def test_schedules_match_numpy():
     assert train.betas.max() == pytest.approx(0.999)
 
 
+@pytest.mark.parametrize("shift", [2.0, 4.0])
+def test_shifted_schedule_divides_the_snr(shift):
+    # Simple diffusion's shifted cosine: SNR_shift = SNR / shift^2 on the continuous curve;
+    # IDDPM's betas take ratios of it, so the cumulative products are f(t) / f(0).
+    base = gd.diffusion_schedule(1000).alphas_cumprod
+    shifted = gd.diffusion_schedule(1000, None, shift).alphas_cumprod
+    assert np.all(shifted[1:-1] < base[1:-1])  # more noise at every step
+    # Written from the formula: abar / (abar + shift^2 (1 - abar)) on IDDPM's grid.
+    s = np.arange(1001) / 1000
+    abar = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar = abar / (abar + shift**2 * (1 - abar))
+    betas = np.minimum(1 - abar[1:] / abar[:-1], 0.999)
+    np.testing.assert_allclose(
+        gd.diffusion_schedule(1000, None, shift).betas, betas, atol=1e-12, rtol=1e-10
+    )
+    snr = lambda a: a / (1 - a)  # noqa: E731
+    curve = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    np.testing.assert_allclose(snr(abar), snr(curve) / shift**2, rtol=1e-9)
+
+
 def test_elementwise_formulas_match_numpy():
     rng = np.random.default_rng(0)
     m1, m2 = rng.normal(size=(2, 16)).astype(np.float32)

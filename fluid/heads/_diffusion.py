@@ -130,6 +130,9 @@ class DiffusionHead(AbstractOutputHead):
       `clip_denoised`, for tokens in a known range such as pixels in [-1, 1]). `None`, the
       default, samples as MAR does. Near `t = 999` the predicted `x_0` multiplies the noise
       error by about 2e4, so without clipping only a precisely trained head stays on course.
+    - `noise_shift`: divide the schedule's signal-to-noise ratio by `noise_shift**2`
+      (shifted cosine, `gaussian_diffusion.cosine_betas`); 1, the default, is MAR's schedule.
+      For `p x p` pixel patches, `p` puts the noise where the condition matters.
     - `key`: initialisation key.
     """
 
@@ -154,6 +157,7 @@ class DiffusionHead(AbstractOutputHead):
     sampling_steps: int = eqx.field(static=True)
     batch_mul: int = eqx.field(static=True)
     clip_denoised: float | None = eqx.field(static=True)
+    noise_shift: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -165,13 +169,16 @@ class DiffusionHead(AbstractOutputHead):
         sampling_steps: int = 100,
         batch_mul: int = 4,
         clip_denoised: float | None = None,
+        noise_shift: float = 1.0,
         *,
         key: Key,
     ):
         if depth < 1 or batch_mul < 1:
             raise ValueError(f"depth and batch_mul must be positive; got {depth}, {batch_mul}.")
         # Fails early (and fills the cache) on an impossible respacing.
-        gd.diffusion_schedule(num_timesteps, sampling_steps)
+        if noise_shift <= 0:
+            raise ValueError(f"noise_shift must be positive, got {noise_shift}.")
+        gd.diffusion_schedule(num_timesteps, sampling_steps, float(noise_shift))
         self.cond_dim = cond_dim
         self.token_dim = token_dim
         self.width = width
@@ -180,6 +187,7 @@ class DiffusionHead(AbstractOutputHead):
         self.sampling_steps = sampling_steps
         self.batch_mul = batch_mul
         self.clip_denoised = None if clip_denoised is None else float(clip_denoised)
+        self.noise_shift = float(noise_shift)
 
         (
             self.time_fc1,
@@ -200,12 +208,12 @@ class DiffusionHead(AbstractOutputHead):
     @property
     def train_schedule(self) -> gd.DiffusionSchedule:
         """The float64 constants of the training diffusion (all `num_timesteps` steps)."""
-        return gd.diffusion_schedule(self.num_timesteps)
+        return gd.diffusion_schedule(self.num_timesteps, None, self.noise_shift)
 
     @property
     def gen_schedule(self) -> gd.DiffusionSchedule:
         """The float64 constants of the sampling chain (respaced to `sampling_steps`)."""
-        return gd.diffusion_schedule(self.num_timesteps, self.sampling_steps)
+        return gd.diffusion_schedule(self.num_timesteps, self.sampling_steps, self.noise_shift)
 
     def network(
         self, x: Float[Array, " token_dim"], t: Int[Array, ""], c: Condition

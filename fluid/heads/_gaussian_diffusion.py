@@ -50,12 +50,20 @@ class DiffusionSchedule(typing.NamedTuple):
         return int(self.betas.shape[0])
 
 
-def cosine_betas(num_timesteps: int, max_beta: float = MAX_BETA) -> np.ndarray:
+def cosine_betas(num_timesteps: int, max_beta: float = MAX_BETA, shift: float = 1.0) -> np.ndarray:
     """IDDPM's cosine schedule: `beta_i = 1 - abar((i+1)/T) / abar(i/T)`, clipped at
-    `max_beta`, with `abar(s) = cos((s + 0.008) / 1.008 * pi/2)^2`."""
+    `max_beta`, with `abar(s) = cos((s + 0.008) / 1.008 * pi/2)^2`.
+
+    `shift > 1` divides the signal-to-noise ratio at every step by `shift**2` (the shifted
+    cosine schedule of Hoogeboom et al., 2023, "simple diffusion"):
+    `abar_shift = abar / (abar + shift**2 * (1 - abar))`. Pixel patches need it: the `p x p`
+    pixels of a flat patch average the noise down by `p`, so at the nominal schedule the
+    token alone reveals itself at most noise levels and the condition is rarely needed.
+    """
 
     def alpha_bar(s: float) -> float:
-        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        a = math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return a / (a + shift**2 * (1 - a))
 
     return np.array(
         [
@@ -124,8 +132,11 @@ def _schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray) -> Diffusi
 
 
 @functools.lru_cache(maxsize=None)
-def diffusion_schedule(num_timesteps: int, sampling_steps: int | None = None) -> DiffusionSchedule:
-    """The cosine process over `num_timesteps`, respaced to `sampling_steps` (`None`: all).
+def diffusion_schedule(
+    num_timesteps: int, sampling_steps: int | None = None, shift: float = 1.0
+) -> DiffusionSchedule:
+    """The cosine process over `num_timesteps`, respaced to `sampling_steps` (`None`: all),
+    its signal-to-noise ratio divided by `shift**2` (see `cosine_betas`).
 
     As in IDDPM's `SpacedDiffusion` (which MAR also uses for training, keeping every step),
     the betas are rederived from the kept cumulative products:
@@ -138,7 +149,7 @@ def diffusion_schedule(num_timesteps: int, sampling_steps: int | None = None) ->
     if steps < 2:
         raise ValueError(f"sampling_steps must be at least 2, got {steps}.")
     kept = np.array(space_timesteps(num_timesteps, steps), dtype=np.int64)
-    base_alphas_cumprod = np.cumprod(1.0 - cosine_betas(num_timesteps))
+    base_alphas_cumprod = np.cumprod(1.0 - cosine_betas(num_timesteps, shift=shift))
     kept_cumprod = base_alphas_cumprod[kept]
     betas = 1.0 - kept_cumprod / np.append(1.0, kept_cumprod[:-1])
     return _schedule_from_betas(betas, kept)

@@ -44,9 +44,9 @@ class RandomOrder(AbstractGenerationOrder):
 
     **Arguments:**
 
-    - `mask_schedule`: how the masked fraction of a training batch is drawn. `"mar"`: a normal
-      with location 1 and scale 0.25 truncated to [0.7, 1] (mean 0.867), as MAR; `"cosine"`:
-      MaskGIT's `cos(pi/2 * u)` with `u` uniform on [0, 1], as Fluid.
+    - `mask_schedule`: how the masked fraction of each training example is drawn. `"mar"`: a
+      normal with location 1 and scale 0.25 truncated to [0.7, 1] (mean 0.867), as MAR;
+      `"cosine"`: MaskGIT's `cos(pi/2 * u)` with `u` uniform on [0, 1], as Fluid.
     """
 
     supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL})
@@ -62,7 +62,7 @@ class RandomOrder(AbstractGenerationOrder):
         return jr.permutation(key, n).astype(jnp.int32)
 
     def mask_ratio(self, *, key: Key) -> Array:
-        """The masked fraction of one training batch, in (0, 1]."""
+        """The masked fraction of one training example, in (0, 1]."""
         if self.mask_schedule == "mar":
             # Standardised bounds of [0.7, 1] under N(1, 0.25^2).
             return 1.0 + 0.25 * jr.truncated_normal(key, -1.2, 0.0)

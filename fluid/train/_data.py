@@ -1,95 +1,113 @@
-"""Host-side batches: images and tokenized captions, deterministic per step, prefetched."""
+"""The trainer's data: the source a `DataConfig` names, its caption tokenizer, its loader."""
 
-import queue
-import threading
-from collections.abc import Iterator
+import warnings
+from typing import Any
 
 import numpy as np
 
 from ..config import DataConfig
+from ..data import BadRecord, FolderSource, JsonlSource, Loader
 from ..data.shapes import ShapesDataset
 from ..text import TextTokenizer, train_text_tokenizer
 
+# Data-fitted parts (the palette codebook) see images from the far end of the built-in data
+# set's index space, disjoint from what training reads.
+_FIT_OFFSET = 1 << 30
 
-def make_dataset(config: DataConfig) -> ShapesDataset:
-    """The training data set a `DataConfig` names."""
-    kwargs = {"image_size": config.image_size, "seed": config.seed}
+
+def make_source(config: DataConfig) -> Any:
+    """The random-access source of images and captions a `DataConfig` names."""
+    if config.dataset == "folder":
+        return FolderSource(config.path, config.image_size)
+    if config.dataset == "jsonl":
+        return JsonlSource(config.path, config.image_size)
+    kwargs = {
+        "image_size": config.image_size, "seed": config.seed, "object_scale": config.object_scale
+    }
     if config.categories is not None:
         kwargs["categories"] = tuple(config.categories)
     return ShapesDataset(**kwargs)
 
 
-def make_text_tokenizer(dataset: ShapesDataset, vocab_size: int, n: int = 4096) -> TextTokenizer:
-    """A SentencePiece tokenizer trained on `n` captions of the data set."""
-    return train_text_tokenizer(dataset.captions(n), vocab_size=vocab_size)
+def make_dataset(config: DataConfig) -> Any:
+    """Alias of `make_source`."""
+    return make_source(config)
 
 
-def fit_images(dataset: ShapesDataset, n: int) -> np.ndarray:
-    """`n` images for fitting data-fitted tokenizers, from the far end of the index space."""
-    offset = 1 << 30  # disjoint from the indices training batches read
-    return np.stack([dataset[offset + i]["image"] for i in range(n)])
+def source_captions(source: Any, n: int) -> list[str]:
+    """Up to `n` captions of a source, read without decoding its images."""
+    if isinstance(source, ShapesDataset):
+        return source.captions(n)
+    if isinstance(source, JsonlSource):
+        return [c for c in source.captions[:n] if c.strip()]
+    if isinstance(source, FolderSource):
+        out = []
+        for rel in source.paths[:n]:
+            try:
+                text = (source.root / rel).with_suffix(".txt").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text.strip():
+                out.append(text.strip())
+        return out
+    return [source[i]["caption"] for i in range(min(n, len(source)))]
 
 
-class Batches:
-    """Batch `step` holds data-set items `[step * batch_size, (step + 1) * batch_size)`.
+def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextTokenizer:
+    """A SentencePiece tokenizer trained on up to `n` captions of the source."""
+    captions = source_captions(source, n)
+    if not captions:
+        raise ValueError("the data source has no non-empty captions to train a tokenizer on.")
+    return train_text_tokenizer(captions, vocab_size=vocab_size)
 
-    Iteration starts at `start_step` and prefetches on a background thread, so resuming at a
-    step reproduces the batches of an uninterrupted run.
+
+def fit_images(source: Any, n: int) -> np.ndarray:
+    """`n` images for fitting data-fitted tokenizers.
+
+    From the built-in data set: items far from those training reads. From a user's files:
+    the first `n` that decode (unreadable ones are skipped), cycling if there are fewer.
     """
+    if isinstance(source, ShapesDataset):
+        return np.stack([source[_FIT_OFFSET + i]["image"] for i in range(n)])
+    images = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(min(len(source), 4 * n)):
+            try:
+                images.append(source[i]["image"])
+            except BadRecord:
+                continue
+            if len(images) == n:
+                break
+    if not images:
+        raise ValueError("no image of the data source could be read to fit the tokenizer.")
+    return np.stack([images[i % len(images)] for i in range(n)])
 
-    def __init__(
-        self,
-        dataset: ShapesDataset,
-        text_tokenizer: TextTokenizer,
-        batch_size: int,
-        text_len: int,
-        start_step: int = 0,
-        prefetch: int = 2,
-    ):
-        self.dataset = dataset
-        self.text_tokenizer = text_tokenizer
-        self.batch_size = batch_size
-        self.text_len = text_len
-        self.start_step = start_step
-        self.prefetch = prefetch
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        first = step * self.batch_size
-        items = [self.dataset[first + i] for i in range(self.batch_size)]
-        ids, mask = self.text_tokenizer.encode([it["caption"] for it in items], self.text_len)
-        return {
-            "image": np.stack([it["image"] for it in items]).astype(np.float32),
-            "text_ids": ids,
-            "text_mask": mask,
-        }
+def make_loader(
+    source: Any,
+    config: DataConfig,
+    *,
+    text_tokenizer: TextTokenizer,
+    batch_size: int,
+    text_len: int,
+    state: dict[str, Any] | None = None,
+) -> Loader:
+    """The training loader: this process's share of each global batch, resumable."""
+    import jax
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def work():
-            step = self.start_step
-            while not stop.is_set():
-                try:
-                    item = self.batch(step)
-                except BaseException as e:  # surface worker errors in the consumer
-                    q.put(e)
-                    return
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                step += 1
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+    if batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes."
+        )
+    return Loader(
+        source,
+        batch_size=batch_size // jax.process_count(),
+        text_tokenizer=text_tokenizer,
+        text_len=text_len,
+        seed=config.seed,
+        shuffle=config.shuffle,
+        flip=config.flip,
+        workers=config.workers,
+        state=state,
+    )

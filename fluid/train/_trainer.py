@@ -3,7 +3,8 @@
 import functools
 import json
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from jax.typing import DTypeLike
 from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
@@ -20,7 +24,11 @@ from ..build import build_model
 from ..config import TrainConfig, to_dict
 from ..model import FluidModel
 from ..text import TextTokenizer
-from ._data import Batches, fit_images, make_dataset, make_text_tokenizer
+from ..data import SkippedRecordWarning
+from ._checkpoint import CheckpointManager
+from ._data import fit_images, make_loader, make_source, make_text_tokenizer
+from ._sharding import create_sharded, make_mesh, shard_batch, state_shardings
+from ._tensorboard import SummaryWriter
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
 
 
@@ -34,14 +42,60 @@ class TrainState(eqx.Module):
     key: Key
 
 
-def _train_step(state: TrainState, frozen, batch, *, static, optimizer, ema_decay):
+def resolve_precision(precision: str) -> jnp.dtype:
+    """The backbone's compute dtype for a `TrainConfig.precision`.
+
+    `"auto"` is bfloat16 on accelerators and float32 on CPU, where bfloat16 matmuls are
+    emulated and measure slower (`benchmarks/throughput.py --precision`).
+    """
+    if precision == "auto":
+        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(precision)
+
+
+def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
+    """`model` with the backbone's floating-point parameters in `dtype` (for its compute)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return model
+    cast = lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x  # noqa: E731
+    return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
+
+
+def _micro_batches(tree, k: int):
+    # Micro-batch j holds examples j, j + k, j + 2k, ...: each device's rows of the
+    # data-sharded batch stay on that device, whatever k is.
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), tree)
+
+
+def _train_step(state, frozen, batch, *, static, optimizer, ema_decay, grad_accum, dtype):
     key, sub = jr.split(state.key)
+    keys = jr.split(sub, batch["text_ids"].shape[0])
 
-    def loss_fn(params):
-        model = eqx.combine(params, frozen, static)
-        return model.loss(batch, key=sub)
+    def sums(params, micro, micro_keys):
+        model = cast_backbone(eqx.combine(params, frozen, static), dtype)
+        total, count = model.loss_terms(micro, keys=micro_keys)
+        return jnp.sum(total), jnp.sum(count)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+    if grad_accum == 1:
+        (total, count), grads = grad_fn(state.params, batch, keys)
+    else:
+        def accumulate(carry, micro):
+            (t, c), g = grad_fn(state.params, *micro)
+            g_sum, t_sum, c_sum = carry
+            return (jax.tree.map(jnp.add, g_sum, g), t_sum + t, c_sum + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(
+            accumulate, init, _micro_batches((batch, keys), grad_accum)
+        )
+    # The loss is a mean over every target position of the batch: divide the summed
+    # gradients once, by the count over all micro-batches.
+    count = jnp.maximum(count, 1.0)
+    loss = total / count
+    grads = jax.tree.map(lambda g: g / count, grads)
     # optax mixes Python floats with int32 step counts, which strict promotion refuses.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -52,49 +106,130 @@ def _train_step(state: TrainState, frozen, batch, *, static, optimizer, ema_deca
 
 
 class Trainer:
-    """Builds a model from a `TrainConfig` and trains it.
+    """Builds a model from a `TrainConfig` and trains it, on one device or a mesh.
+
+    The model is created already sharded by the rule set `config.mesh.rules` on a mesh of
+    `config.mesh` axes; each step takes a global batch sharded over `"data"`, accumulates
+    `config.grad_accum` micro-batches and updates the state in place (donated). With an
+    `out_dir`, it resumes from the latest checkpoint there (`checkpoints/`) exactly where
+    that run stopped, writes one every `checkpoint_every` steps, at the end and on
+    interruption, and logs metrics to `metrics.jsonl` and TensorBoard.
 
     **Arguments:**
 
     - `config`: the run.
-    - `out_dir`: where metrics (`metrics.jsonl`), the config and the final model go; `None`
+    - `out_dir`: where checkpoints, metrics, the config and the final model go; `None`
       writes nothing.
     - `progress`: show a progress bar.
+    - `resume`: continue from the latest checkpoint in `out_dir` if there is one.
+    - `devices`: the devices of the mesh; all by default.
+    - `optimizer`: an optax transformation to use instead of the config's AdamW (the
+      trainable mask and clipping are then up to it).
     """
 
-    def __init__(self, config: TrainConfig, *, out_dir: str | Path | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        resume: bool = True,
+        devices: Sequence[jax.Device] | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+    ):
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.dataset = make_dataset(config.data)
-        self.text_tokenizer: TextTokenizer = make_text_tokenizer(
-            self.dataset, config.model.text_vocab_size
+        self.mesh = make_mesh({"data": config.mesh.data, "model": config.mesh.model}, devices)
+        self.source = make_source(config.data)
+        self.dataset = self.source
+        self.checkpoints = None
+        if self.out_dir is not None:
+            self.checkpoints = CheckpointManager(
+                self.out_dir / "checkpoints", keep=config.keep_checkpoints
+            )
+        resuming = resume and self.checkpoints is not None and (
+            self.checkpoints.latest_step() is not None
         )
+        self.text_tokenizer = self._text_tokenizer(reuse=resuming)
+        self.dtype = resolve_precision(config.precision)
+        rules, min_size = config.mesh.rules, config.mesh.min_shard_size
+
         k_model, k_train = jr.split(jr.key(config.seed))
-        images = fit_images(self.dataset, config.data.fit_images)
-        model = build_model(
-            config.model, text_tokenizer=self.text_tokenizer, key=k_model, fit_images=images
+        images = fit_images(self.source, config.data.fit_images)
+        model = create_sharded(
+            lambda: build_model(
+                config.model, text_tokenizer=self.text_tokenizer, key=k_model, fit_images=images
+            ),
+            self.mesh,
+            rules,
+            min_size=min_size,
         )
         params, rest = eqx.partition(model, trainable_mask(model))
         self.frozen, self.static = eqx.partition(rest, eqx.is_array)
-        self.optimizer = make_optimizer(config.optim, config.steps)
-        self.state = TrainState(
-            params=params,
-            opt_state=self.optimizer.init(params),
-            ema=jax.tree.map(jnp.copy, params),
-            step=jnp.zeros((), jnp.int32),
-            key=k_train,
-        )
+        self.optimizer = optimizer or make_optimizer(config.optim, config.steps)
+
+        def init(params, key):
+            return TrainState(
+                params=params,
+                opt_state=self.optimizer.init(params),
+                ema=jax.tree.map(jnp.copy, params),
+                step=jnp.zeros((), jnp.int32),
+                key=key,
+            )
+
+        abstract = eqx.filter_eval_shape(init, params, k_train)
+        self.state_sharding = state_shardings(abstract, self.mesh, rules, min_size=min_size)
+        self.state = jax.jit(init, out_shardings=self.state_sharding)(params, k_train)
         self.step_fn = jax.jit(
             functools.partial(
                 _train_step,
                 static=self.static,
                 optimizer=self.optimizer,
                 ema_decay=config.optim.ema_decay,
+                grad_accum=config.grad_accum,
+                dtype=self.dtype,
             ),
+            out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
         self.history: list[dict[str, float | int]] = []
+        self.skipped = 0
+
+        data_state = self._restore() if resuming else None
+        self.loader = make_loader(
+            self.source,
+            config.data,
+            text_tokenizer=self.text_tokenizer,
+            batch_size=config.batch_size,
+            text_len=config.model.text_len,
+            state=data_state,
+        )
+
+    def _text_tokenizer(self, reuse: bool) -> TextTokenizer:
+        # A resumed run must read captions exactly as before: reuse the saved tokenizer.
+        saved = self.out_dir / "text_tokenizer.model" if self.out_dir is not None else None
+        if reuse and saved is not None and saved.exists():
+            return TextTokenizer.load(saved)
+        tokenizer = make_text_tokenizer(self.source, self.config.model.text_vocab_size)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(saved)
+        return tokenizer
+
+    def _restore(self) -> dict[str, Any]:
+        like = {"state": self.state, "frozen": self.frozen}
+        shardings = {
+            "state": self.state_sharding,
+            "frozen": jax.tree.map(lambda x: x.sharding, self.frozen),
+        }
+        restored, data_state, step = self.checkpoints.restore(
+            like, shardings=shardings, config=to_dict(self.config)
+        )
+        self.state, self.frozen = restored["state"], restored["frozen"]
+        if self.progress:
+            print(f"resumed from step {step} of {self.checkpoints.directory}")
+        return data_state
 
     # -- models ---------------------------------------------------------------------------
     def model(self, ema: bool = True) -> FluidModel:
@@ -111,15 +246,6 @@ class Trainer:
         return int(self.state.step)
 
     # -- loop -----------------------------------------------------------------------------
-    def batches(self) -> Batches:
-        return Batches(
-            self.dataset,
-            self.text_tokenizer,
-            self.config.batch_size,
-            self.config.model.text_len,
-            start_step=self.step,
-        )
-
     def run(
         self,
         steps: int | None = None,
@@ -129,32 +255,41 @@ class Trainer:
     ) -> list[dict[str, float | int]]:
         """Train for `steps` (default: up to `config.steps`) or until `time_budget` seconds.
 
-        Returns the metrics of every step run here (also appended to `self.history`).
+        A checkpoint is written every `config.checkpoint_every` steps, when the run ends and
+        when it is interrupted (Ctrl-C), if the trainer has an `out_dir`. Returns the
+        metrics of every step run here (also appended to `self.history`).
         """
-        total = self.config.steps if steps is None else self.step + steps
-        bsz = self.config.batch_size
-        log = None
+        config = self.config
+        total = config.steps if steps is None else self.step + steps
+        bsz = config.batch_size
+        log = writer = None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
             log = open(self.out_dir / "metrics.jsonl", "a")
+            writer = SummaryWriter(self.out_dir / "tensorboard")
         start = time.perf_counter()
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         out = []
+        saved_at = self.step
         try:
-            it = iter(self.batches())
             last = time.perf_counter()
             while self.step < total:
-                batch = next(it)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("always", SkippedRecordWarning)
+                    batch = next(self.loader)
+                batch = shard_batch(batch, self.mesh)
                 self.state, metrics = self.step_fn(self.state, self.frozen, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 now = time.perf_counter()
+                self.skipped = self.loader.skipped
                 record = {
                     "step": self.step,
                     **metrics,
                     "step_time": now - last,
                     "images_per_sec": bsz / max(now - last, 1e-9),
+                    "skipped_records": self.skipped,
                 }
                 last = now
                 out.append(record)
@@ -166,22 +301,69 @@ class Trainer:
                     )
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
+                    writer.scalars(self.step, {k: v for k, v in record.items() if k != "step"})
                 bar.update(1)
-                if self.step % max(self.config.log_every, 1) == 0 or self.step == total:
+                if self.step % max(config.log_every, 1) == 0 or self.step == total:
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}",
                         step_s=f"{record['step_time']:.3f}",
                         img_s=f"{record['images_per_sec']:.1f}",
                     )
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self.checkpoint()
+                    saved_at = self.step
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.sample_grid()
                 if callback is not None:
                     callback(self, record)
                 if time_budget is not None and now - start > time_budget:
                     break
+        except KeyboardInterrupt:
+            if self.checkpoints is not None and self.step > saved_at:
+                print(f"\ninterrupted at step {self.step}: writing a checkpoint")
+                self.checkpoint()
+            raise
         finally:
             bar.close()
             if log is not None:
                 log.close()
+                writer.close()
+        if self.checkpoints is not None and self.step > saved_at:
+            self.checkpoint()
         return out
+
+    # -- outputs --------------------------------------------------------------------------
+    def checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint of the whole state at the current step."""
+        if self.checkpoints is None:
+            return None
+        if self.step not in self.checkpoints.all_steps():
+            self.checkpoints.save(
+                self.step,
+                {"state": self.state, "frozen": self.frozen},
+                config=to_dict(self.config),
+                data_state=self.loader.get_state(),
+            )
+        return Path(str(self.checkpoints.step_directory(self.step)))
+
+    def sample_grid(self, prompts: Sequence[str] | None = None) -> Path | None:
+        """Sample the demo prompts with the EMA model into `samples/step_<n>.png`."""
+        if self.out_dir is None:
+            return None
+        from ..data.shapes import DEMO_PROMPTS
+        from ..sample import sample_images
+        from ..viz import save_grid
+
+        prompts = list(prompts or DEMO_PROMPTS)
+        images = sample_images(
+            self.model(ema=True), self.text_tokenizer, prompts,
+            text_len=self.config.model.text_len, key=jr.key(self.config.seed + 1),
+            steps=self.config.sample_steps, cfg=self.config.sample_cfg,
+            temperature=self.config.sample_temperature,
+        )
+        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_grid(images, path, captions=prompts, cols=4)
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the EMA model, the config and the text tokenizer (see `load_model`)."""

@@ -1,0 +1,268 @@
+"""Training batches from any random-access source, through a Grain pipeline.
+
+The pipeline is a `grain.MapDataset`, so every stage is a pure function of an index:
+
+    source -> shuffle (a new permutation each epoch) -> repeat -> flip -> shard -> resume
+           -> to_iter_dataset (decoding threads) [-> mp_prefetch (worker processes)]
+
+and `Loader` then skips bad records, batches and tokenizes in the training process. Because
+skipping (the only many-to-one step) happens after the worker processes, the stream of records
+this process sees is the same for any number of workers, and a position in it is one integer:
+the loader's state is `{"position", "skipped", "stream"}`, plain JSON, and resuming from it
+slices the `MapDataset` at `position`, which reproduces exactly the batches an uninterrupted
+run gives from there.
+"""
+
+import json
+import typing
+import warnings
+from typing import Any, Protocol, runtime_checkable
+
+import absl.flags
+import grain
+import jax
+import numpy as np
+
+from ..text import TextTokenizer
+from ._files import BadRecord, SkippedRecordWarning
+
+
+@runtime_checkable
+class RandomAccessSource(Protocol):
+    """What `Loader` reads: `len(source)` items, `source[i]` a dict with `image` (float
+    `[h, w, 3]` in [-1, 1]) and `caption` (str), raising `BadRecord` for an unusable one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class _Records:
+    """The source as Grain reads it: `image` and `caption` only (dropping extra keys keeps
+    what crosses process boundaries small), and a bad record as `{"skip": message}` so the
+    training process can warn and count (workers' warnings and counters would be lost)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            item = self.source[index]
+        except BadRecord as error:
+            return {"skip": str(error)}
+        return {"image": np.asarray(item["image"], np.float32), "caption": item["caption"]}
+
+
+class _Flip:
+    """Mirror left-right with probability 1/2, decided by `(seed, stream position)` alone."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, position: int, record: dict[str, Any]) -> dict[str, Any]:
+        # A fixed tag keeps the flip draws independent of the shuffle, which uses `seed` bare.
+        flip = np.random.default_rng((self.seed, 0x0F11B, position)).random() < 0.5
+        if flip and "image" in record:
+            record = {**record, "image": np.ascontiguousarray(record["image"][:, ::-1])}
+        return record
+
+
+@typing.final
+class Loader:
+    """Batches of images and tokenized captions from a random-access source, via Grain.
+
+    Each epoch visits the source in a fresh seeded order; this process reads every
+    `shard_count`-th record of that order starting at `shard_index`, so processes see
+    disjoint shares that together cover each epoch. A record whose `source[i]` raises
+    `BadRecord` is skipped with a `SkippedRecordWarning` naming its file and counted in
+    `skipped`; the next records fill the batch, so every batch is full. Iteration ends after
+    `num_epochs` (the last, partial batch dropped) or never when `num_epochs` is `None`.
+
+    The batches depend only on the source, `seed`, `shuffle`, `flip`, `batch_size` and the
+    shard, never on `workers` or `read_threads`. Resuming: save `get_state()` (a JSON-ready
+    dict) with the checkpoint, and pass it back as `state` (or to `set_state`); the loader
+    then yields exactly the batches the uninterrupted run yields after that point.
+
+    **Arguments:**
+
+    - `source`: `len(source)` items; `source[i]` a dict with `image` (float `[h, w, 3]` in
+      [-1, 1], one size for all) and `caption` (str). `FolderSource`, `JsonlSource` and
+      `ShapesDataset` are such sources.
+    - `batch_size`: records per batch in this process.
+    - `text_tokenizer`: turns captions into ids.
+    - `text_len`: length of every id row (captions are padded or truncated to it).
+    - `seed`: seed of the order and of the flips, in `[0, 2**32)`.
+    - `shuffle`: visit records in a seeded random order, reshuffled every epoch; `False`
+      reads them in index order (batch `k` of one process is items
+      `[k * batch_size, (k + 1) * batch_size)` when nothing is skipped, like `Batches`).
+    - `flip`: mirror each image left-right with probability 1/2, a seeded decision per
+      position. Off by default: a mirror contradicts captions that say "left of".
+    - `num_epochs`: passes over the source; `None` repeats forever.
+    - `workers`: processes decoding images (Grain's `mp_prefetch`); 0 decodes in this one.
+    - `read_threads`: threads decoding images within each process.
+    - `shard_index`, `shard_count`: this process's share; default `jax.process_index()` and
+      `jax.process_count()`. With a finite `num_epochs`, shares may differ by a batch: train
+      for a fixed number of steps rather than to the end of a share.
+    - `state`: a `get_state()` to resume from; `None` starts at the beginning.
+
+    Batches are dicts: `image` float32 `[batch_size, h, w, 3]`, `text_ids` int32
+    `[batch_size, text_len]`, `text_mask` bool `[batch_size, text_len]`.
+    """
+
+    def __init__(
+        self,
+        source: RandomAccessSource,
+        *,
+        batch_size: int,
+        text_tokenizer: TextTokenizer,
+        text_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        flip: bool = False,
+        num_epochs: int | None = None,
+        workers: int = 0,
+        read_threads: int = 16,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        state: dict[str, Any] | None = None,
+    ):
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+        if batch_size < 1 or text_len < 2 or workers < 0 or read_threads < 1:
+            raise ValueError(
+                "need batch_size >= 1, text_len >= 2, workers >= 0 and read_threads >= 1; got "
+                f"{batch_size=}, {text_len=}, {workers=}, {read_threads=}."
+            )
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32) (Grain's range), got {seed}.")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(
+                f"need 0 <= shard_index < shard_count, got {shard_index}/{shard_count}."
+            )
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be positive or None, got {num_epochs}.")
+        length = len(source)
+        if length == 0:
+            raise ValueError("the source is empty: there is nothing to load.")
+        if shuffle and length >= 2**32:
+            raise ValueError(
+                f"Grain's shuffle permutes at most 2**32 items; this source has {length}. "
+                "Pass shuffle=False (and order the source yourself)."
+            )
+        self.batch_size = batch_size
+        self.text_tokenizer = text_tokenizer
+        self.text_len = text_len
+        self.workers = workers
+        self.read_threads = read_threads
+        # What a saved position means; resuming a different stream would silently differ.
+        self._stream = {
+            "length": length,
+            "seed": seed,
+            "shuffle": shuffle,
+            "flip": flip,
+            "num_epochs": num_epochs,
+            "shard_index": shard_index,
+            "shard_count": shard_count,
+        }
+        records = grain.MapDataset.source(_Records(source))
+        if shuffle:
+            # Grain permutes lazily (an index bijection, reseeded per epoch), so even the
+            # unbounded shapes set (2**31 - 1 items) is shuffled without being listed.
+            records = records.shuffle(seed=seed)
+        records = records.repeat(num_epochs)
+        if flip:
+            records = records.map_with_index(_Flip(seed))
+        self._records = records[shard_index::shard_count]
+        # A whole epoch of this share skipped means nothing will ever load: fail, not spin.
+        self._max_consecutive_skips = -(-length // shard_count)
+        self._elements: grain.DatasetIterator | None = None
+        self.position = 0
+        self.skipped = 0
+        if state is not None:
+            self.set_state(state)
+
+    def get_state(self) -> dict[str, Any]:
+        """Where the loader is: `position` (records of this process's stream consumed),
+        `skipped` (bad records so far) and `stream` (what the position refers to). Plain JSON
+        values, to be saved with a checkpoint."""
+        return {"position": self.position, "skipped": self.skipped, "stream": dict(self._stream)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from a `get_state()`. Raises `ValueError` if it was taken from a loader
+        with a different stream (source length, seed, shuffle, flip, epochs or shard), for
+        which its position would name other records."""
+        saved = json.loads(json.dumps(state["stream"]))
+        if saved != self._stream:
+            diff = {k: (saved.get(k), v) for k, v in self._stream.items() if saved.get(k) != v}
+            raise ValueError(
+                f"the state is from a different data stream: (saved, now) differ in {diff}."
+            )
+        self.close()
+        self.position = int(state["position"])
+        self.skipped = int(state["skipped"])
+
+    def _iterator(self) -> grain.DatasetIterator:
+        records = self._records[self.position :]
+        options = grain.ReadOptions(
+            num_threads=self.read_threads,
+            prefetch_buffer_size=max(2 * self.batch_size, self.read_threads),
+        )
+        elements = records.to_iter_dataset(options)
+        if self.workers > 0:
+            # Grain 0.2.18 reads an absl flag when starting workers with JAX imported, and
+            # fails unless flags count as parsed (google/grain#1355, fixed after 0.2.18); a
+            # script that parses its own flags later still can.
+            if not absl.flags.FLAGS.is_parsed():
+                absl.flags.FLAGS.mark_as_parsed()
+            elements = elements.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.workers, per_worker_buffer_size=self.batch_size
+                )
+            )
+        return iter(elements)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._elements is None:
+            self._elements = self._iterator()
+        images, captions = [], []
+        consumed, skipped, run = 0, 0, 0
+        while len(images) < self.batch_size:
+            record = next(self._elements)  # StopIteration ends the loader, dropping a partial batch
+            consumed += 1
+            if "skip" in record:
+                skipped += 1
+                run += 1
+                warnings.warn(f"skipped {record['skip']}", SkippedRecordWarning, stacklevel=2)
+                if run >= self._max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{run} records in a row were unusable (the last: {record['skip']}); "
+                        "no record of the source loads."
+                    )
+                continue
+            run = 0
+            images.append(record["image"])
+            captions.append(record["caption"])
+        ids, mask = self.text_tokenizer.encode(captions, self.text_len)
+        # The position only moves by whole batches, so a saved state is always a boundary.
+        self.position += consumed
+        self.skipped += skipped
+        return {"image": np.stack(images), "text_ids": ids, "text_mask": mask}
+
+    def close(self) -> None:
+        """Stop decoding threads and worker processes; iteration can continue afterwards
+        (from the current position) and restarts them."""
+        elements, self._elements = self._elements, None
+        if elements is not None:
+            elements.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

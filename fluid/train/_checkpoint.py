@@ -1,0 +1,536 @@
+"""Checkpoints of a training state with Orbax: atomic, keep-last-K, restorable onto any mesh.
+
+One checkpoint is a directory `<directory>/<step>/` holding three Orbax items:
+
+- `state/`: every array leaf of the state, keyed by its dotted path name
+  (`params.backbone.blocks.attn.qkv.weight`, as in `fluid.train._rules`); a typed PRNG key is
+  stored as its raw key data.
+- `config/`: the resolved run config as JSON.
+- `data_state/`: the data iterator's position as JSON.
+
+and, written last, `fluid_commit.json`: the size of every file of those items. Orbax writes a
+step into a temporary directory and renames it when complete, so an interrupted save leaves no
+step directory at all; the commit file also covers a crash between Orbax's rename and our own
+bookkeeping, and lets `latest_step` notice files cut short or deleted afterwards (a full disk, a
+partial copy) without reading any array.
+
+Only this module knows Orbax; the trainer sees `CheckpointManager`, `check_config` and the two
+error types.
+"""
+
+import fnmatch
+import json
+import os
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from ._rules import named_leaves, path_name
+
+# Config keys that may differ between a checkpoint and the run resuming from it, as
+# `fnmatch` patterns over the full dotted key (so `steps` is the top-level field only, not
+# `optim.warmup_steps`):
+# - `steps`: resuming to train for longer (or shorter) is the point of resuming;
+# - `*_every`: logging, sampling, evaluation and checkpoint cadence do not change the state;
+# - `sample_*`: how preview samples are drawn (steps, guidance, temperature);
+# - `mesh*`: the device mesh; checkpoints restore onto a mesh of any shape;
+# - `keep_checkpoints`, `data.workers`: how many checkpoints to keep, how many processes
+#   decode images (the batches do not depend on it).
+RESUMABLE_CONFIG_KEYS: tuple[str, ...] = (
+    "steps", "*_every", "sample_*", "mesh*", "keep_checkpoints", "data.workers",
+)
+
+COMMIT_FILE = "fluid_commit.json"
+
+_ITEMS = ("state", "config", "data_state")
+# Orbax's temporary step directories end in this suffix plus a timestamp.
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ABSENT = object()
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made with another config, or holds arrays that do not fit the state."""
+
+
+class CheckpointCorruptError(OSError):
+    """A checkpoint's files are missing, cut short, or cannot be read."""
+
+
+# -- config ---------------------------------------------------------------------------------
+def _flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        # An empty dict stays a value, so `kwargs={}` still differs from `kwargs={"a": 1}`.
+        if isinstance(value, dict) and value:
+            out.update(_flatten_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    # A saved config went through JSON (tuples became lists); compare the current one alike.
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
+def _show(key: str, value: Any) -> str:
+    if value is _ABSENT:
+        return f"no {key}"
+    return f"{key}={json.dumps(value)}"
+
+
+def check_config(
+    saved: dict[str, Any], current: dict[str, Any], *, source: str = "the checkpoint"
+) -> None:
+    """Raise if a checkpoint's config differs from this run's in a key that matters.
+
+    Nested dicts are compared key by key under dotted names (`model.head.kwargs.width`);
+    keys matching a pattern of `RESUMABLE_CONFIG_KEYS` are skipped.
+
+    **Arguments:**
+
+    - `saved`: the config stored with the checkpoint (`CheckpointManager.saved_config`).
+    - `current`: this run's config as a dict (`fluid.config.to_dict(config)`).
+    - `source`: how the message names the checkpoint, e.g. its directory.
+
+    **Returns:**
+
+    Nothing.
+
+    **Raises:**
+
+    `CheckpointMismatchError` naming the first differing key (in the order of `current`, then
+    keys only `saved` has) with both values.
+    """
+    flat_saved = _flatten_config(saved)
+    flat_current = _flatten_config(current)
+    keys = [*flat_current, *(k for k in flat_saved if k not in flat_current)]
+    for key in keys:
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CONFIG_KEYS):
+            continue
+        old = flat_saved.get(key, _ABSENT)
+        new = flat_current.get(key, _ABSENT)
+        if old is _ABSENT or new is _ABSENT or _json_value(old) != _json_value(new):
+            raise CheckpointMismatchError(
+                f"{source} was made with {_show(key, old)}, this run has {_show(key, new)}; "
+                "resume with the same config or start a fresh output directory."
+            )
+
+
+# -- state leaves ---------------------------------------------------------------------------
+def _is_array_like(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_key(x: Any) -> bool:
+    return _is_array_like(x) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _array_leaves(tree: Any) -> dict[str, Any]:
+    """`{dotted name: leaf}` for the array (or `ShapeDtypeStruct`) leaves of `tree`."""
+    out = {}
+    for name, leaf in named_leaves(tree):
+        if not _is_array_like(leaf):
+            continue
+        if name in out:
+            # Only possible when a dict key itself contains a dot.
+            raise ValueError(f"two leaves of the state share the checkpoint name {name!r}.")
+        out[name] = leaf
+    return out
+
+
+def _key_impl(like: Any) -> Any:
+    if isinstance(like, jax.Array):
+        return jax.random.key_impl(like)
+    # `key_impl` takes no ShapeDtypeStruct; read it off a traced key of that abstract type.
+    found = []
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), like)
+    return found[0]
+
+
+def _describe(shape: Any, dtype: Any) -> str:
+    return f"{np.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
+
+
+def _brief(error: Exception) -> str:
+    # Tensorstore appends its whole JSON spec; the chained exception keeps the full text.
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _sharding_lookup(shardings: Any, like: dict[str, Any]) -> dict[str, jax.sharding.Sharding]:
+    if isinstance(shardings, jax.sharding.Sharding):
+        return {name: shardings for name in like}
+    if shardings is None:
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out = {}
+        for name, leaf in like.items():
+            own = getattr(leaf, "sharding", None)
+            out[name] = own if isinstance(own, jax.sharding.Sharding) else default
+        return out
+    given = dict(
+        named_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    )
+    missing = [name for name in like if not isinstance(given.get(name), jax.sharding.Sharding)]
+    if missing:
+        raise ValueError(
+            f"`shardings` has no sharding for {missing[0]}"
+            + (f" (and {len(missing) - 1} more leaves)" if len(missing) > 1 else "")
+            + "; give a pytree of the state's structure with a Sharding per array leaf, or one "
+            "Sharding for all."
+        )
+    return {name: given[name] for name in like}
+
+
+# -- the manager ----------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves and restores training states under one directory, one subdirectory per step.
+
+    Saves are synchronous and atomic: a checkpoint counts only once it is complete (see
+    `latest_step`). Restores place every array with a requested sharding, so a state saved
+    on one mesh restores onto a mesh of another shape or onto one device.
+
+    **Arguments:**
+
+    - `directory`: where the step directories go (a local path or any path Orbax accepts,
+      e.g. `gs://...`); created on the first save.
+    - `keep`: how many of the newest checkpoints to keep; older ones are deleted after each
+      save. `None` keeps all.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3):
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 (or None to keep all), got {keep}.")
+        path = epath.Path(directory)
+        # Orbax resolves step paths against the directory; a relative one breaks once the
+        # working directory changes.
+        self.directory = path if path.is_absolute() else epath.Path(os.path.abspath(path))
+        self.keep = keep
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                # The commit file is written once Orbax has finished; an asynchronous save
+                # would leave the newest checkpoint uncommitted until the next call.
+                enable_async_checkpointing=False,
+                # Readers (sampling from a running job) must not create or clean up anything.
+                create=False,
+            ),
+            # Handlers named up front: a fresh manager (a resumed run) can then read the
+            # metadata of checkpoints it did not write.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "data_state": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # -- queries ----------------------------------------------------------------------------
+    def step_directory(self, step: int) -> epath.Path:
+        """The directory of the checkpoint of `step` (whether or not it exists)."""
+        return self.directory / str(step)
+
+    def _orbax_steps(self) -> list[int]:
+        # Another process (the training job) may have saved since we last looked.
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def _damage(self, step: int) -> str | None:
+        """Why the checkpoint of `step` cannot be trusted, or `None` if it is complete."""
+        root = self.step_directory(step)
+        commit = root / COMMIT_FILE
+        if not commit.exists():
+            return f"it has no {COMMIT_FILE}, so its save never finished"
+        try:
+            files = json.loads(commit.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"its {COMMIT_FILE} is unreadable"
+        for rel, size in files.items():
+            f = root / rel
+            if not f.exists():
+                return f"{rel} is missing"
+            actual = f.stat().length
+            if actual != size:
+                return f"{rel} has {actual} bytes instead of {size}"
+        return None
+
+    def all_steps(self) -> list[int]:
+        """The steps of every complete checkpoint, oldest first.
+
+        **Returns:**
+
+        A list of ints; steps whose save was interrupted or whose files are damaged are left
+        out.
+        """
+        return [s for s in self._orbax_steps() if self._damage(s) is None]
+
+    def latest_step(self) -> int | None:
+        """The newest step with a complete checkpoint, the one a resumed run continues from.
+
+        A checkpoint is complete when Orbax has renamed its temporary directory into place
+        (a crash before leaves only `<step>.orbax-checkpoint-tmp-*`, never listed), its
+        `fluid_commit.json` exists (a crash between Orbax's rename and that file leaves a step
+        without it) and every file it lists still has its recorded size (cut short or deleted
+        files). Newer checkpoints that fail these checks are skipped with a warning; the next
+        `save` at or before their step deletes them.
+
+        **Returns:**
+
+        The step, or `None` if the directory holds no complete checkpoint.
+        """
+        for step in reversed(self._orbax_steps()):
+            damage = self._damage(step)
+            if damage is None:
+                return step
+            warnings.warn(
+                f"skipping checkpoint {self.step_directory(step)}: {damage}.", stacklevel=2
+            )
+        return None
+
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config a checkpoint was saved with (of the latest step by default)."""
+        step = self._resolve_step(step)
+        return self._read(step, config=ocp.args.JsonRestore())["config"]
+
+    # -- save -------------------------------------------------------------------------------
+    def save(
+        self, step: int, state: Any, *, config: dict[str, Any], data_state: dict[str, Any]
+    ) -> epath.Path:
+        """Write a checkpoint of `state` at `step`, then delete all but the newest `keep`.
+
+        Every process of a multi-process run calls this with its shards of the same state.
+
+        **Arguments:**
+
+        - `step`: the training step the state is at; names the checkpoint directory.
+        - `state`: any pytree (an `eqx.Module` such as `TrainState`); its array leaves are
+          saved (`eqx.filter(state, eqx.is_array)`), typed PRNG keys included. Other leaves
+          (static fields, Python numbers, `None`) are not: they come from the `state_like`
+          given to `restore`.
+        - `config`: the resolved run config, JSON-serialisable (`fluid.config.to_dict`).
+        - `data_state`: the data iterator's position, JSON-serialisable.
+
+        **Returns:**
+
+        The checkpoint's directory.
+
+        **Raises:**
+
+        `ValueError` if a complete checkpoint exists at `step` or after it: a run that resumed
+        from an earlier step would otherwise interleave two histories. Delete those step
+        directories to branch from an earlier step.
+        """
+        for name, value in (("config", config), ("data_state", data_state)):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{name} must be JSON-serialisable: {e}") from None
+        arrays = {}
+        for name, leaf in _array_leaves(state).items():
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise TypeError(f"cannot save {name}: it is abstract ({leaf}), not an array.")
+            arrays[name] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        self._clear_way(step)
+        # `force`: Orbax would otherwise skip, silently, any step at or before its newest.
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays),
+                config=ocp.args.JsonSave(config),
+                data_state=ocp.args.JsonSave(data_state),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+        self._commit(step)
+        return self.step_directory(step)
+
+    def _clear_way(self, step: int) -> None:
+        """Remove what interrupted or damaged saves left at or after `step`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            for leftover in self.directory.glob(f"*{_TMP_SUFFIX}*"):
+                leftover.rmtree()
+        for other in self._orbax_steps():
+            if other < step:
+                continue
+            if self._damage(other) is None:
+                newer = [s for s in self.all_steps() if s >= step]
+                raise ValueError(
+                    f"{self.directory} already holds complete checkpoints at steps {newer}, "
+                    f"at or after step {step}; resume from the latest one, or delete those "
+                    "step directories to continue from an earlier step."
+                )
+            self._manager.delete(other)
+
+    def _commit(self, step: int) -> None:
+        root = self.step_directory(step)
+        if jax.process_index() == 0:
+            files = {}
+            for item in _ITEMS:
+                for dirpath, _, filenames in (root / item).walk():
+                    for filename in filenames:
+                        f = epath.Path(dirpath) / filename
+                        files[str(f.relative_to(root))] = f.stat().length
+            # Write-then-rename, so a crash never leaves a partial commit file.
+            tmp = root / f"{COMMIT_FILE}.tmp"
+            tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+            tmp.replace(root / COMMIT_FILE)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"fluid checkpoint commit {step}")
+
+    # -- restore ----------------------------------------------------------------------------
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            latest = self.latest_step()
+            if latest is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}.")
+            return latest
+        if step not in self._orbax_steps():
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {self.directory}; complete ones: "
+                f"{self.all_steps()}."
+            )
+        damage = self._damage(step)
+        if damage is not None:
+            raise CheckpointCorruptError(self._corrupt_message(step, damage))
+        return step
+
+    def _corrupt_message(self, step: int, problem: str) -> str:
+        earlier = [s for s in self.all_steps() if s < step]
+        advice = (
+            f"restore an earlier step ({', '.join(map(str, earlier))}) or delete it to resume "
+            "from the latest complete one"
+            if earlier
+            else "no earlier complete checkpoint exists; delete it and start afresh"
+        )
+        return f"checkpoint {self.step_directory(step)} is damaged: {problem}; {advice}."
+
+    def _read(self, step: int, **items: Any) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            # Damage the file sizes did not reveal (checksums, unreadable metadata).
+            raise CheckpointCorruptError(
+                self._corrupt_message(step, f"reading it failed ({_brief(e)})")
+            ) from e
+
+    def _check_structure(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+            saved = dict(getattr(metadata, "tree", metadata))
+        except Exception as e:
+            raise CheckpointCorruptError(
+                self._corrupt_message(step, f"reading its metadata failed ({_brief(e)})")
+            ) from e
+        where = f"checkpoint {self.step_directory(step)} does not fit this state"
+        for name, want in target.items():
+            if name not in saved:
+                raise CheckpointMismatchError(
+                    f"{where}: it has no {name} ({_describe(want.shape, want.dtype)} here); "
+                    "was it made with another model or optimiser?"
+                )
+            got = saved[name]
+            if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(
+                want.dtype
+            ):
+                raise CheckpointMismatchError(
+                    f"{where}: {name} is {_describe(got.shape, got.dtype)} in the checkpoint "
+                    f"and {_describe(want.shape, want.dtype)} here; was it made with another "
+                    "model config?"
+                )
+        extra = sorted(name for name in saved if name not in target)
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointMismatchError(
+                f"{where}: it has {extra[0]}{more}, which this state lacks; was it made with "
+                "another model or optimiser?"
+            )
+
+    def restore(
+        self,
+        state_like: Any,
+        *,
+        step: int | None = None,
+        shardings: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> tuple[Any, dict[str, Any], int]:
+        """Read a checkpoint back into the structure of `state_like`.
+
+        **Arguments:**
+
+        - `state_like`: a pytree of the saved state's structure, concrete or abstract (e.g.
+          `jax.eval_shape` of the state's constructor). Its array leaves say which shape and
+          dtype to expect; its other leaves are returned as they are.
+        - `step`: which checkpoint; by default `latest_step()`.
+        - `shardings`: where to place the arrays. A pytree of `state_like`'s structure with a
+          `jax.sharding.Sharding` (e.g. `NamedSharding`) per array leaf, or one `Sharding`
+          for all. The mesh may differ from the one the checkpoint was saved on. `None`: each
+          leaf's own sharding where `state_like` is concrete (or an abstract leaf carries
+          one), otherwise the first device.
+        - `config`: this run's config as a dict; if given, it is checked against the saved one
+          with `check_config` before any array is read.
+
+        **Returns:**
+
+        `(state, data_state, step)`: the restored state, the data iterator's position that was
+        saved with it, and the step restored.
+
+        **Raises:**
+
+        - `FileNotFoundError` if there is no (complete) checkpoint to restore.
+        - `CheckpointMismatchError` if the config differs, or a leaf is missing, extra or of
+          another shape or dtype (naming its dotted path).
+        - `CheckpointCorruptError` if the checkpoint's files are damaged.
+        """
+        step = self._resolve_step(step)
+        if config is not None:
+            saved = self._read(step, config=ocp.args.JsonRestore())["config"]
+            check_config(saved, config, source=f"checkpoint {self.step_directory(step)}")
+        like = _array_leaves(state_like)
+        placement = _sharding_lookup(shardings, like)
+        target = {}
+        for name, leaf in like.items():
+            stored = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+            target[name] = jax.ShapeDtypeStruct(
+                stored.shape, stored.dtype, sharding=placement[name]
+            )
+        self._check_structure(step, target)
+        restored = self._read(
+            step, state=ocp.args.StandardRestore(target), data_state=ocp.args.JsonRestore()
+        )
+        arrays = restored["state"]
+        flat, treedef = jtu.tree_flatten_with_path(state_like)
+        leaves = []
+        for path, leaf in flat:
+            name = path_name(path)
+            if name not in like:
+                leaves.append(leaf)
+            elif _is_key(leaf):
+                leaves.append(jax.random.wrap_key_data(arrays[name], impl=_key_impl(leaf)))
+            else:
+                leaves.append(arrays[name])
+        return jtu.tree_unflatten(treedef, leaves), restored["data_state"], step
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release Orbax's resources (threads); the manager is unusable afterwards."""
+        self._manager.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,335 @@
+"""User image-caption sources (folder, JSONL) and the Grain `Loader`: decoding, cropping,
+skipping bad records, seeded shuffling, sharding, flips and exact resumption."""
+
+import io
+import json
+
+import chex
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluid.data import (
+    BadRecord,
+    FolderSource,
+    JsonlSource,
+    Loader,
+    SkippedRecordWarning,
+    load_image,
+)
+from fluid.data.shapes import ShapesDataset, caption_corpus
+from fluid.text import train_text_tokenizer
+
+N = 12  # coded images in the standard test folder
+TEXT_LEN = 8
+# A flat JPEG block keeps only its DC coefficient; at quality 90 its quantisation and the
+# YCbCr round trip moved a channel by at most 1 level over 50 random colours: allow 3.
+JPEG_ATOL = 3 / 127.5
+
+
+def flat(rgb, size):
+    return np.broadcast_to(np.asarray(rgb, np.float32) / 127.5 - 1, (size, size, 3))
+
+
+def caption(i):
+    return f"item {i}"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_text_tokenizer([caption(i) for i in range(N)] + caption_corpus(200), 64)
+
+
+def coded(i):
+    """8x8 image `i`: red encodes `i` everywhere, green is 0 on the left half and 255 on the
+    right (so a mirror shows), blue is constant."""
+    array = np.empty((8, 8, 3), np.uint8)
+    array[..., 0] = 20 + 10 * i
+    array[:, :4, 1], array[:, 4:, 1] = 0, 255
+    array[..., 2] = 128
+    return array
+
+
+def ident(image):
+    return round(float((image[..., 0].mean() + 1) * 127.5 - 20) / 10)
+
+
+def is_mirrored(image):
+    return bool(image[0, 0, 1] > 0)
+
+
+def write(folder, name, image, text):
+    path = folder / name
+    if isinstance(image, bytes):
+        path.write_bytes(image)
+    else:
+        Image.fromarray(image).save(path)
+    path.with_suffix(".txt").write_text(text)
+    return path
+
+
+def coded_folder(folder, n=N):
+    for i in range(n):
+        write(folder, f"{i:02d}.png", coded(i), caption(i))
+    return folder
+
+
+def truncated_png():
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def make_loader(source, tok, **kwargs):
+    kwargs = {"batch_size": 3, "seed": 0, "shard_index": 0, "shard_count": 1, **kwargs}
+    return Loader(source, text_tokenizer=tok, text_len=TEXT_LEN, **kwargs)
+
+
+def ids_of(batches):
+    return [ident(image) for batch in batches for image in batch["image"]]
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def check_pairing(batch, tok):
+    """Every caption row is the caption of the image beside it."""
+    expected, mask = tok.encode([caption(ident(image)) for image in batch["image"]], TEXT_LEN)
+    np.testing.assert_array_equal(batch["text_ids"], expected)
+    np.testing.assert_array_equal(batch["text_mask"], mask)
+
+
+def test_folder_source_reads_sorted_pairs(tmp_path):
+    # Written out of order, in a subfolder too, in PNG and JPEG, with non-square sizes.
+    Image.new("RGB", (40, 30), (200, 40, 90)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("  a pink box \n")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (20, 50), (10, 250, 128)).save(tmp_path / "sub" / "c.PNG")
+    (tmp_path / "sub" / "c.txt").write_text("a green box")
+    Image.new("RGB", (30, 50), (60, 70, 230)).save(tmp_path / "a.jpg", quality=90)
+    (tmp_path / "a.txt").write_text("a blue box")
+    (tmp_path / "notes.txt").write_text("not a caption of anything")
+    source = FolderSource(tmp_path, 16)
+    assert source.paths == ("a.jpg", "b.png", "sub/c.PNG")
+    assert len(source) == 3 and source.missing_captions == 0
+    items = [source[i] for i in range(3)]
+    assert [it["caption"] for it in items] == ["a blue box", "a pink box", "a green box"]
+    for it in items:
+        chex.assert_shape(it["image"], (16, 16, 3))
+        chex.assert_type(it["image"], np.float32)
+    # Flat colours survive bicubic resizing exactly (its weights sum to 1).
+    np.testing.assert_allclose(items[1]["image"], flat((200, 40, 90), 16), atol=1e-6)
+    np.testing.assert_allclose(items[2]["image"], flat((10, 250, 128), 16), atol=1e-6)
+    np.testing.assert_allclose(items[0]["image"], flat((60, 70, 230), 16), atol=JPEG_ATOL)
+    assert FolderSource(tmp_path, 16).paths == source.paths
+
+
+def test_centre_crop_keeps_the_middle(tmp_path):
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    # Wide, no resize needed: the crop is exactly the middle band.
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, :32], wide[:, 32:64], wide[:, 64:] = red, green, blue
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "wide.png", 32), flat(green, 32))
+    # Tall, halved: 16x48 after resizing, rows 16-32 kept; rows that bicubic blends with the
+    # neighbouring bands (two on each side at this scale) excluded from the exact check.
+    tall = np.zeros((96, 32, 3), np.uint8)
+    tall[:32], tall[32:64], tall[64:] = red, green, blue
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    image = load_image(tmp_path / "tall.png", 16)
+    np.testing.assert_allclose(image[2:-2], flat(green, 16)[2:-2], atol=1e-6)
+    assert np.all(image[..., 1] > image[..., 0]) and np.all(image[..., 1] > image[..., 2])
+    # Odd margin: a 41x20 ramp cropped to 20 keeps columns (41 - 20) // 2 = 10 to 29.
+    ramp = np.zeros((20, 41, 3), np.uint8)
+    ramp[..., 0] = 5 * np.arange(41)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    image = load_image(tmp_path / "ramp.png", 20)
+    np.testing.assert_allclose((image[0, :, 0] + 1) * 127.5, 5 * np.arange(10, 30), atol=1e-4)
+
+
+def test_load_image_converts_modes_and_orientation(tmp_path):
+    Image.new("L", (8, 8), 100).save(tmp_path / "grey.png")
+    grey = load_image(tmp_path / "grey.png", 8)
+    np.testing.assert_allclose(grey, flat((100, 100, 100), 8), atol=1e-6)
+    Image.new("RGBA", (8, 8), (30, 60, 90, 10)).save(tmp_path / "alpha.png")
+    alpha = load_image(tmp_path / "alpha.png", 8)
+    np.testing.assert_allclose(alpha, flat((30, 60, 90), 8), atol=1e-6)
+    # EXIF orientation 3 (rotated 180 degrees): the upright image has its halves swapped.
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(coded(0)).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "turned.png", 8), coded(0)[::-1, ::-1] / np.float32(127.5) - 1
+    )
+
+
+def test_jsonl_source(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (24, 16), (0, 128, 255)).save(tmp_path / "img" / "rel.png")
+    Image.new("RGB", (16, 16), (250, 5, 5)).save(tmp_path / "abs.png")
+    lines = [
+        json.dumps({"image": "img/rel.png", "caption": "relative"}),
+        "",
+        "{not json",
+        json.dumps({"image": str(tmp_path / "abs.png"), "caption": "absolute"}),
+        json.dumps({"image": "img/rel.png"}),
+        json.dumps(["img/rel.png", "a list"]),
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(SkippedRecordWarning, match=r"3 lines .*line 3 .*line 5 .*line 6"):
+        source = JsonlSource(tmp_path / "data.jsonl", 16)
+    assert len(source) == 2 and source.skipped_lines == 3
+    assert [source[i]["caption"] for i in range(2)] == ["relative", "absolute"]
+    np.testing.assert_allclose(source[0]["image"], flat((0, 128, 255), 16), atol=1e-6)
+    np.testing.assert_allclose(source[1]["image"], flat((250, 5, 5), 16), atol=1e-6)
+
+
+def test_missing_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*like cat.png \+ cat.txt"):
+        FolderSource(tmp_path / "nowhere", 16)
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl does not exist"):
+        JsonlSource(tmp_path / "missing.jsonl", 16)
+    Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
+    with pytest.raises(ValueError, match=r"no images with .txt captions under"):
+        FolderSource(tmp_path, 16)
+    write(tmp_path, "paired.png", coded(0), caption(0))
+    with pytest.warns(SkippedRecordWarning, match=r"1 images .*no .txt caption.*lonely.png"):
+        source = FolderSource(tmp_path, 8)
+    assert source.paths == ("paired.png",) and source.missing_captions == 1
+    (tmp_path / "bad.jsonl").write_text("[]\n")
+    with pytest.raises(ValueError, match="no usable records"), pytest.warns(SkippedRecordWarning):
+        JsonlSource(tmp_path / "bad.jsonl", 16)
+
+
+def bad_folder(folder):
+    """Nine coded images with three bad records between them, in sorted order."""
+    coded_folder(folder, 9)
+    write(folder, "02x_random.png", np.random.default_rng(0).bytes(300), "random bytes")
+    write(folder, "04x_truncated.png", truncated_png(), "a truncated png")
+    write(folder, "06x_empty.png", coded(20), "  \n\t")
+    return folder
+
+
+def test_bad_records_raise_bad_record(tmp_path):
+    source = FolderSource(bad_folder(tmp_path), 8)
+    for name in ("02x_random.png", "04x_truncated.png", "06x_empty.png"):
+        with pytest.raises(BadRecord, match=name):
+            source[source.paths.index(name)]
+
+
+def test_loader_skips_bad_records(tmp_path, tok):
+    loader = make_loader(FolderSource(bad_folder(tmp_path), 8), tok, shuffle=False, num_epochs=1)
+    with pytest.warns(SkippedRecordWarning) as record:
+        batches = list(loader)
+    messages = " ".join(str(w.message) for w in record)
+    for name in ("02x_random.png", "04x_truncated.png", "06x_empty.png"):
+        assert name in messages
+    assert loader.skipped == 3
+    # Every batch is full, in index order with the bad records left out.
+    assert [b["image"].shape for b in batches] == [(3, 8, 8, 3)] * 3
+    assert ids_of(batches) == list(range(9))
+    for batch in batches:
+        check_pairing(batch, tok)
+        assert batch["text_ids"].dtype == np.int32 and batch["text_mask"].dtype == bool
+
+
+def test_all_bad_source_raises(tmp_path, tok):
+    write(tmp_path, "a.png", b"not an image", "a")
+    write(tmp_path, "b.png", b"nor this", "b")
+    loader = make_loader(FolderSource(tmp_path, 8), tok)
+    with pytest.raises(RuntimeError, match="no record"), pytest.warns(SkippedRecordWarning):
+        next(loader)
+
+
+def test_shuffle_is_seeded_and_reshuffled_per_epoch(tmp_path, tok):
+    source = FolderSource(coded_folder(tmp_path), 8)
+    order = ids_of(make_loader(source, tok, batch_size=4, num_epochs=2))
+    first, second = order[:N], order[N:]
+    assert sorted(first) == sorted(second) == list(range(N))
+    assert first != list(range(N)) and second != first
+    assert ids_of(make_loader(source, tok, batch_size=4, num_epochs=2)) == order
+    assert ids_of(make_loader(source, tok, batch_size=4, num_epochs=2, seed=1)) != order
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_are_disjoint_and_cover(tmp_path, tok, shuffle):
+    source = FolderSource(coded_folder(tmp_path), 8)
+    kwargs = {"batch_size": 2, "num_epochs": 1, "shuffle": shuffle, "shard_count": 2}
+    shares = [ids_of(make_loader(source, tok, shard_index=i, **kwargs)) for i in range(2)]
+    assert len(shares[0]) == len(shares[1]) == N // 2
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == list(range(N))
+
+
+@pytest.mark.filterwarnings("ignore::fluid.data.SkippedRecordWarning")
+def test_resume_reproduces_the_uninterrupted_batches(tmp_path, tok):
+    folder = coded_folder(tmp_path)
+    write(folder, "05x_bad.png", b"corrupt", "a corrupt image")  # moves batch boundaries
+    source = FolderSource(folder, 8)
+    kwargs = {"flip": True, "seed": 7}
+    full = make_loader(source, tok, **kwargs)
+    reference = take(full, 4)
+    state = json.loads(json.dumps(full.get_state()))  # as a checkpoint stores it
+    reference += take(full, 6)  # 30 records: into the third epoch
+    assert full.skipped >= 2 and state["skipped"] >= 1
+    resumed = make_loader(source, tok, state=state, **kwargs)
+    chex.assert_trees_all_equal(take(resumed, 6), reference[4:])
+    assert resumed.get_state() == full.get_state()
+    # set_state rewinds a loader that has moved on.
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(take(resumed, 6), reference[4:])
+    other = make_loader(source, tok, flip=True, seed=8)
+    with pytest.raises(ValueError, match="seed"):
+        other.set_state(state)
+
+
+def test_workers_give_the_same_batches(tmp_path, tok):
+    source = FolderSource(coded_folder(tmp_path), 8)
+    reference = list(make_loader(source, tok, num_epochs=2, flip=True))
+    loader = make_loader(source, tok, num_epochs=2, flip=True, workers=2)
+    with loader:
+        first = take(loader, 2)
+        state = loader.get_state()
+    # Resuming also works across worker counts: the state is a position in the records.
+    batches = first + list(make_loader(source, tok, num_epochs=2, flip=True, state=state))
+    chex.assert_trees_all_equal(batches, reference)
+
+
+def test_flip(tmp_path, tok):
+    source = FolderSource(coded_folder(tmp_path), 8)
+    for batch in make_loader(source, tok, num_epochs=1):
+        for image in batch["image"]:
+            np.testing.assert_array_equal(image, source[ident(image)]["image"])
+    flipped = list(make_loader(source, tok, num_epochs=2, flip=True))
+    mirrored = [is_mirrored(image) for batch in flipped for image in batch["image"]]
+    assert 0 < sum(mirrored) < len(mirrored)
+    for batch in flipped:
+        check_pairing(batch, tok)
+        for image in batch["image"]:
+            original = source[ident(image)]["image"]
+            expected = original[:, ::-1] if is_mirrored(image) else original
+            np.testing.assert_array_equal(image, expected)
+    chex.assert_trees_all_equal(list(make_loader(source, tok, num_epochs=2, flip=True)), flipped)
+
+
+def test_shapes_source(tok):
+    shapes = ShapesDataset(16, seed=3)
+    loader = make_loader(
+        shapes, tok, batch_size=4, shuffle=False, shard_index=None, shard_count=None
+    )
+    assert loader.get_state()["stream"]["shard_count"] == 1  # jax.process_count()
+
+    def batch(step):  # items [4 step, 4 step + 4), read directly
+        items = [shapes[4 * step + i] for i in range(4)]
+        ids, mask = tok.encode([it["caption"] for it in items], TEXT_LEN)
+        return {"image": np.stack([it["image"] for it in items]), "text_ids": ids,
+                "text_mask": mask}
+
+    for step in range(2):
+        chex.assert_trees_all_equal(next(loader), batch(step))
+    # 2**31 - 1 items are shuffled lazily, not listed.
+    shuffled = next(make_loader(shapes, tok, batch_size=4))
+    assert not np.array_equal(shuffled["image"], batch(0)["image"])
+    assert np.all(np.abs(shuffled["image"]) <= 1)
