@@ -43,37 +43,37 @@ def _losses(history) -> np.ndarray:
 
 
 # -- meshes -------------------------------------------------------------------------------
-@pytest.mark.parametrize("rules", ["replicate", "fsdp"])
-def test_step_on_4x2_mesh_equals_one_device(rules):
+def test_step_on_4x2_mesh_equals_one_device():
     # SGD keeps the update linear in the gradient, so equal parameters mean equal gradients
     # (Adam's first step is about sign(g), which hides gradient errors).
     one = Trainer(_config(mesh=_mesh(1, 1)), progress=False, devices=jax.devices()[:1],
                   optimizer=optax.sgd(0.5))
-    mesh = Trainer(_config(mesh=_mesh(4, 2, rules)), progress=False, optimizer=optax.sgd(0.5))
-    assert mesh.mesh.shape == {"data": 4, "model": 2}
-    if rules == "fsdp":
-        specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(mesh.state.params,
-                                                                      eqx.is_array))]
-        assert any("data" in spec for spec in specs), "fsdp rules left every parameter whole"
-    chex.assert_trees_all_close(_params(one), _params(mesh), atol=0, rtol=0)
+    meshes = {
+        rules: Trainer(_config(mesh=_mesh(4, 2, rules)), progress=False,
+                       optimizer=optax.sgd(0.5))
+        for rules in ("replicate", "fsdp")
+    }
+    specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(meshes["fsdp"].state.params,
+                                                                  eqx.is_array))]
+    assert any("data" in spec for spec in specs), "fsdp rules left every parameter whole"
     loss_one = _losses(one.run(1))
-    loss_mesh = _losses(mesh.run(1))
-    np.testing.assert_allclose(loss_mesh, loss_one, rtol=1e-5)
-    chex.assert_trees_all_close(_params(mesh), _params(one), atol=1e-5, rtol=1e-5)
-    # The updated state keeps the placement the rules gave it (the step pins it).
-    for got, want in zip(jax.tree.leaves(mesh.state), jax.tree.leaves(mesh.state_sharding)):
-        assert got.sharding.is_equivalent_to(want, got.ndim)
+    for mesh in meshes.values():
+        assert mesh.mesh.shape == {"data": 4, "model": 2}
+        np.testing.assert_allclose(_losses(mesh.run(1)), loss_one, rtol=1e-5)
+        chex.assert_trees_all_close(_params(mesh), _params(one), atol=1e-5, rtol=1e-5)
+        # The updated state keeps the placement the rules gave it (the step pins it).
+        for got, want in zip(jax.tree.leaves(mesh.state), jax.tree.leaves(mesh.state_sharding)):
+            assert got.sharding.is_equivalent_to(want, got.ndim)
 
 
 # -- gradient accumulation -------------------------------------------------------------------
-@pytest.mark.parametrize("k", [2, 4])
-def test_gradient_accumulation_equals_whole_batch(k):
+def test_gradient_accumulation_equals_whole_batch():
     whole = Trainer(_config(), progress=False, optimizer=optax.sgd(0.5))
-    accum = Trainer(_config(grad_accum=k), progress=False, optimizer=optax.sgd(0.5))
     loss_whole = _losses(whole.run(2))
-    loss_accum = _losses(accum.run(2))
-    np.testing.assert_allclose(loss_accum, loss_whole, rtol=1e-5)
-    chex.assert_trees_all_close(_params(accum), _params(whole), atol=1e-5, rtol=1e-5)
+    for k in (2, 4):
+        accum = Trainer(_config(grad_accum=k), progress=False, optimizer=optax.sgd(0.5))
+        np.testing.assert_allclose(_losses(accum.run(2)), loss_whole, rtol=1e-5)
+        chex.assert_trees_all_close(_params(accum), _params(whole), atol=1e-5, rtol=1e-5)
 
 
 def test_grad_accum_must_divide_batch():
