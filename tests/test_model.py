@@ -139,7 +139,7 @@ def test_build_fits_the_palette_codebook_to_images():
     config = tiny("discrete-random")
     trainer = Trainer(config, progress=False)
     tok = trainer.model().tokenizer
-    images = jnp.asarray(np.stack([trainer.dataset[i]["image"] for i in range(4)]))
+    images = jnp.asarray(np.stack([trainer.source[i]["image"] for i in range(4)]))
     recon = jax.vmap(tok.decode)(jax.vmap(tok.encode)(images))
     # a fitted codebook reconstructs far better than chance (random codewords)
     assert float(jnp.mean((recon - images) ** 2)) < 0.05

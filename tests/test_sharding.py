@@ -14,7 +14,7 @@ from fluid.build import abstract_model, build_model
 from fluid.model import FluidModel
 from fluid.presets import get_config
 from fluid.train import make_optimizer
-from fluid.train._data import fit_images, make_dataset, make_text_tokenizer
+from fluid.train._data import fit_images, make_source, make_text_tokenizer
 from fluid.train._rules import named_leaves
 from fluid.train._sharding import (
     DEFAULT_MIN_SIZE,
@@ -251,7 +251,7 @@ def test_create_sharded_model_equals_the_unsharded_build(mesh, variant):
     # tiny-discrete-random fits its palette codebook by k-means on NumPy images and encodes
     # the empty caption with SentencePiece, host-side work inside the traced build.
     config = get_config(variant).model
-    dataset = make_dataset(get_config(variant).data)
+    dataset = make_source(get_config(variant).data)
     tokenizer = make_text_tokenizer(dataset, config.text_vocab_size, n=256)
     images = fit_images(dataset, 32)
 

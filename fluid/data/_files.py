@@ -173,13 +173,18 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption, without decoding its image (`BadRecord` if unusable)."""
         path = self.root / self.paths[index]
         try:
             text = path.with_suffix(".txt").read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise BadRecord(str(path), f"unreadable caption file ({error})") from error
-        caption = _caption(text, str(path))
+        return _caption(text, str(path))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        caption = self.caption(index)
+        path = self.root / self.paths[index]
         return {"image": load_image(path, self.image_size), "caption": caption}
 
 
@@ -242,9 +247,16 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def _where(self, index: int) -> str:
+        return f"{self.images[index]} (line {self.lines[index]} of {self.path})"
+
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption, without decoding its image (`BadRecord` if empty)."""
+        return _caption(self.captions[index], self._where(index))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        where = f"{self.images[index]} (line {self.lines[index]} of {self.path})"
-        caption = _caption(self.captions[index], where)
+        where = self._where(index)
+        caption = self.caption(index)
         try:
             image = load_image(self.images[index], self.image_size)
         except BadRecord as error:

@@ -29,28 +29,17 @@ def make_source(config: DataConfig) -> Any:
     return ShapesDataset(**kwargs)
 
 
-def make_dataset(config: DataConfig) -> Any:
-    """Alias of `make_source`."""
-    return make_source(config)
-
-
 def source_captions(source: Any, n: int) -> list[str]:
     """Up to `n` captions of a source, read without decoding its images."""
     if isinstance(source, ShapesDataset):
         return source.captions(n)
-    if isinstance(source, JsonlSource):
-        return [c for c in source.captions[:n] if c.strip()]
-    if isinstance(source, FolderSource):
-        out = []
-        for rel in source.paths[:n]:
-            try:
-                text = (source.root / rel).with_suffix(".txt").read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            if text.strip():
-                out.append(text.strip())
-        return out
-    return [source[i]["caption"] for i in range(min(n, len(source)))]
+    out = []
+    for i in range(min(n, len(source))):
+        try:
+            out.append(source.caption(i))
+        except BadRecord:
+            continue
+    return out
 
 
 def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextTokenizer:

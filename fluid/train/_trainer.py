@@ -142,7 +142,6 @@ class Trainer:
         self.progress = progress
         self.mesh = make_mesh({"data": config.mesh.data, "model": config.mesh.model}, devices)
         self.source = make_source(config.data)
-        self.dataset = self.source
         self.checkpoints = None
         if self.out_dir is not None:
             self.checkpoints = CheckpointManager(
