@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 from ._types import DISCRETE, Key
 from .config import ModelConfig, _registries
 from .model import FluidModel, TokenEmbedding
-from .text import TextAligner, TextTokenizer
+from .text import CaptionTokenizer, TextAligner
 
 
 def _build(slot: str, spec, derived: dict, key: Key):
@@ -22,17 +22,29 @@ def _build(slot: str, spec, derived: dict, key: Key):
     return registry.build(spec.name, key=key, **spec.kwargs, **extra)
 
 
-# Built under one jit per configuration: initialising eagerly compiles every primitive of
-# every shape one at a time, which costs tens of seconds per model on a 2-core CPU.
-@eqx.filter_jit
-def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_size, key):
-    k_text, k_align, k_embed, k_back, k_head, k_order = jr.split(key, 6)
-    text_encoder = _build(
+def _pretrained(spec) -> bool:
+    # A spec with a `path` loads weights from disk: built outside any jit, which would
+    # otherwise bake every weight into the compiled program as a constant.
+    return "path" in spec.kwargs
+
+
+def _build_text_encoder(config, text_vocab_size, key):
+    return _build(
         "text_encoder",
         config.text_encoder,
         {"vocab_size": text_vocab_size, "max_len": config.text_len},
-        k_text,
+        key,
     )
+
+
+# Built under one jit per configuration: initialising eagerly compiles every primitive of
+# every shape one at a time, which costs tens of seconds per model on a 2-core CPU.
+@eqx.filter_jit
+def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_size, key,
+                 text_encoder=None):
+    k_text, k_align, k_embed, k_back, k_head, k_order = jr.split(key, 6)
+    if text_encoder is None:
+        text_encoder = _build_text_encoder(config, text_vocab_size, k_text)
     aligner = TextAligner(
         text_encoder.dim, config.width, config.aligner_depth, config.aligner_heads, key=k_align
     )
@@ -54,7 +66,7 @@ def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_
 def build_model(
     config: ModelConfig,
     *,
-    text_tokenizer: TextTokenizer,
+    text_tokenizer: CaptionTokenizer,
     key: Key,
     fit_images: np.ndarray | Sequence[np.ndarray] | None = None,
 ) -> FluidModel:
@@ -92,6 +104,9 @@ def compose(
     tokenizer = _build("tokenizer", config.tokenizer, {}, k_tok)
     if fit_images is not None:
         tokenizer = tokenizer.fit(np.asarray(fit_images, np.float32), key=k_fit)
+    pretrained_text = None
+    if _pretrained(config.text_encoder):
+        pretrained_text = _build_text_encoder(config, text_vocab_size, jr.fold_in(k_parts, 1))
     text_encoder, aligner, embedding, backbone, head, order = _build_parts(
         config,
         tokenizer.token_kind,
@@ -100,6 +115,7 @@ def compose(
         tokenizer.seq_len,
         text_vocab_size,
         k_parts,
+        pretrained_text,
     )
     return FluidModel(
         tokenizer=tokenizer,

@@ -63,8 +63,10 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
     )
     sample_time = time.perf_counter() - t1
     grid = save_grid(images, out / "samples.png", captions=prompts, cols=4)
+    # The whole run's curve, steps before a resume included.
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = save_loss_curve(
-        [r["step"] for r in history], [r["loss"] for r in history], out / "loss.png"
+        [r["step"] for r in logged], [r["loss"] for r in logged], out / "loss.png"
     )
     summary = {
         "steps": trainer.step,
@@ -133,11 +135,12 @@ def cmd_sample(args) -> int:
     from .train import load_model
     from .viz import save_grid
 
-    model, text_tokenizer, config = load_model(args.checkpoint)
+    model, text_tokenizer, config = load_model(args.checkpoint, ema=not args.raw)
     images = sample_images(
         model, text_tokenizer, args.prompt, text_len=config.model.text_len,
-        key=jr.key(args.seed), steps=args.steps or config.sample_steps, cfg=args.cfg,
-        temperature=args.temperature,
+        key=jr.key(args.seed), steps=args.steps or config.sample_steps,
+        cfg=config.sample_cfg if args.cfg is None else args.cfg,
+        temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )
     print(save_grid(images, args.out, captions=args.prompt))
     return 0
@@ -160,13 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a grid from a saved model directory")
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", action="append", required=True)
+    p = sub.add_parser(
+        "sample", help="sample a grid from a run, one of its checkpoints, or a saved model"
+    )
+    p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
+                   "<run>/checkpoints/<step>, or a directory Trainer.save wrote")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a caption; repeat for several")
     p.add_argument("--out", default="samples.png")
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: the run's sample_cfg)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="generation steps (default: the run's sample_steps)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the run's sample_temperature)")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
 
@@ -176,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("presets", help="list presets with parameter counts")
     p.set_defaults(fn=cmd_presets)
 
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`train tiny-fluid --out run steps=2`),
+    # which argparse alone does not allow for a trailing positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "override") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.override = [*args.override, *extra]
     return args.fn(args)
 
 

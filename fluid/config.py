@@ -106,6 +106,10 @@ class DataConfig:
     `dataset`: `"shapes"` (built in, procedural), `"folder"` (images with same-named `.txt`
     captions under `path`) or `"jsonl"` (a file of `{"image": ..., "caption": ...}` lines at
     `path`). Random flips are off by default: they break left/right captions.
+
+    `cache`: a directory where the frozen tokenizer's tokens (and a frozen text encoder's
+    outputs) of every record are computed once, before training, and read from then on
+    (`fluid/train/_cache.py`); needs a finite source (`size` for shapes).
     """
 
     dataset: str = "shapes"
@@ -113,6 +117,9 @@ class DataConfig:
     image_size: int = 32
     categories: tuple[str, ...] | None = None  # shapes only; None: every category
     object_scale: float = 1.0  # shapes only: multiplies object sizes
+    layout: str = "random"  # shapes only: "random" (anywhere) or "slots" (near fixed places)
+    size: int | None = None  # shapes only: number of distinct items; None = unbounded
+    cache: str | None = None  # directory of precomputed tokens (built on first use)
     seed: int = 0
     shuffle: bool = True
     flip: bool = False
@@ -129,6 +136,18 @@ class DataConfig:
             )
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}.")
+        from .data.shapes import LAYOUTS
+
+        if self.cache and self.flip:
+            raise ValueError(
+                "data.cache stores the tokens of unflipped images: set data.flip=false, or "
+                "leave data.cache unset to flip images as they load."
+            )
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"data.size must be positive or None, got {self.size}.")
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown data.layout {self.layout!r}; choose one of {LAYOUTS}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

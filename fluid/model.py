@@ -181,7 +181,9 @@ class FluidModel(eqx.Module):
         """Mean loss over the target positions of a batch.
 
         `batch` holds `text_ids` (`Int[batch ctx]`), `text_mask` (`Bool[batch ctx]`) and
-        either `image` (`Float[batch h w 3]` in [-1, 1]) or precomputed `tokens`.
+        either `image` (`Float[batch h w 3]` in [-1, 1]) or precomputed `tokens`; with a
+        frozen text encoder, optionally its precomputed outputs `text_hidden`
+        (`Float[batch ctx text_dim]`, a token cache's).
         """
         bsz = batch["text_ids"].shape[0]
         total, count = self.loss_terms(batch, keys=jr.split(key, bsz))
@@ -203,15 +205,27 @@ class FluidModel(eqx.Module):
         """
         tokens = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
         ids, mask = jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"])
+        hidden = batch.get("text_hidden")
+        null_hidden = None
+        if hidden is not None:
+            if self.text_encoder.trainable:
+                raise ValueError(
+                    "the batch holds precomputed text_hidden, but the text encoder is trainable: "
+                    "its outputs change as it trains. Cache text only for frozen encoders."
+                )
+            null_hidden = jax.lax.stop_gradient(self.text_encoder(self.null_ids, self.null_mask))
         n = self.seq_len
         compute = _float_dtype(self.backbone)
 
-        def one(tokens, ids, mask, key):
+        def one(tokens, ids, mask, hidden, key):
             k_drop, k_perm, k_known, k_head = jr.split(key, 4)
             dropped = jr.bernoulli(k_drop, self.caption_dropout)
             ids = jnp.where(dropped, self.null_ids, ids)
             mask = jnp.where(dropped, self.null_mask, mask)
-            context = self.encode_text(ids, mask)
+            if hidden is None:
+                context = self.encode_text(ids, mask)
+            else:
+                context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
             if self.backbone.attention == CAUSAL:
                 known = jnp.ones((n,), bool)
                 targets = known
@@ -229,7 +243,7 @@ class FluidModel(eqx.Module):
             weights = targets.astype(jnp.float32)
             return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
 
-        return jax.vmap(one)(tokens, ids, mask, keys)
+        return jax.vmap(one)(tokens, ids, mask, hidden, keys)
 
     # -- sampling -------------------------------------------------------------------------
     def generate(

@@ -108,7 +108,8 @@ def demo() -> TrainConfig:
     return dataclasses.replace(
         config,
         model=model,
-        data=DataConfig(image_size=32, categories=("colors", "color_attr"), object_scale=1.6),
+        data=DataConfig(image_size=32, categories=("colors", "color_attr"), object_scale=1.6,
+                        layout="slots"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, ema_decay=0.995),
         steps=1500,
         batch_size=32,

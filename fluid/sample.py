@@ -8,7 +8,7 @@ import numpy as np
 
 from ._types import Key
 from .model import FluidModel
-from .text import TextTokenizer
+from .text import CaptionTokenizer
 
 
 @eqx.filter_jit
@@ -21,7 +21,7 @@ def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature):
 
 def sample_images(
     model: FluidModel,
-    text_tokenizer: TextTokenizer,
+    text_tokenizer: CaptionTokenizer,
     prompts: Sequence[str],
     *,
     text_len: int,

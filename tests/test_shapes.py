@@ -8,10 +8,12 @@ from fluid.data.shapes import (
     CATEGORIES,
     COLORS,
     DEMO_PROMPTS,
+    RELATIONS,
     SHAPES,
     ShapesDataset,
     caption_corpus,
     parse_caption,
+    relation_holds,
     render,
 )
 
@@ -186,3 +188,29 @@ def test_corpus_and_demo_prompts():
         parse_caption(prompt)
     with pytest.raises(ValueError):
         parse_caption("a purple elephant")
+
+
+@pytest.mark.parametrize("layout", ["random", "slots"])
+@pytest.mark.parametrize("image_size", [16, 32, 64])
+@pytest.mark.parametrize("scale", [1.0, 1.5, 3.0])
+def test_every_layout_size_and_scale_places_its_objects(layout, image_size, scale):
+    ds = ShapesDataset(image_size, seed=3, object_scale=scale, layout=layout)
+    for i in range(120):
+        item = ds.describe(i)
+        for obj in item["objects"]:
+            half = obj["size"] / 2
+            assert all(half <= c <= image_size - half for c in obj["center"])
+
+
+def test_slots_place_objects_in_caption_order():
+    ds = ShapesDataset(32, layout="slots", categories=("color_attr", "position"))
+    for i in range(100):
+        item = ds.describe(i)
+        a, b = item["objects"]
+        if item["category"] == "position":
+            relation = next(r for r in RELATIONS if r in item["caption"])
+            assert relation_holds(a, b, relation)
+        else:  # the first named object on the left
+            assert relation_holds(a, b, "to the left of")
+    with pytest.raises(ValueError, match="layouts are"):
+        ShapesDataset(32, layout="grid")

@@ -23,7 +23,7 @@ import grain
 import jax
 import numpy as np
 
-from ..text import TextTokenizer
+from ..text import CaptionTokenizer
 from ._files import BadRecord, SkippedRecordWarning
 
 
@@ -37,10 +37,14 @@ class RandomAccessSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
+_ARRAYS = ("image", "tokens", "text_hidden")
+
+
 class _Records:
-    """The source as Grain reads it: `image` and `caption` only (dropping extra keys keeps
-    what crosses process boundaries small), and a bad record as `{"skip": message}` so the
-    training process can warn and count (workers' warnings and counters would be lost)."""
+    """The source as Grain reads it: `caption` and the arrays among `image`, `tokens` (a
+    token cache's records) and `text_hidden` (dropping other keys keeps what crosses process
+    boundaries small), and a bad record as `{"skip": message}` so the training process can
+    warn and count (workers' warnings and counters would be lost)."""
 
     def __init__(self, source: Any):
         self.source = source
@@ -53,7 +57,11 @@ class _Records:
             item = self.source[index]
         except BadRecord as error:
             return {"skip": str(error)}
-        return {"image": np.asarray(item["image"], np.float32), "caption": item["caption"]}
+        record = {k: np.asarray(item[k]) for k in _ARRAYS if k in item}
+        if "image" in record:
+            record["image"] = record["image"].astype(np.float32, copy=False)
+        record["caption"] = item["caption"]
+        return record
 
 
 class _Flip:
@@ -109,7 +117,8 @@ class Loader:
     - `state`: a `get_state()` to resume from; `None` starts at the beginning.
 
     Batches are dicts: `image` float32 `[batch_size, h, w, 3]`, `text_ids` int32
-    `[batch_size, text_len]`, `text_mask` bool `[batch_size, text_len]`.
+    `[batch_size, text_len]`, `text_mask` bool `[batch_size, text_len]`; from a token cache
+    (`CachedSource`), `tokens` (and `text_hidden`) in place of `image`.
     """
 
     def __init__(
@@ -117,7 +126,7 @@ class Loader:
         source: RandomAccessSource,
         *,
         batch_size: int,
-        text_tokenizer: TextTokenizer,
+        text_tokenizer: CaptionTokenizer,
         text_len: int,
         seed: int = 0,
         shuffle: bool = True,
@@ -230,9 +239,9 @@ class Loader:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._elements is None:
             self._elements = self._iterator()
-        images, captions = [], []
+        records, captions = [], []
         consumed, skipped, run = 0, 0, 0
-        while len(images) < self.batch_size:
+        while len(records) < self.batch_size:
             record = next(self._elements)  # StopIteration ends the loader, dropping a partial batch
             consumed += 1
             if "skip" in record:
@@ -246,13 +255,14 @@ class Loader:
                     )
                 continue
             run = 0
-            images.append(record["image"])
+            records.append(record)
             captions.append(record["caption"])
         ids, mask = self.text_tokenizer.encode(captions, self.text_len)
         # The position only moves by whole batches, so a saved state is always a boundary.
         self.position += consumed
         self.skipped += skipped
-        return {"image": np.stack(images), "text_ids": ids, "text_mask": mask}
+        batch = {k: np.stack([r[k] for r in records]) for k in _ARRAYS if k in records[0]}
+        return {**batch, "text_ids": ids, "text_mask": mask}
 
     def close(self) -> None:
         """Stop decoding threads and worker processes; iteration can continue afterwards

@@ -1,13 +1,18 @@
-"""Text: the host-side caption tokenizer, text encoders and the trainable text aligner."""
+"""Text: the host-side caption tokenizers, text encoders and the trainable text aligner."""
 
 from .._registry import Registry
 from ._abstract import AbstractTextEncoder as AbstractTextEncoder
 
 TEXT_ENCODERS: Registry = Registry("text encoder", AbstractTextEncoder, "fluid.text_encoders")
 
-from ._aligner import TextAligner as TextAligner  # noqa: E402
-from ._learned import LearnedTextEncoder as LearnedTextEncoder  # noqa: E402
-from ._sentencepiece import TextTokenizer as TextTokenizer  # noqa: E402
-from ._sentencepiece import train_text_tokenizer as train_text_tokenizer  # noqa: E402
+from ._aligner import TextAligner as TextAligner
+from ._learned import LearnedTextEncoder as LearnedTextEncoder
+from ._load import CaptionTokenizer as CaptionTokenizer
+from ._load import load_caption_tokenizer as load_caption_tokenizer
+from ._sentencepiece import TextTokenizer as TextTokenizer
+from ._sentencepiece import train_text_tokenizer as train_text_tokenizer
+from ._t5 import T5TextEncoder as T5TextEncoder
+from ._t5_tokenizer import T5CaptionTokenizer as T5CaptionTokenizer
 
 TEXT_ENCODERS.register("learned", LearnedTextEncoder)
+TEXT_ENCODERS.register("t5", T5TextEncoder)

@@ -27,6 +27,8 @@ class LearnedTextEncoder(AbstractTextEncoder):
     - `depth`: number of blocks.
     - `num_heads`: attention heads; must divide `dim`.
     - `max_len`: longest caption, in tokens.
+    - `trainable`: `False` freezes it at its initialisation (an ablation; its outputs can
+      then be cached like a pretrained encoder's).
     - `key`: initialisation key.
     """
 
@@ -40,9 +42,18 @@ class LearnedTextEncoder(AbstractTextEncoder):
     trainable: bool = eqx.field(static=True, default=True)
 
     def __init__(
-        self, vocab_size: int, dim: int, depth: int, num_heads: int, max_len: int, *, key: Key
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        max_len: int,
+        trainable: bool = True,
+        *,
+        key: Key,
     ):
         k_tok, k_pos, k_blocks = jr.split(key, 3)
+        self.trainable = trainable
         self.vocab_size = vocab_size
         self.dim = dim
         self.max_len = max_len

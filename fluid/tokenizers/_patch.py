@@ -28,9 +28,9 @@ def check_image(image: Image, image_size: int) -> None:
         )
 
 
-def patchify(image: Image, patch_size: int) -> Float[Array, "seq token_dim"]:
-    """Cut an image into patches, row-major over the grid; within a patch the channels run
-    over patch rows, then patch columns, then RGB."""
+def patchify(image: Float[Array, "h w c"], patch_size: int) -> Float[Array, "seq token_dim"]:
+    """Cut an image (or a latent grid) into patches, row-major over the grid; within a patch
+    the channels run over patch rows, then patch columns, then channels (RGB for images)."""
     h, w, c = image.shape
     gh, gw = h // patch_size, w // patch_size
     patches = image.reshape(gh, patch_size, gw, patch_size, c).transpose(0, 2, 1, 3, 4)
@@ -39,7 +39,7 @@ def patchify(image: Image, patch_size: int) -> Float[Array, "seq token_dim"]:
 
 def unpatchify(
     patches: Float[Array, "seq token_dim"], grid: tuple[int, int], patch_size: int
-) -> Image:
+) -> Float[Array, "h w c"]:
     """The inverse of `patchify`."""
     gh, gw = grid
     image = patches.reshape(gh, gw, patch_size, patch_size, -1).transpose(0, 2, 1, 3, 4)

@@ -1,8 +1,13 @@
 """Training: the one trainer of fluid, its optimiser, sharding, checkpoints and data."""
 
+from ._cache import CachedSource as CachedSource
+from ._cache import CacheMismatchError as CacheMismatchError
+from ._cache import build_cache as build_cache
+from ._cache import cache_fingerprint as cache_fingerprint
 from ._checkpoint import CheckpointCorruptError as CheckpointCorruptError
 from ._checkpoint import CheckpointManager as CheckpointManager
 from ._checkpoint import CheckpointMismatchError as CheckpointMismatchError
+from ._data import caption_tokenizer as caption_tokenizer
 from ._data import fit_images as fit_images
 from ._data import make_loader as make_loader
 from ._data import make_source as make_source

@@ -5,10 +5,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DataConfig, ModelConfig
 from ..data import BadRecord, FolderSource, JsonlSource, Loader
 from ..data.shapes import ShapesDataset
-from ..text import TextTokenizer, train_text_tokenizer
+from ..text import CaptionTokenizer, T5CaptionTokenizer, TextTokenizer, train_text_tokenizer
 
 # Data-fitted parts (the palette codebook) see images from the far end of the built-in data
 # set's index space, disjoint from what training reads.
@@ -22,7 +22,9 @@ def make_source(config: DataConfig) -> Any:
     if config.dataset == "jsonl":
         return JsonlSource(config.path, config.image_size)
     kwargs = {
-        "image_size": config.image_size, "seed": config.seed, "object_scale": config.object_scale
+        "image_size": config.image_size, "seed": config.seed, "object_scale": config.object_scale,
+        "layout": config.layout,
+        "size": config.size,
     }
     if config.categories is not None:
         kwargs["categories"] = tuple(config.categories)
@@ -32,7 +34,7 @@ def make_source(config: DataConfig) -> Any:
 def source_captions(source: Any, n: int) -> list[str]:
     """Up to `n` captions of a source, read without decoding its images."""
     if isinstance(source, ShapesDataset):
-        return source.captions(n)
+        return source.captions(min(n, len(source)))
     out = []
     for i in range(min(n, len(source))):
         try:
@@ -40,6 +42,14 @@ def source_captions(source: Any, n: int) -> list[str]:
         except BadRecord:
             continue
     return out
+
+
+def caption_tokenizer(source: Any, model: ModelConfig) -> CaptionTokenizer:
+    """The caption tokenizer `model` needs: a pretrained T5's own (`spiece.model` in its
+    folder), or one trained on the source's captions (`make_text_tokenizer`)."""
+    if model.text_encoder.name == "t5" and "path" in model.text_encoder.kwargs:
+        return T5CaptionTokenizer.from_pretrained(model.text_encoder.kwargs["path"])
+    return make_text_tokenizer(source, model.text_vocab_size)
 
 
 def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextTokenizer:
@@ -53,10 +63,10 @@ def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextToke
 def fit_images(source: Any, n: int) -> np.ndarray:
     """`n` images for fitting data-fitted tokenizers.
 
-    From the built-in data set: items far from those training reads. From a user's files:
-    the first `n` that decode (unreadable ones are skipped), cycling if there are fewer.
+    From the unbounded built-in data set: items far from those training reads. From a
+    user's files or a finite set: the first `n` that decode (unreadable ones are skipped), cycling if there are fewer.
     """
-    if isinstance(source, ShapesDataset):
+    if isinstance(source, ShapesDataset) and source.size is None:
         return np.stack([source[_FIT_OFFSET + i]["image"] for i in range(n)])
     images = []
     with warnings.catch_warnings():
@@ -77,7 +87,7 @@ def make_loader(
     source: Any,
     config: DataConfig,
     *,
-    text_tokenizer: TextTokenizer,
+    text_tokenizer: CaptionTokenizer,
     batch_size: int,
     text_len: int,
     state: dict[str, Any] | None = None,

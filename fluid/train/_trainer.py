@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 from .._types import Key
 from ..build import build_model
 from ..config import TrainConfig, to_dict
-from ..model import FluidModel
-from ..text import TextTokenizer
 from ..data import SkippedRecordWarning
+from ..model import FluidModel
+from ..text import CaptionTokenizer, load_caption_tokenizer
+from ._cache import cache_fingerprint, cached_source
 from ._checkpoint import CheckpointManager
-from ._data import fit_images, make_loader, make_source, make_text_tokenizer
-from ._sharding import create_sharded, make_mesh, shard_batch, state_shardings
-from ._tensorboard import SummaryWriter
+from ._data import caption_tokenizer, fit_images, make_loader, make_source
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
+from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
+from ._tensorboard import SummaryWriter
 
 
 class TrainState(eqx.Module):
@@ -58,8 +59,18 @@ def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return model
-    cast = lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x  # noqa: E731
+    cast = lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x
     return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
+
+
+def _init_state(params, key: Key, *, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        ema=jax.tree.map(jnp.copy, params),
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+    )
 
 
 def _micro_batches(tree, k: int):
@@ -139,7 +150,10 @@ class Trainer:
     ):
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress
+        # On several hosts every process computes, process 0 alone writes files and prints
+        # (orbax coordinates the checkpoint writes itself).
+        self.is_main = jax.process_index() == 0
+        self.progress = progress and self.is_main
         self.mesh = make_mesh({"data": config.mesh.data, "model": config.mesh.model}, devices)
         self.source = make_source(config.data)
         self.checkpoints = None
@@ -156,27 +170,22 @@ class Trainer:
 
         k_model, k_train = jr.split(jr.key(config.seed))
         images = fit_images(self.source, config.data.fit_images)
-        model = create_sharded(
-            lambda: build_model(
-                config.model, text_tokenizer=self.text_tokenizer, key=k_model, fit_images=images
-            ),
-            self.mesh,
-            rules,
-            min_size=min_size,
+        build = functools.partial(
+            build_model, config.model, text_tokenizer=self.text_tokenizer, key=k_model,
+            fit_images=images,
         )
+        if any("path" in spec.kwargs for spec in (config.model.tokenizer,
+                                                   config.model.text_encoder)):
+            # Pretrained weights read from files: under jit they would become constants of
+            # the compiled program; build on the host, then place.
+            model = put_sharded(build(), self.mesh, rules, min_size=min_size)
+        else:
+            model = create_sharded(build, self.mesh, rules, min_size=min_size)
         params, rest = eqx.partition(model, trainable_mask(model))
         self.frozen, self.static = eqx.partition(rest, eqx.is_array)
         self.optimizer = optimizer or make_optimizer(config.optim, config.steps)
 
-        def init(params, key):
-            return TrainState(
-                params=params,
-                opt_state=self.optimizer.init(params),
-                ema=jax.tree.map(jnp.copy, params),
-                step=jnp.zeros((), jnp.int32),
-                key=key,
-            )
-
+        init = functools.partial(_init_state, optimizer=self.optimizer)
         abstract = eqx.filter_eval_shape(init, params, k_train)
         self.state_sharding = state_shardings(abstract, self.mesh, rules, min_size=min_size)
         self.state = jax.jit(init, out_shardings=self.state_sharding)(params, k_train)
@@ -196,6 +205,14 @@ class Trainer:
         self.skipped = 0
 
         data_state = self._restore() if resuming else None
+        if config.data.cache:
+            fingerprint = cache_fingerprint(
+                self.model(), to_dict(config.data), self.text_tokenizer, config.model.text_len
+            )
+            self.source = cached_source(
+                config.data.cache, self.source, self.model(), self.text_tokenizer,
+                fingerprint=fingerprint, text_len=config.model.text_len, progress=self.progress,
+            )
         self.loader = make_loader(
             self.source,
             config.data,
@@ -205,13 +222,13 @@ class Trainer:
             state=data_state,
         )
 
-    def _text_tokenizer(self, reuse: bool) -> TextTokenizer:
+    def _text_tokenizer(self, reuse: bool) -> CaptionTokenizer:
         # A resumed run must read captions exactly as before: reuse the saved tokenizer.
         saved = self.out_dir / "text_tokenizer.model" if self.out_dir is not None else None
         if reuse and saved is not None and saved.exists():
-            return TextTokenizer.load(saved)
-        tokenizer = make_text_tokenizer(self.source, self.config.model.text_vocab_size)
-        if saved is not None:
+            return load_caption_tokenizer(saved)
+        tokenizer = caption_tokenizer(self.source, self.config.model)
+        if saved is not None and self.is_main:
             saved.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(saved)
         return tokenizer
@@ -262,7 +279,7 @@ class Trainer:
         total = config.steps if steps is None else self.step + steps
         bsz = config.batch_size
         log = writer = None
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
             log = open(self.out_dir / "metrics.jsonl", "a")
@@ -360,6 +377,8 @@ class Trainer:
             steps=self.config.sample_steps, cfg=self.config.sample_cfg,
             temperature=self.config.sample_temperature,
         )
+        if not self.is_main:
+            return None
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_grid(images, path, captions=prompts, cols=4)
@@ -367,21 +386,71 @@ class Trainer:
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the EMA model, the config and the text tokenizer (see `load_model`)."""
         directory = Path(directory or self.out_dir)
+        model = self.model(ema=True)
+        if jax.process_count() > 1:  # every process joins the gather; one writes
+            from jax.experimental import multihost_utils
+
+            arrays, rest = eqx.partition(model, eqx.is_array)
+            arrays = multihost_utils.process_allgather(arrays, tiled=True)
+            model = eqx.combine(arrays, rest)
+        if not self.is_main:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
         self.text_tokenizer.save(directory / "text_tokenizer.model")
-        eqx.tree_serialise_leaves(directory / "model.eqx", self.model(ema=True))
+        eqx.tree_serialise_leaves(directory / "model.eqx", model)
         return directory
 
 
-def load_model(directory: str | Path) -> tuple[FluidModel, TextTokenizer, TrainConfig]:
-    """Load what `Trainer.save` wrote: the model, its text tokenizer and its config."""
+def load_model(
+    path: str | Path, *, ema: bool = True
+) -> tuple[FluidModel, CaptionTokenizer, TrainConfig]:
+    """A trained model, its text tokenizer and its config, from what training wrote.
+
+    **Arguments:**
+
+    - `path`: a directory `Trainer.save` wrote (`model.eqx` + `config.json`); or a run's
+      output directory with `checkpoints/` (its latest complete checkpoint is read); or
+      one checkpoint, `<run>/checkpoints/<step>`.
+    - `ema`: from a checkpoint, the EMA weights (as evaluation uses) or the raw ones.
+
+    The arrays land on the default device, whatever mesh the run used.
+    """
     from ..config import from_dict
 
-    directory = Path(directory)
-    config = from_dict(TrainConfig, json.loads((directory / "config.json").read_text()))
-    text_tokenizer = TextTokenizer.load(directory / "text_tokenizer.model")
-    skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-    model = eqx.tree_deserialise_leaves(directory / "model.eqx", skeleton)
+    path = Path(path)
+    if (path / "model.eqx").exists():
+        config = from_dict(TrainConfig, json.loads((path / "config.json").read_text()))
+        text_tokenizer = load_caption_tokenizer(path / "text_tokenizer.model")
+        skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
+        model = eqx.tree_deserialise_leaves(path / "model.eqx", skeleton)
+        return model, text_tokenizer, config
+    if (path / "checkpoints").is_dir():
+        run_dir, step = path, None
+    elif path.name.isdigit() and path.parent.name == "checkpoints":
+        run_dir, step = path.parent.parent, int(path.name)
+    else:
+        raise FileNotFoundError(
+            f"{path} holds neither a saved model (model.eqx) nor checkpoints; pass a run's "
+            "output directory, one of its checkpoints/<step>, or a directory Trainer.save wrote."
+        )
+    with CheckpointManager(run_dir / "checkpoints", keep=None) as manager:
+        if step is None:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"{run_dir / 'checkpoints'} has no complete checkpoint.")
+        config = from_dict(TrainConfig, manager.saved_config(step))
+        text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
+        skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
+        params, rest = eqx.partition(skeleton, trainable_mask(skeleton))
+        frozen, static = eqx.partition(rest, eqx.is_array)
+        optimizer = make_optimizer(config.optim, config.steps)
+        state = eqx.filter_eval_shape(
+            functools.partial(_init_state, optimizer=optimizer), params, jr.key(0)
+        )
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restored, _, _ = manager.restore({"state": state, "frozen": frozen}, step=step,
+                                         shardings=device)
+    state, frozen = restored["state"], restored["frozen"]
+    model = eqx.combine(state.ema if ema else state.params, frozen, static)
     return model, text_tokenizer, config
-

@@ -1,0 +1,249 @@
+"""Tokens and frozen text embeddings computed once, stored as files, and trained from.
+
+A frozen tokenizer (and a frozen text encoder) gives the same output for an image (caption)
+every epoch, so MAR precomputed its KL latents once, which halved its training time. Here
+`build_cache` runs the model's tokenizer over every record of a finite source (and, when the
+text encoder is frozen, the encoder over every caption) and writes, in one directory:
+
+    tokens.npy        [n, seq, token_dim] float32, or [n, seq] int32 for discrete tokens
+    text_hidden.npy   [n, text_len, text_dim] float32 (frozen text encoders only)
+    captions.json     the n captions
+    valid.npy         [n] bool: False where the record could not be read (skipped)
+    fingerprint.json  what the cache was computed with (see `cache_fingerprint`)
+
+The directory appears complete or not at all (written under a temporary name, then renamed).
+`CachedSource` reads it back as a random-access source for the `Loader`, records holding
+`tokens` (and `text_hidden`) instead of `image`. A cache made with another tokenizer, data
+or text set-up is refused with the first difference named, never silently used.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from ..data import BadRecord
+from ..model import FluidModel
+from ..text import CaptionTokenizer
+
+CACHE_VERSION = 1
+_FILES = ("tokens.npy", "captions.json", "valid.npy", "fingerprint.json")
+
+
+class CacheMismatchError(ValueError):
+    """A cache directory computed with another tokenizer, data set or text set-up."""
+
+
+def _arrays_digest(module: Any) -> str:
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(eqx.filter(module, eqx.is_array)):
+        leaf = np.asarray(jax.device_get(leaf))
+        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_fingerprint(
+    model: FluidModel, data: dict[str, Any], text_tokenizer: CaptionTokenizer, text_len: int
+) -> dict[str, Any]:
+    """What a cache's contents depend on: the data (its config, as a dict, without the keys
+    that only change how it is read), the tokenizer's class and weights, and, when the text
+    encoder is frozen, the caption tokenizer, text length and the encoder's weights."""
+    ignored = {"cache", "workers", "shuffle", "flip", "fit_images"}
+    fingerprint = {
+        "version": CACHE_VERSION,
+        "data": {k: v for k, v in sorted(data.items()) if k not in ignored},
+        "tokenizer": f"{type(model.tokenizer).__name__}:{_arrays_digest(model.tokenizer)}",
+        "text": None,
+    }
+    if not model.text_encoder.trainable:
+        fingerprint["text"] = {
+            "encoder": f"{type(model.text_encoder).__name__}:{_arrays_digest(model.text_encoder)}",
+            "tokenizer": hashlib.sha256(text_tokenizer.to_bytes()).hexdigest()[:16],
+            "text_len": text_len,
+        }
+    return json.loads(json.dumps(fingerprint))
+
+
+def _first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} (cached: {a!r}, now: {b!r})"
+    return None
+
+
+@eqx.filter_jit
+def _encode(model: FluidModel, images, ids, mask, with_text: bool):
+    tokens = model.encode_images(images)
+    hidden = jax.vmap(model.text_encoder)(ids, mask) if with_text else None
+    return tokens, hidden
+
+
+def build_cache(
+    directory: str | os.PathLike,
+    source: Any,
+    model: FluidModel,
+    text_tokenizer: CaptionTokenizer,
+    *,
+    fingerprint: dict[str, Any],
+    text_len: int,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Encode every record of `source` with `model`'s tokenizer (and frozen text encoder)
+    into `directory`, which must not exist yet. Unreadable records are marked invalid with a
+    warning, as the loader would skip them. Returns the directory."""
+    directory = Path(directory)
+    n = len(source)
+    if n >= 2**31 - 1:
+        raise ValueError(
+            "cannot cache an unbounded data set: give the shapes set a size (data.size=50000, "
+            "say), or cache a folder or JSONL source."
+        )
+    with_text = fingerprint["text"] is not None
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    token_shape = (model.seq_len,) + (
+        () if model.tokenizer.token_kind == "discrete" else (model.tokenizer.token_dim,)
+    )
+    token_dtype = np.int32 if model.tokenizer.token_kind == "discrete" else np.float32
+    tokens = open_memmap(tmp / "tokens.npy", mode="w+", dtype=token_dtype, shape=(n, *token_shape))
+    hidden = None
+    if with_text:
+        shape = (n, text_len, model.text_encoder.dim)
+        hidden = open_memmap(tmp / "text_hidden.npy", mode="w+", dtype=np.float32, shape=shape)
+    valid = np.ones(n, bool)
+    captions = [""] * n
+    blank = None
+    for start in tqdm(range(0, n, batch_size), disable=not progress, unit="batch",
+                      desc=f"caching {n} records"):
+        stop = min(start + batch_size, n)
+        images = []
+        for i in range(start, stop):
+            try:
+                item = source[i]
+            except BadRecord as error:
+                warnings.warn(f"cache: skipped {error}", stacklevel=2)
+                valid[i] = False
+                images.append(None)
+                continue
+            captions[i] = item["caption"]
+            images.append(np.asarray(item["image"], np.float32))
+            blank = images[-1] if blank is None else blank
+        if blank is None:  # nothing readable yet: leave these rows invalid
+            continue
+        # A fixed batch shape (padding with a readable image) compiles the encoder once.
+        padded = [blank if x is None else x for x in images]
+        padded += [blank] * (batch_size - len(padded))
+        ids, mask = text_tokenizer.encode(
+            [captions[i] for i in range(start, stop)] + [""] * (batch_size - (stop - start)),
+            text_len,
+        )
+        out_tokens, out_hidden = _encode(model, np.stack(padded), ids, mask, with_text)
+        tokens[start:stop] = np.asarray(out_tokens)[: stop - start]
+        if with_text:
+            hidden[start:stop] = np.asarray(out_hidden)[: stop - start]
+    if not valid.any():
+        shutil.rmtree(tmp)
+        raise ValueError("no record of the data source could be read; nothing to cache.")
+    tokens.flush()
+    if hidden is not None:
+        hidden.flush()
+    del tokens, hidden
+    np.save(tmp / "valid.npy", valid)
+    (tmp / "captions.json").write_text(json.dumps(captions))
+    (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+    os.replace(tmp, directory)  # the cache appears whole, or not at all
+    return directory
+
+
+class CachedSource:
+    """A cache directory as a random-access source: record `i` is the `i`-th readable one,
+    a dict with `tokens`, `caption` and, if cached, `text_hidden`.
+
+    **Arguments:**
+
+    - `directory`: what `build_cache` wrote.
+    - `fingerprint`: if given, the cache must have been made with exactly this
+      (`cache_fingerprint`); otherwise `CacheMismatchError` names the first difference.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any] | None = None):
+        self.directory = Path(directory)
+        missing = [f for f in _FILES if not (self.directory / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.directory} is not a complete token cache (missing {', '.join(missing)}); "
+                "delete it and it is rebuilt on the next run."
+            )
+        saved = json.loads((self.directory / "fingerprint.json").read_text())
+        if fingerprint is not None:
+            difference = _first_difference(saved, fingerprint)
+            if difference:
+                raise CacheMismatchError(
+                    f"the token cache {self.directory} was computed with other settings: "
+                    f"{difference}. Delete it to rebuild, or set data.cache to a new directory."
+                )
+        self.fingerprint = saved
+        self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
+        path = self.directory / "text_hidden.npy"
+        self.text_hidden = np.load(path, mmap_mode="r") if path.exists() else None
+        self.captions = json.loads((self.directory / "captions.json").read_text())
+        self.index = np.flatnonzero(np.load(self.directory / "valid.npy"))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.index[i])
+        record = {"tokens": np.array(self.tokens[j]), "caption": self.captions[j]}
+        if self.text_hidden is not None:
+            record["text_hidden"] = np.array(self.text_hidden[j])
+        return record
+
+    def caption(self, i: int) -> str:
+        return self.captions[int(self.index[i])]
+
+    def __getstate__(self):  # memmaps reopen in worker processes rather than pickle
+        return {"directory": self.directory}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"])
+
+
+def cached_source(
+    directory: str | os.PathLike,
+    source: Any,
+    model: FluidModel,
+    text_tokenizer: CaptionTokenizer,
+    *,
+    fingerprint: dict[str, Any],
+    text_len: int,
+    progress: bool = True,
+) -> CachedSource:
+    """The cache at `directory`, built first if it does not exist (by process 0, the others
+    waiting for it on a shared file system)."""
+    directory = Path(directory)
+    if not directory.exists() and jax.process_index() == 0:
+        build_cache(directory, source, model, text_tokenizer, fingerprint=fingerprint,
+                    text_len=text_len, progress=progress)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fluid token cache")
+    return CachedSource(directory, fingerprint)

@@ -1,0 +1,49 @@
+"""The command line: train, resume by running again, sample from a run or a checkpoint."""
+
+import json
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluid.cli import main
+from fluid.train import load_model
+
+TINY = ["model.backbone.depth=1", "data.fit_images=16", "checkpoint_every=2", "sample_steps=2"]
+
+
+def test_train_resume_and_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny-fluid", "--out", str(run), "steps=2", *TINY]) == 0
+    assert main(["train", "tiny-fluid", "--out", str(run), "steps=3", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+    # The saved final model and the last checkpoint's EMA weights are the same arrays.
+    saved, _, config = load_model(run)
+    from_checkpoint, _, config2 = load_model(run / "checkpoints" / "3")
+    assert config == config2 and config.steps == 3
+    for a, b in zip(jax.tree.leaves(eqx.filter(saved, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(from_checkpoint, eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(run / "checkpoints" / "2"), "--prompt", "a red circle",
+                 "--prompt", "a blue square", "--out", str(grid), "--steps", "2"]) == 0
+    image = np.asarray(Image.open(grid))
+    assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+
+
+def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoints/<step>"):
+        main(["sample", str(tmp_path), "--prompt", "a red circle"])
+
+
+def test_override_typo_stops_with_the_closest_key(tmp_path):
+    with pytest.raises(KeyError, match="Did you mean 'grad_accum'"):
+        main(["train", "tiny-fluid", "--out", str(tmp_path), "grad_acum=2"])
