@@ -185,6 +185,38 @@ class MeshConfig:
     min_shard_size: int = 2**14
 
 
+TASKS = ("generate", "tokenizer")
+# Image tokenizers `task="tokenizer"` can train: the autoencoders, through their losses in
+# `fluid.tokenizers` (`patch` has nothing to train; `palette` is fitted by k-means).
+TRAINABLE_TOKENIZERS = ("kl", "vq")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizerLossConfig:
+    """The loss of a tokenizer run (`TrainConfig(task="tokenizer")`, see
+    `fluid.tokenizers.AutoencoderObjective`).
+
+    `reconstruction`: `"l1"` or `"l2"`, a mean over pixels. `kl_weight`: weight of the KL
+    posterior's divergence to the standard normal (`kl` only). `beta`: weight of the VQ
+    commitment term (`vq` only; the codebook term has weight 1).
+    """
+
+    reconstruction: str = "l1"
+    kl_weight: float = 1e-6
+    beta: float = 0.25
+
+    def __post_init__(self):
+        if self.reconstruction not in ("l1", "l2"):
+            raise ValueError(
+                f"tokenizer_loss.reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}."
+            )
+        if self.kl_weight < 0 or self.beta < 0:
+            raise ValueError(
+                f"tokenizer_loss weights must be >= 0, got kl_weight={self.kl_weight}, "
+                f"beta={self.beta}."
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A whole training run.
@@ -195,8 +227,13 @@ class TrainConfig:
     bfloat16 on accelerators and float32 on CPU, where it measures faster.
     `checkpoint_every`: steps between checkpoints (0: only at the end), the last
     `keep_checkpoints` kept; `sample_every`: steps between sample grids (0: none).
+
+    `task`: `"generate"` trains the `FluidModel` that `model` describes; `"tokenizer"` trains
+    the image tokenizer `model.tokenizer` alone (one of `TRAINABLE_TOKENIZERS`) as an
+    autoencoder with the loss `tokenizer_loss`, and the rest of `model` is ignored.
     """
 
+    task: str = "generate"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -213,10 +250,25 @@ class TrainConfig:
     sample_steps: int = 16
     sample_cfg: float = 3.0
     sample_temperature: float = 1.0
+    tokenizer_loss: TokenizerLossConfig = TokenizerLossConfig()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}.")
+        if self.task == "tokenizer":
+            if self.model.tokenizer.name not in TRAINABLE_TOKENIZERS:
+                raise ValueError(
+                    f"task='tokenizer' trains one of the tokenizers {TRAINABLE_TOKENIZERS}, not "
+                    f"{self.model.tokenizer.name!r} (set model.tokenizer.name)."
+                )
+            if self.data.cache:
+                raise ValueError("data.cache holds a frozen tokenizer's tokens; a tokenizer "
+                                 "run trains on images: leave data.cache unset.")
+            if self.precision == "bfloat16":
+                raise ValueError("precision sets the generative model's backbone; a tokenizer "
+                                 "trains in float32: use precision=auto or float32.")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(
                 f"grad_accum={self.grad_accum} must be >= 1 and divide "
@@ -290,6 +342,19 @@ def _coerce(value: str, hint: Any, key: str) -> Any:
             raise TypeError(f"{key} takes a float, got {value!r}.") from None
     if hint is str:
         return value
+    if hint is ComponentSpec:
+        # `kl` (a name, no kwargs) or `{"name": "kl", "kwargs": {...}}`: a whole new part.
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError:
+            spec = {"name": value}
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict) or set(spec) - {"name", "kwargs"} or "name" not in spec:
+            raise TypeError(
+                f'{key} takes a component name or {{"name": ..., "kwargs": {{...}}}}, got {value!r}.'
+            )
+        return ComponentSpec(name=spec["name"], kwargs=dict(spec.get("kwargs", {})))
     if origin is tuple:
         return tuple(v for v in value.split(",") if v)
     # dicts and anything else: JSON

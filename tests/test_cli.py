@@ -47,3 +47,16 @@ def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path):
 def test_override_typo_stops_with_the_closest_key(tmp_path):
     with pytest.raises(KeyError, match="Did you mean 'grad_accum'"):
         main(["train", "tiny-fluid", "--out", str(tmp_path), "grad_acum=2"])
+
+
+def test_a_whole_component_spec_overrides_from_json():
+    from fluid.config import ComponentSpec
+    from fluid.presets import get_config
+
+    spec = '{"name": "kl", "kwargs": {"path": "vae/", "image_size": 32, "patch_size": 2}}'
+    config = get_config("shapes-fluid", **{"model.tokenizer": spec})
+    assert config.model.tokenizer == ComponentSpec(
+        name="kl", kwargs={"path": "vae/", "image_size": 32, "patch_size": 2}
+    )
+    with pytest.raises(TypeError, match="takes a component name"):
+        get_config("shapes-fluid", **{"model.tokenizer": '{"nme": "kl"}'})
