@@ -1,5 +1,6 @@
 """From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry."""
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 
@@ -10,9 +11,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._types import DISCRETE, Key
-from .config import ModelConfig, _registries
+from .config import ComponentSpec, ModelConfig, TokenizerLossConfig, _registries
 from .model import FluidModel, TokenEmbedding
 from .text import CaptionTokenizer, TextAligner
+from .tokenizers import AutoencoderObjective
 
 
 def _build(slot: str, spec, derived: dict, key: Key):
@@ -130,6 +132,20 @@ def compose(
     )
 
 
+def build_objective(
+    tokenizer: ComponentSpec, loss: TokenizerLossConfig, *, key: Key
+) -> AutoencoderObjective:
+    """The objective of a tokenizer run (`TrainConfig(task="tokenizer")`): the tokenizer of
+    `tokenizer` (random weights, or a diffusers folder's with `path`) and the loss `loss`.
+    """
+    return AutoencoderObjective(
+        _build("tokenizer", tokenizer, {}, key),
+        reconstruction=loss.reconstruction,
+        kl_weight=loss.kl_weight,
+        beta=loss.beta,
+    )
+
+
 def abstract_model(config: ModelConfig, *, text_vocab_size: int | None = None) -> FluidModel:
     """The model's structure with `jax.ShapeDtypeStruct` leaves: no weights allocated."""
     vocab = text_vocab_size or config.text_vocab_size
@@ -151,4 +167,25 @@ def count_params(tree) -> int:
             if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
             and np.issubdtype(x.dtype, np.floating)
         )
+    )
+
+
+def non_embedding_params(model: FluidModel) -> int:
+    """Parameters that scale with the model: the backbone's, the head's and the text aligner's,
+    without the backbone's learned embeddings (its fields named `*_embed`: position, mask
+    and start embeddings).
+
+    Left out as well: the token embedding and the text encoder (fixed across a sweep's sizes,
+    and frozen in Fluid). The head counts whole (a softmax head's output projection too).
+    Works on a model or on `abstract_model`'s structure.
+    """
+    backbone = model.backbone
+    embeddings = [
+        getattr(backbone, f.name)
+        for f in dataclasses.fields(backbone)
+        if f.name.endswith("_embed")
+    ]
+    return (
+        count_params(backbone) - count_params(embeddings)
+        + count_params(model.head) + count_params(model.aligner)
     )

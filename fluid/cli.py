@@ -1,4 +1,5 @@
-"""The `fluid` command: demo, train, sample, components, presets."""
+"""The `fluid` command: demo, train, train-tokenizer, sample, eval, sweep, components,
+presets."""
 
 import argparse
 import json
@@ -30,12 +31,21 @@ def cmd_components(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .build import abstract_model, count_params
+    import equinox as eqx
+    import jax.random as jr
+
+    from .build import abstract_model, build_objective, count_params
     from .presets import PRESETS
 
     for name in sorted(PRESETS):
         config = PRESETS[name]()
-        n = count_params(abstract_model(config.model))
+        if config.task == "tokenizer":
+            tree = eqx.filter_eval_shape(
+                build_objective, config.model.tokenizer, config.tokenizer_loss, key=jr.key(0)
+            )
+        else:
+            tree = abstract_model(config.model)
+        n = count_params(tree)
         print(f"{name:<26} {n / 1e6:10.2f}M parameters")
     return 0
 
@@ -123,9 +133,64 @@ def cmd_train(args) -> int:
     _initialize_distributed()
 
     config = get_config(args.preset, **_overrides(args.override))
+    if config.task == "tokenizer":
+        return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
     summary = _train_and_report(config, Path(args.out or f"runs/{args.preset}"))
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _train_tokenizer(config, out: Path) -> int:
+    from .train import Trainer
+    from .viz import save_loss_curve
+
+    t0 = time.perf_counter()
+    trainer = Trainer(config, out_dir=out)
+    name = config.model.tokenizer.name
+    print(f"training the {name} tokenizer for {config.steps} steps of batch "
+          f"{config.batch_size}; writing to {out}/")
+    history = trainer.run()
+    train_time = time.perf_counter() - t0
+    trainer.save(out)
+    psnr = trainer.evaluate()["psnr"]
+    grid = trainer.sample_grid()
+    if not trainer.is_main:
+        return 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = save_loss_curve(
+        [r["step"] for r in logged], [r["loss"] for r in logged], out / "loss.png"
+    )
+    last = history[-50:]
+    summary = {
+        "steps": trainer.step,
+        "final_loss_mean_of_last_50": float(sum(r["loss"] for r in last) / max(len(last), 1)),
+        "psnr": psnr,
+        "train_seconds": train_time,
+        "reconstructions": str(grid),
+        "loss_curve": str(curve),
+        "tokenizer": str(out / "tokenizer"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    print(f"\nPSNR {psnr:.2f} dB on held-out images after {trainer.step} steps")
+    print(f"tokenizer: {out / 'tokenizer'} (diffusers format; use it as "
+          f'model.tokenizer=\'{{"name": "{name}", "kwargs": {{"path": "{out / "tokenizer"}", '
+          f'"image_size": {config.data.image_size}}}}}\')')
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .presets import get_config
+
+    _initialize_distributed()
+
+    config = get_config(args.preset, **_overrides(args.override))
+    if config.task != "tokenizer":
+        raise SystemExit(
+            f"preset {args.preset!r} trains a generative model (use `fluid train`); "
+            "train-tokenizer takes a tokenizer-* preset or task=tokenizer."
+        )
+    return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
 
 
 def cmd_sample(args) -> int:
@@ -143,6 +208,36 @@ def cmd_sample(args) -> int:
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )
     print(save_grid(images, args.out, captions=args.prompt))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, out=args.out, raw=args.raw, samples=args.samples, seed=args.seed,
+        validation_examples=args.validation_examples, min_count=args.min_count,
+    )
+    val, fd = result["validation"], result["frechet"]
+    print(f"validation loss {val['loss']:.4f} ({val['units']})")
+    print(f"ShapesEval overall {result['shapes_eval']['overall']:.3f}")
+    print(f"Frechet distance {fd['distance']:.3f} ({fd['samples']} samples"
+          f"{', rough' if fd['rough'] else ''})")
+    print(f"report: {Path(result['out']) / 'eval.md'}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    out = Path(args.out or f"runs/sweep-{args.scale}")
+    report = run_sweep(
+        out, scale=args.scale, variants=args.variants, sizes=args.sizes, steps=args.steps,
+        samples=args.samples,
+    )
+    for variant, fit in report["fits"].items():
+        print(f"{variant:<18} L = {fit['a']:.4g} * N^-{fit['alpha']:.4f}")
+    print(f"report: {out / 'sweep.md'} ({report['seconds']:.0f} s)")
     return 0
 
 
@@ -164,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
+        "train-tokenizer",
+        help="train a kl or vq image tokenizer (a tokenizer-* preset); writes <out>/tokenizer/",
+    )
+    p.add_argument("preset")
+    p.add_argument("override", nargs="*")
+    p.add_argument("--out", default=None)
+    p.set_defaults(fn=cmd_train_tokenizer)
+
+    p = sub.add_parser(
         "sample", help="sample a grid from a run, one of its checkpoints, or a saved model"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
@@ -180,6 +284,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser(
+        "eval", help="validation loss, ShapesEval and Frechet distance of a run or checkpoint"
+    )
+    p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
+                   "<run>/checkpoints/<step>, or a directory Trainer.save wrote")
+    p.add_argument("--samples", type=int, default=192,
+                   help="images generated for ShapesEval and the Frechet distance (default "
+                   "192, 32 per category: the fewest for the 191 ShapesFeatures)")
+    p.add_argument("--out", default=None,
+                   help="report directory (default <run>/eval or <run>/eval/step_<n>)")
+    p.add_argument("--validation-examples", type=int, default=256,
+                   help="held-out examples of the validation loss")
+    p.add_argument("--min-count", type=int, default=None,
+                   help="accept fewer samples than 192 for a rough Frechet distance")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_eval)
+
+    from .presets import VARIANTS
+    from .sweep import SCALES
+
+    p = sub.add_parser(
+        "sweep", help="train the four variants at several sizes, fit loss against parameters",
+        description="Each (variant, size) is a run in <out>/<variant>-<size>/, evaluated as "
+        "`fluid eval` does; finished runs are reused when the command runs again. The default "
+        "scale (small: 4 variants x 3 sizes x 250 steps) takes under an hour on 2 CPU cores, "
+        "about 48 minutes by measured step times (fluid/sweep.py); medium and large are for "
+        "hours on a CPU or a GPU.",
+    )
+    p.add_argument("--scale", default="small", choices=sorted(SCALES),
+                   help="data, sizes, steps and evaluation (default small)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--sizes", nargs="+", default=None,
+                   help="sizes w<width>d<depth> (default: the scale's)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the scale's)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="images per evaluation (default: the scale's)")
+    p.add_argument("--out", default=None, help="default runs/sweep-<scale>")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("components", help="list every registered component, plug-ins included")
     p.set_defaults(fn=cmd_components)

@@ -190,7 +190,11 @@ class FluidModel(eqx.Module):
         return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
 
     def loss_terms(
-        self, batch: Mapping[str, ArrayLike], *, keys: jaxtyping.Key[Array, " batch"]
+        self,
+        batch: Mapping[str, ArrayLike],
+        *,
+        keys: jaxtyping.Key[Array, " batch"],
+        num_known: Int[Array, " batch"] | None = None,
     ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
         """Per example: the summed loss over its target positions, and how many there are.
 
@@ -198,6 +202,11 @@ class FluidModel(eqx.Module):
         head's noise) comes from `keys[i]` alone, so a batch split into micro-batches with
         the matching keys gives the same sums (gradient accumulation is exact), and
         `loss = sum(total) / sum(count)`.
+
+        `num_known`, for a bidirectional backbone only: how many positions of each example
+        (a prefix of its permutation, in `[0, seq - 1]`) are known, in place of the order's
+        draw. Validation passes fixed counts, so that every model is measured at the same
+        mask ratios (`fluid.eval.validation_loss`).
 
         The backbone computes in the dtype of its parameters (cast them to bfloat16 for
         mixed precision); its inputs are cast to that dtype and its outputs back to float32,
@@ -214,10 +223,15 @@ class FluidModel(eqx.Module):
                     "its outputs change as it trains. Cache text only for frozen encoders."
                 )
             null_hidden = jax.lax.stop_gradient(self.text_encoder(self.null_ids, self.null_mask))
+        if num_known is not None and self.backbone.attention == CAUSAL:
+            raise ValueError(
+                "num_known applies to bidirectional backbones; a causal backbone sees every "
+                "earlier position (teacher forcing) and every position is a target."
+            )
         n = self.seq_len
         compute = _float_dtype(self.backbone)
 
-        def one(tokens, ids, mask, hidden, key):
+        def one(tokens, ids, mask, hidden, key, known_count):
             k_drop, k_perm, k_known, k_head = jr.split(key, 4)
             dropped = jr.bernoulli(k_drop, self.caption_dropout)
             ids = jnp.where(dropped, self.null_ids, ids)
@@ -232,7 +246,9 @@ class FluidModel(eqx.Module):
             else:
                 rank = jnp.argsort(self.order.permutation(n, key=k_perm))
                 # rank[i]: the step at which position i is produced.
-                known = rank < self.order.num_known(n, key=k_known)
+                if known_count is None:
+                    known_count = self.order.num_known(n, key=k_known)
+                known = rank < known_count
                 targets = ~known
             x = self.token_embedding(tokens)
             z = self.backbone(x.astype(compute), known, context.astype(compute), mask)
@@ -243,7 +259,7 @@ class FluidModel(eqx.Module):
             weights = targets.astype(jnp.float32)
             return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
 
-        return jax.vmap(one)(tokens, ids, mask, hidden, keys)
+        return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
 
     # -- sampling -------------------------------------------------------------------------
     def generate(

@@ -186,31 +186,34 @@ def tokenizer(kind: str, image_size: int) -> TrainConfig:
     it frozen with `model.tokenizer='{"name": "kl", "kwargs": {"path": "<out>/tokenizer",
     "image_size": 32, "patch_size": 2}}'`.
     """
-    channels = (16, 32, 64) if image_size == 32 else (16, 32, 64, 64)
+    channels = (16, 32, 64) if image_size == 32 else (8, 16, 32, 64)
     arch = {"image_size": image_size, "block_out_channels": channels, "layers_per_block": 1,
             "norm_num_groups": 8, "latent_channels": 4}
     if kind == "kl":
-        spec = ComponentSpec(name="kl", kwargs=arch)
+        spec = ComponentSpec(name="kl", kwargs={**arch, "mid_block_add_attention": True})
         loss = TokenizerLossConfig(reconstruction="l1", kl_weight=1e-6)
     else:
-        spec = ComponentSpec(name="vq", kwargs={**arch, "num_vq_embeddings": 256})
+        spec = ComponentSpec(name="vq", kwargs={**arch, "mid_block_add_attention": False,
+                                                "num_vq_embeddings": 256})
         loss = TokenizerLossConfig(reconstruction="l2", beta=0.25)
     return TrainConfig(
         task="tokenizer",
         model=ModelConfig(tokenizer=spec),
         data=DataConfig(image_size=image_size),
         tokenizer_loss=loss,
-        optim=OptimConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=50,
-                          weight_decay=0.0, ema_decay=0.99),
-        steps=600, batch_size=16, log_every=50,
+        optim=OptimConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=20,
+                          weight_decay=0.0, ema_decay=0.95),
+        steps=600 if image_size == 32 else 400, batch_size=8, log_every=100,
     )
 
 
 def tiny_tokenizer(kind: str) -> TrainConfig:
     """A tiny `kl` or `vq` tokenizer run for tests: 32 px, 2x downsampling, 8 and 16
-    channels; `fluid train-tokenizer tiny-tokenizer-kl`: 40 steps in seconds, TBD dB."""
+    channels, no attention; `fluid train-tokenizer tiny-tokenizer-kl`: 30 steps in
+    seconds, TBD dB."""
     config = tokenizer(kind, 32)
-    arch = {"block_out_channels": (8, 16), "norm_num_groups": 4}
+    arch = {"block_out_channels": (8, 16), "norm_num_groups": 4,
+            "mid_block_add_attention": False}
     if kind == "vq":
         arch["num_vq_embeddings"] = 64
     spec = config.model.tokenizer
@@ -221,7 +224,7 @@ def tiny_tokenizer(kind: str) -> TrainConfig:
         ),
         optim=OptimConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=5,
                           weight_decay=0.0, ema_decay=0.9),
-        steps=40, batch_size=16, log_every=20,
+        steps=30, batch_size=8, log_every=15,
     )
 
 

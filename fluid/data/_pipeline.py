@@ -100,7 +100,8 @@ class Loader:
       [-1, 1], one size for all) and `caption` (str). `FolderSource`, `JsonlSource` and
       `ShapesDataset` are such sources.
     - `batch_size`: records per batch in this process.
-    - `text_tokenizer`: turns captions into ids.
+    - `text_tokenizer`: turns captions into ids; `None` reads no captions (batches without
+      `text_ids` and `text_mask`, for training an image tokenizer).
     - `text_len`: length of every id row (captions are padded or truncated to it).
     - `seed`: seed of the order and of the flips, in `[0, 2**32)`.
     - `shuffle`: visit records in a seeded random order, reshuffled every epoch; `False`
@@ -126,7 +127,7 @@ class Loader:
         source: RandomAccessSource,
         *,
         batch_size: int,
-        text_tokenizer: CaptionTokenizer,
+        text_tokenizer: CaptionTokenizer | None,
         text_len: int,
         seed: int = 0,
         shuffle: bool = True,
@@ -257,12 +258,15 @@ class Loader:
             run = 0
             records.append(record)
             captions.append(record["caption"])
-        ids, mask = self.text_tokenizer.encode(captions, self.text_len)
+        text = {}
+        if self.text_tokenizer is not None:
+            ids, mask = self.text_tokenizer.encode(captions, self.text_len)
+            text = {"text_ids": ids, "text_mask": mask}
         # The position only moves by whole batches, so a saved state is always a boundary.
         self.position += consumed
         self.skipped += skipped
         batch = {k: np.stack([r[k] for r in records]) for k in _ARRAYS if k in records[0]}
-        return {**batch, "text_ids": ids, "text_mask": mask}
+        return {**batch, **text}
 
     def close(self) -> None:
         """Stop decoding threads and worker processes; iteration can continue afterwards

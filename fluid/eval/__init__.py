@@ -1,8 +1,15 @@
-"""Evaluation: a GenEval-style judge of `shapes` images (`ShapesEval`) and the Frechet
+"""Evaluation: a GenEval-style judge of `shapes` images (`ShapesEval`), the Frechet
 distance between feature statistics with a pluggable feature extractor (`ShapesFeatures`
-for `shapes`, `InceptionFeatures` for FID with a user-supplied network)."""
+for `shapes`, `InceptionFeatures` for FID with a user-supplied network), the validation
+loss measured alike for every variant, and `fluid eval` (`evaluate_checkpoint`)."""
 
 from ._abstract import AbstractFeatureExtractor as AbstractFeatureExtractor
+from ._evaluate import DEFAULT_SAMPLES as DEFAULT_SAMPLES
+from ._evaluate import default_out_dir as default_out_dir
+from ._evaluate import evaluate as evaluate
+from ._evaluate import evaluate_checkpoint as evaluate_checkpoint
+from ._evaluate import generate_images as generate_images
+from ._evaluate import write_report as write_report
 from ._frechet import REFERENCE_COUNT as REFERENCE_COUNT
 from ._frechet import REFERENCE_SEED as REFERENCE_SEED
 from ._frechet import FeatureStats as FeatureStats
@@ -16,3 +23,10 @@ from ._shapes_eval import ShapesEval as ShapesEval
 from ._shapes_eval import all_prompts as all_prompts
 from ._shapes_eval import label_components as label_components
 from ._shapes_features import ShapesFeatures as ShapesFeatures
+from ._validation import MASK_RATIOS as MASK_RATIOS
+from ._validation import NOISE_DRAWS as NOISE_DRAWS
+from ._validation import VALIDATION_SEED_OFFSET as VALIDATION_SEED_OFFSET
+from ._validation import known_counts as known_counts
+from ._validation import validation_batches as validation_batches
+from ._validation import validation_loss as validation_loss
+from ._validation import validation_loss_terms as validation_loss_terms

@@ -10,6 +10,8 @@ from ._losses import gaussian_kl as gaussian_kl  # noqa: E402
 from ._losses import kl_autoencoder_loss as kl_autoencoder_loss  # noqa: E402
 from ._losses import reconstruction_loss as reconstruction_loss  # noqa: E402
 from ._losses import vq_autoencoder_loss as vq_autoencoder_loss  # noqa: E402
+from ._objective import AutoencoderObjective as AutoencoderObjective  # noqa: E402
+from ._objective import psnr as psnr  # noqa: E402
 from ._palette import PaletteTokenizer as PaletteTokenizer  # noqa: E402
 from ._patch import PatchTokenizer as PatchTokenizer  # noqa: E402
 from ._vq import VQTokenizer as VQTokenizer  # noqa: E402

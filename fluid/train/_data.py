@@ -87,12 +87,13 @@ def make_loader(
     source: Any,
     config: DataConfig,
     *,
-    text_tokenizer: CaptionTokenizer,
+    text_tokenizer: CaptionTokenizer | None,
     batch_size: int,
     text_len: int,
     state: dict[str, Any] | None = None,
 ) -> Loader:
-    """The training loader: this process's share of each global batch, resumable."""
+    """The training loader: this process's share of each global batch, resumable (without
+    captions when `text_tokenizer` is `None`)."""
     import jax
 
     if batch_size % jax.process_count():

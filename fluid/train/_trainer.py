@@ -20,17 +20,23 @@ from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
 from .._types import Key
-from ..build import build_model
+from ..build import build_model, build_objective
 from ..config import TrainConfig, to_dict
 from ..data import SkippedRecordWarning
 from ..model import FluidModel
 from ..text import CaptionTokenizer, load_caption_tokenizer
+from ..tokenizers import AutoencoderObjective, psnr
 from ._cache import cache_fingerprint, cached_source
 from ._checkpoint import CheckpointManager
 from ._data import caption_tokenizer, fit_images, make_loader, make_source
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
 from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
 from ._tensorboard import SummaryWriter
+
+# Held-out images of a tokenizer run's PSNR: a steady estimate for the cost of a forward
+# pass over a few training batches.
+EVAL_IMAGES = 64
+_psnr = jax.jit(psnr)
 
 
 class TrainState(eqx.Module):
@@ -80,11 +86,14 @@ def _micro_batches(tree, k: int):
 
 
 def _train_step(state, frozen, batch, *, static, optimizer, ema_decay, grad_accum, dtype):
+    # `dtype`: the backbone's compute dtype; None for a model without one (a tokenizer run).
     key, sub = jr.split(state.key)
-    keys = jr.split(sub, batch["text_ids"].shape[0])
+    keys = jr.split(sub, jax.tree.leaves(batch)[0].shape[0])
 
     def sums(params, micro, micro_keys):
-        model = cast_backbone(eqx.combine(params, frozen, static), dtype)
+        model = eqx.combine(params, frozen, static)
+        if dtype is not None:
+            model = cast_backbone(model, dtype)
         total, count = model.loss_terms(micro, keys=micro_keys)
         return jnp.sum(total), jnp.sum(count)
 
@@ -126,6 +135,11 @@ class Trainer:
     that run stopped, writes one every `checkpoint_every` steps, at the end and on
     interruption, and logs metrics to `metrics.jsonl` and TensorBoard.
 
+    With `config.task == "tokenizer"` the model is an `AutoencoderObjective` over
+    `config.model.tokenizer` (every floating-point leaf trained, no captions read, no
+    backbone cast); the same loop trains it, logs the `psnr` of held-out reconstructions
+    every `log_every` steps, and `save` writes the tokenizer as a diffusers folder.
+
     **Arguments:**
 
     - `config`: the run.
@@ -164,16 +178,23 @@ class Trainer:
         resuming = resume and self.checkpoints is not None and (
             self.checkpoints.latest_step() is not None
         )
-        self.text_tokenizer = self._text_tokenizer(reuse=resuming)
-        self.dtype = resolve_precision(config.precision)
+        generate = config.task == "generate"
+        self.text_tokenizer = self._text_tokenizer(reuse=resuming) if generate else None
+        # The backbone's compute dtype; None without a backbone (a tokenizer run: float32).
+        self.dtype = resolve_precision(config.precision) if generate else None
         rules, min_size = config.mesh.rules, config.mesh.min_shard_size
 
         k_model, k_train = jr.split(jr.key(config.seed))
-        images = fit_images(self.source, config.data.fit_images)
-        build = functools.partial(
-            build_model, config.model, text_tokenizer=self.text_tokenizer, key=k_model,
-            fit_images=images,
-        )
+        if generate:
+            images = fit_images(self.source, config.data.fit_images)
+            build = functools.partial(
+                build_model, config.model, text_tokenizer=self.text_tokenizer, key=k_model,
+                fit_images=images,
+            )
+        else:
+            build = functools.partial(
+                build_objective, config.model.tokenizer, config.tokenizer_loss, key=k_model
+            )
         if any("path" in spec.kwargs for spec in (config.model.tokenizer,
                                                    config.model.text_encoder)):
             # Pretrained weights read from files: under jit they would become constants of
@@ -203,6 +224,7 @@ class Trainer:
         )
         self.history: list[dict[str, float | int]] = []
         self.skipped = 0
+        self._held_out: jax.Array | None = None
 
         data_state = self._restore() if resuming else None
         if config.data.cache:
@@ -248,8 +270,9 @@ class Trainer:
         return data_state
 
     # -- models ---------------------------------------------------------------------------
-    def model(self, ema: bool = True) -> FluidModel:
-        """The current model, with EMA weights by default (as used for evaluation).
+    def model(self, ema: bool = True) -> FluidModel | AutoencoderObjective:
+        """The current model (an `AutoencoderObjective` in a tokenizer run), with EMA weights
+        by default (as used for evaluation).
 
         Its arrays are the training state's own, which the jitted step donates: take a copy
         (`jax.tree.map(jnp.copy, model)`) to keep a model across further `run` calls.
@@ -308,6 +331,10 @@ class Trainer:
                     "skipped_records": self.skipped,
                 }
                 last = now
+                at_log = self.step % max(config.log_every, 1) == 0 or self.step == total
+                if at_log:
+                    record.update(self.evaluate())
+                    last = time.perf_counter()  # evaluating is not part of the next step
                 out.append(record)
                 self.history.append(record)
                 if not np.isfinite(record["loss"]):
@@ -319,11 +346,12 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     writer.scalars(self.step, {k: v for k, v in record.items() if k != "step"})
                 bar.update(1)
-                if self.step % max(config.log_every, 1) == 0 or self.step == total:
+                if at_log:
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}",
                         step_s=f"{record['step_time']:.3f}",
                         img_s=f"{record['images_per_sec']:.1f}",
+                        **{k: f"{record[k]:.2f}" for k in ("psnr",) if k in record},
                     )
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.checkpoint()
@@ -348,6 +376,27 @@ class Trainer:
             self.checkpoint()
         return out
 
+    # -- evaluation -----------------------------------------------------------------------
+    def held_out_images(self) -> jax.Array:
+        """The fixed images that `evaluate` (and a tokenizer run's `sample_grid`) use,
+        replicated on the mesh: the `EVAL_IMAGES` items of `fit_images`, from the far end
+        of the unbounded built-in data set (a shuffled order of 2**31 items, of which a
+        run reads a vanishing fraction); from a finite source or files, its first readable
+        items, which training reads too."""
+        if self._held_out is None:
+            images = fit_images(self.source, EVAL_IMAGES)
+            self._held_out = jax.device_put(images, NamedSharding(self.mesh, PartitionSpec()))
+        return self._held_out
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the EMA model on held-out data, logged every `log_every` steps: in a
+        tokenizer run, `psnr` (dB, see `fluid.tokenizers.psnr`) of the deterministic
+        reconstructions of `held_out_images()`; none for a generative model."""
+        if self.config.task != "tokenizer":
+            return {}
+        images = self.held_out_images()
+        return {"psnr": float(_psnr(images, self.model(ema=True).reconstruct(images)))}
+
     # -- outputs --------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the whole state at the current step."""
@@ -363,13 +412,24 @@ class Trainer:
         return Path(str(self.checkpoints.step_directory(self.step)))
 
     def sample_grid(self, prompts: Sequence[str] | None = None) -> Path | None:
-        """Sample the demo prompts with the EMA model into `samples/step_<n>.png`."""
+        """Sample the demo prompts with the EMA model into `samples/step_<n>.png`; in a
+        tokenizer run, 8 held-out images above their reconstructions."""
         if self.out_dir is None:
             return None
         from ..data.shapes import DEMO_PROMPTS
         from ..sample import sample_images
         from ..viz import save_grid
 
+        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        if self.config.task == "tokenizer":
+            images = self.held_out_images()
+            # All of them, as `evaluate` does (one compiled program), then the first 8.
+            pairs = (images, self.model(ema=True).reconstruct(images))
+            if not self.is_main:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid = np.concatenate([np.asarray(x)[:8] for x in pairs])
+            return save_grid(grid, path, cols=8)
         prompts = list(prompts or DEMO_PROMPTS)
         images = sample_images(
             self.model(ema=True), self.text_tokenizer, prompts,
@@ -379,12 +439,13 @@ class Trainer:
         )
         if not self.is_main:
             return None
-        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_grid(images, path, captions=prompts, cols=4)
 
     def save(self, directory: str | Path | None = None) -> Path:
-        """Write the EMA model, the config and the text tokenizer (see `load_model`)."""
+        """Write the EMA model, the config and the text tokenizer (see `load_model`); in a
+        tokenizer run, the config and the EMA tokenizer as a diffusers folder, `tokenizer/`
+        (`save_pretrained`: the `kl`/`vq` spec's `path`, and diffusers, read it)."""
         directory = Path(directory or self.out_dir)
         model = self.model(ema=True)
         if jax.process_count() > 1:  # every process joins the gather; one writes
@@ -397,6 +458,9 @@ class Trainer:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
+        if self.config.task == "tokenizer":
+            model.autoencoder.save_pretrained(directory / "tokenizer")
+            return directory
         self.text_tokenizer.save(directory / "text_tokenizer.model")
         eqx.tree_serialise_leaves(directory / "model.eqx", model)
         return directory
@@ -440,6 +504,12 @@ def load_model(
             if step is None:
                 raise FileNotFoundError(f"{run_dir / 'checkpoints'} has no complete checkpoint.")
         config = from_dict(TrainConfig, manager.saved_config(step))
+        if config.task == "tokenizer":
+            raise ValueError(
+                f"{run_dir} trained an image tokenizer, not a generative model: it is the "
+                f"diffusers folder {run_dir / 'tokenizer'} (a {config.model.tokenizer.name!r} "
+                "tokenizer spec's `path`)."
+            )
         text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
         skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
         params, rest = eqx.partition(skeleton, trainable_mask(skeleton))

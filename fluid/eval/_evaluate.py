@@ -1,0 +1,349 @@
+"""`fluid eval`: the validation loss, ShapesEval scores and Frechet distance of one model.
+
+The same code evaluates a checkpoint from the command line and every run of a sweep
+(`fluid.sweep`), so their numbers compare.
+"""
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.random as jr
+import numpy as np
+from tqdm.auto import tqdm
+
+from .._types import CAUSAL, DISCRETE
+from ._frechet import REFERENCE_COUNT, feature_stats, shapes_reference_stats
+from ._shapes_eval import ShapesEval
+from ._shapes_features import ShapesFeatures
+from ._validation import (
+    MASK_RATIOS,
+    NOISE_DRAWS,
+    VALIDATION_EXAMPLES,
+    validation_batches,
+    validation_loss_terms,
+)
+
+# 32 prompts per category: the fewest images whose ShapesFeatures (191 of them) have a
+# full-rank sample covariance, as the Frechet distance needs.
+DEFAULT_SAMPLES = 192
+# Images per generation call: every call has this shape, so generation compiles once.
+GENERATION_BATCH = 64
+# Images per category in the sample grid (one row per category).
+GRID_PER_CATEGORY = 4
+
+
+def _categories(data_config: Any) -> tuple[str, ...]:
+    from ..data.shapes import CATEGORIES
+
+    return tuple(data_config.categories) if data_config.categories else CATEGORIES
+
+
+def _shapes_options(data_config: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "object_scale": data_config.object_scale, "layout": data_config.layout,
+    }
+    if data_config.categories is not None:
+        options["categories"] = tuple(data_config.categories)
+    return options
+
+
+def generate_images(
+    model: Any,
+    text_tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    text_len: int,
+    seed: int = 0,
+    steps: int = 16,
+    cfg: float = 3.0,
+    temperature: float = 1.0,
+    batch_size: int = GENERATION_BATCH,
+    progress: bool = True,
+) -> np.ndarray:
+    """One image per prompt, in batches of one shape (the last padded), so one compilation.
+
+    **Arguments:**
+
+    - `model`, `text_tokenizer`, `text_len`: as `fluid.sample.sample_images`.
+    - `prompts`: the captions.
+    - `seed`: batch `b` is sampled with `fold_in(key(seed), b)`.
+    - `steps`, `cfg`, `temperature`: sampling settings (a run's `sample_*`).
+    - `batch_size`: images per call.
+    - `progress`: show a progress bar.
+
+    **Returns:**
+
+    `[len(prompts), h, w, 3]` images in [-1, 1].
+    """
+    from ..sample import sample_images
+
+    prompts = list(prompts)
+    batch_size = min(batch_size, len(prompts))
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=not progress)):
+        chunk = prompts[start : start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        images = sample_images(
+            model, text_tokenizer, padded, text_len=text_len, key=jr.fold_in(jr.key(seed), b),
+            steps=steps, cfg=cfg, temperature=temperature,
+        )
+        out.append(images[: len(chunk)])
+    return np.concatenate(out)
+
+
+def _check_frechet_count(samples: int, image_size: int, min_count: int | None) -> None:
+    # Fail before generating rather than after: the covariance needs d + 1 samples.
+    dims = ShapesFeatures()(np.zeros((1, image_size, image_size, 3), np.float32)).shape[1]
+    needed = max(2, dims + 1 if min_count is None else min_count)
+    if samples < needed:
+        raise ValueError(
+            f"{samples} samples are too few for the Frechet distance of {dims} ShapesFeatures: "
+            f"at least {needed} are needed (the default, {DEFAULT_SAMPLES}, is enough). "
+            "Pass min_count (--min-count) to accept fewer knowingly: the distance is then "
+            "rough, dominated by the bias of a singular covariance."
+        )
+
+
+def evaluate(
+    model: Any,
+    text_tokenizer: Any,
+    config: Any,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    validation_examples: int = VALIDATION_EXAMPLES,
+    noise_draws: int = NOISE_DRAWS,
+    min_count: int | None = None,
+    batch_size: int = GENERATION_BATCH,
+    progress: bool = True,
+) -> tuple[dict[str, Any], np.ndarray, list[str]]:
+    """Evaluate a model of a run on the built-in `shapes` data.
+
+    Three measures: the validation loss on the run's held-out set (`validation_loss`);
+    ShapesEval's GenEval-style accuracy of images generated, with the run's sampling
+    settings (`sample_steps`, `sample_cfg`, `sample_temperature`), for
+    `ShapesEval().prompts(...)` in the run's categories; and the Frechet distance between
+    the `ShapesFeatures` of those images and of the data set's reference images
+    (`shapes_reference_stats`, with the run's data options).
+
+    **Arguments:**
+
+    - `model`, `text_tokenizer`, `config`: as `fluid.train.load_model` returns them.
+    - `samples`: images to generate, rounded up to a whole number per category. The
+      Frechet distance needs at least 192 (one more than the 191 features).
+    - `seed`: seed of the prompts, the generation and the validation keys.
+    - `validation_examples`: size of the held-out set.
+    - `noise_draws`: as for `validation_loss`.
+    - `min_count`: fewest samples the Frechet distance accepts, for quick checks with fewer
+      than 192 images; the distance is then rough (`frechet.rough` in the result).
+    - `batch_size`: images per generation call.
+    - `progress`: show progress bars.
+
+    **Returns:**
+
+    `(result, images, prompts)`: a JSON-ready dict of every number, the generated images
+    and their prompts.
+    """
+    from ..build import count_params, non_embedding_params
+
+    data = config.data
+    if data.dataset != "shapes":
+        raise ValueError(
+            "fluid eval scores runs on the built-in shapes data set (its held-out set, "
+            f"ShapesEval and Frechet reference); this run trained on {data.dataset!r}."
+        )
+    categories = _categories(data)
+    per_category = max(1, math.ceil(samples / len(categories)))
+    _check_frechet_count(per_category * len(categories), data.image_size, min_count)
+
+    t0 = time.perf_counter()
+    batches = validation_batches(
+        data, text_tokenizer, text_len=config.model.text_len, count=validation_examples
+    )
+    totals, targets = validation_loss_terms(model, batches, seed=seed, noise_draws=noise_draws)
+    causal = model.backbone.attention == CAUSAL
+    validation = {
+        "loss": float(totals.sum() / targets.sum()),
+        "by_mask_ratio": None if causal else {
+            f"{ratio:g}": float(t / c) for ratio, t, c in zip(MASK_RATIOS, totals, targets)
+        },
+        "units": "nats per token (cross-entropy)" if model.tokenizer.token_kind == DISCRETE
+        else "diffusion loss per token (noise MSE + variance term)",
+        "examples": validation_examples,
+        "noise_draws": noise_draws,
+        "target_tokens": int(targets.sum()),
+    }
+    t1 = time.perf_counter()
+
+    judge = ShapesEval()
+    prompts = judge.prompts(per_category, seed=seed, categories=categories)
+    images = generate_images(
+        model, text_tokenizer, prompts, text_len=config.model.text_len, seed=seed,
+        steps=config.sample_steps, cfg=config.sample_cfg,
+        temperature=config.sample_temperature, batch_size=batch_size, progress=progress,
+    )
+    t2 = time.perf_counter()
+
+    scores = judge.score(images, prompts)
+    generated = feature_stats(ShapesFeatures(), images, min_count=min_count)
+    reference = shapes_reference_stats(data.image_size, **_shapes_options(data))
+    t3 = time.perf_counter()
+
+    result = {
+        "model": {
+            "tokenizer": config.model.tokenizer.name,
+            "head": config.model.head.name,
+            "order": config.model.order.name,
+            "backbone": config.model.backbone.name,
+            "width": config.model.width,
+            "depth": config.model.backbone.kwargs.get("depth"),
+            "parameters": count_params(model),
+            "non_embedding_parameters": non_embedding_params(model),
+        },
+        "validation": validation,
+        "shapes_eval": {k: scores[k] for k in ("overall", "categories", "counts")},
+        "frechet": {
+            "distance": generated.distance(reference),
+            "samples": len(images),
+            "reference_count": REFERENCE_COUNT,
+            "extractor": ShapesFeatures.name,
+            "rough": len(images) <= generated.mean.shape[0],
+        },
+        "sampling": {
+            "steps": config.sample_steps,
+            "cfg": config.sample_cfg,
+            "temperature": config.sample_temperature,
+            "seed": seed,
+        },
+        "seconds": {
+            "validation": t1 - t0, "generation": t2 - t1, "scoring": t3 - t2,
+        },
+    }
+    return result, images, prompts
+
+
+def _grid_indices(prompts: Sequence[str], per_category: int) -> list[int]:
+    from ..data.shapes import parse_caption
+
+    seen: dict[str, int] = {}
+    picked = []
+    for i, prompt in enumerate(prompts):
+        category = parse_caption(prompt)["category"]
+        if seen.get(category, 0) < per_category:
+            seen[category] = seen.get(category, 0) + 1
+            picked.append(i)
+    return picked
+
+
+def write_report(
+    result: dict[str, Any], images: np.ndarray, prompts: Sequence[str], out: str | Path
+) -> Path:
+    """Write `eval.json`, a sample grid `samples.png` (one row per category) and a short
+    `eval.md` into the directory `out`; returns the path of `eval.json`."""
+    from ..viz import save_grid
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    picked = _grid_indices(prompts, GRID_PER_CATEGORY)
+    save_grid(images[picked], out / "samples.png", captions=[prompts[i] for i in picked],
+              cols=GRID_PER_CATEGORY)
+    path = out / "eval.json"
+    path.write_text(json.dumps(result, indent=1))
+    (out / "eval.md").write_text(_markdown(result))
+    return path
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    model, val, shapes, fd = (result[k] for k in ("model", "validation", "shapes_eval", "frechet"))
+    title = result.get("checkpoint", "a model")
+    lines = [
+        f"# Evaluation of {title}",
+        "",
+        (
+            f"{model['tokenizer']} tokens, {model['order']} order, {model['backbone']} "
+            f"backbone, {model['head']} head; {model['non_embedding_parameters']:,} "
+            f"non-embedding parameters ({model['parameters']:,} in all)."
+        ),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| validation loss ({val['units']}) | {val['loss']:.4f} |",
+    ]
+    for ratio, loss in (val["by_mask_ratio"] or {}).items():
+        lines.append(f"| validation loss at mask ratio {ratio} | {loss:.4f} |")
+    lines.append(f"| ShapesEval overall | {shapes['overall']:.3f} |")
+    for category, accuracy in shapes["categories"].items():
+        lines.append(f"| ShapesEval {category} ({shapes['counts'][category]} images) | "
+                     f"{accuracy:.3f} |")
+    rough = " (rough: fewer samples than features)" if fd["rough"] else ""
+    lines += [
+        (
+            f"| Frechet distance ({fd['extractor']}, {fd['samples']} samples vs "
+            f"{fd['reference_count']} reference images){rough} | {fd['distance']:.3f} |"
+        ),
+        "",
+        f"Sampling: {result['sampling']['steps']} steps, guidance {result['sampling']['cfg']}, "
+        f"temperature {result['sampling']['temperature']}. Validation: "
+        f"{val['examples']} held-out examples, {val['noise_draws']} noise draws each"
+        + ("" if val["by_mask_ratio"] is None else ", at each mask ratio") + ". "
+        "Continuous and discrete losses are in different units and do not compare.",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def default_out_dir(path: str | Path) -> Path:
+    """Where `fluid eval <path>` writes by default: `<run>/eval` for a run, a saved model's
+    directory, or `<run>/eval/step_<n>` for a checkpoint `<run>/checkpoints/<n>`."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent / "eval" / f"step_{int(path.name):07d}"
+    return path / "eval"
+
+
+def _step_of(path: str | Path) -> int | None:
+    """The training step of what `load_model(path)` reads; `None` for a saved model."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return int(path.name)
+    if (path / "checkpoints").is_dir():
+        from ..train import CheckpointManager
+
+        with CheckpointManager(path / "checkpoints", keep=None) as manager:
+            return manager.latest_step()
+    return None
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, out: str | Path | None = None, raw: bool = False, **options: Any
+) -> dict[str, Any]:
+    """`fluid eval`: load a run, one of its checkpoints or a saved model, evaluate it and
+    write the report.
+
+    **Arguments:**
+
+    - `path`: as for `fluid.train.load_model`.
+    - `out`: the report's directory (`default_out_dir(path)` when `None`).
+    - `raw`: evaluate the raw weights instead of the EMA ones.
+    - `options`: keyword arguments of `evaluate`.
+
+    **Returns:**
+
+    The result dict, as written to `eval.json` (with `checkpoint` and `out` added).
+    """
+    from ..train import load_model
+
+    model, text_tokenizer, config = load_model(path, ema=not raw)
+    result, images, prompts = evaluate(model, text_tokenizer, config, **options)
+    out = Path(out) if out is not None else default_out_dir(path)
+    result = {"checkpoint": str(path), "step": _step_of(path), "out": str(out),
+              "weights": "raw" if raw else "ema", **result}
+    write_report(result, images, prompts, out)
+    return result

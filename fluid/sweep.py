@@ -1,0 +1,524 @@
+"""`fluid sweep`: the paper's four variants at several sizes on `shapes`, one step budget,
+and validation loss against parameters fitted as a power law per variant.
+
+Every run is a `fluid.train.Trainer` run in `<out>/<variant>-<size>/` and is evaluated by
+`fluid.eval.evaluate_checkpoint`, the code of `fluid eval`, into its `eval/`. A run whose
+`eval/eval.json` is there for the same step budget and evaluation settings is not trained
+or evaluated again; an interrupted one resumes from its checkpoint. So running the same
+command again finishes a sweep, and adding a size or variant trains only the new runs.
+
+Sizes are named by width and depth, `w<width>d<depth>` (`w128d4`); attention heads have
+32 channels (one head below 64). Parameters are counted by `fluid.build.non_embedding_params`
+on `abstract_model` (no weights allocated).
+"""
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .config import TrainConfig, override
+from .presets import VARIANTS, shapes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepScale:
+    """One setting of a sweep: data, sizes, budget and evaluation.
+
+    - `image_size`, `patch_size`: `shapes` images and their patch tokens.
+    - `sizes`: default sizes, `w<width>d<depth>`.
+    - `steps`, `batch_size`, `learning_rate`, `warmup_steps`: the training budget.
+    - `head_depth`, `head_batch_mul`: diffusion head depth (its width is the model's) and
+      timesteps drawn per token in training.
+    - `text_dim`, `text_depth`: the learned text encoder, the same for every size.
+    - `vocab_size`: palette codebook of the discrete variants.
+    - `object_scale`, `layout`: `shapes` options (see `ShapesDataset`).
+    - `samples`, `validation_examples`, `min_count`: evaluation (see `fluid.eval.evaluate`).
+    - `fit_images`: images the palette codebook is fitted to.
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    sizes: tuple[str, ...]
+    steps: int
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    head_depth: int = 2
+    head_batch_mul: int = 4
+    text_dim: int = 64
+    text_depth: int = 1
+    vocab_size: int = 512
+    object_scale: float = 1.0
+    layout: str = "random"
+    samples: int = 192
+    validation_examples: int = 256
+    min_count: int | None = None
+    fit_images: int = 2048
+
+
+SCALES: dict[str, SweepScale] = {
+    # For tests and smoke runs: 16 px, seconds per run; the Frechet distance of 12 images
+    # is rough (accepted by min_count).
+    "tiny": SweepScale(
+        image_size=16, sizes=("w16d1", "w32d2"), steps=4, batch_size=8, warmup_steps=2,
+        head_depth=1, head_batch_mul=2, text_dim=32, vocab_size=32, samples=12,
+        validation_examples=16, min_count=2, fit_images=16,
+    ),
+    # The default: 4 variants x 3 sizes x 250 steps on 32 px shapes, under an hour on 2 CPU
+    # cores. Measured (process CPU seconds, an upper bound on an idle machine's wall time,
+    # taken on a loaded 2-core machine) per step of batch 32 at w32d2 / w64d2 / w96d3:
+    # fluid 0.29 / 0.48 / 0.76, continuous-raster 0.33 / 0.47 / 0.78, discrete-random
+    # 0.21 / 0.37 / 0.53, discrete-raster 0.25 / 0.33 / 0.55; per run 48-73 s of set-up and
+    # compilation, about 7 s to load the checkpoint, and at most 107 / 58 / 53 / 25 s of
+    # evaluation (by variant, at w96d3). In all about 2,900 s, 48 minutes; sweep.json
+    # records each run's median step time. Objects are placed near fixed slots and drawn
+    # larger, as in the demo, so that minutes of training show in the samples; the
+    # diffusion head draws 2 timesteps per token in training instead of MAR's 4.
+    "small": SweepScale(
+        sizes=("w32d2", "w64d2", "w96d3"), steps=250, head_batch_mul=2, object_scale=1.6,
+        layout="slots", validation_examples=128, fit_images=512,
+    ),
+    # Hours on a CPU, minutes on a GPU.
+    "medium": SweepScale(
+        sizes=("w128d4", "w192d6", "w256d8", "w384d10"), steps=4000, warmup_steps=100,
+        head_depth=3, text_dim=128, text_depth=2, samples=384, validation_examples=512,
+    ),
+    # A GPU's: 6 sizes over two decades of parameters.
+    "large": SweepScale(
+        sizes=("w128d4", "w192d6", "w256d8", "w384d12", "w512d16", "w768d20"), steps=20000,
+        batch_size=128, learning_rate=5e-4, warmup_steps=500, head_depth=3, text_dim=256,
+        text_depth=2, samples=1024, validation_examples=1024,
+    ),
+}
+
+
+def parse_size(size: str) -> tuple[int, int, int]:
+    """`(width, depth, heads)` of a size name `w<width>d<depth>`: heads of 32 channels, one
+    below 64."""
+    match = re.fullmatch(r"w(\d+)d(\d+)", size)
+    if match is None:
+        raise ValueError(f"a size is named w<width>d<depth> (w128d4), got {size!r}.")
+    width, depth = int(match[1]), int(match[2])
+    heads = max(1, width // 32)
+    if width % heads or depth < 1:
+        raise ValueError(
+            f"size {size!r}: the width must be a multiple of 32 (or below 64) and depth >= 1."
+        )
+    return width, depth, heads
+
+
+def sweep_config(
+    variant: str, size: str, scale: SweepScale, *, steps: int | None = None
+) -> TrainConfig:
+    """The `TrainConfig` of one run of a sweep: the `shapes-<variant>` preset resized.
+
+    **Arguments:**
+
+    - `variant`: one of `fluid.presets.VARIANTS`.
+    - `size`: `w<width>d<depth>`.
+    - `scale`: the sweep's setting.
+    - `steps`: the step budget, `scale.steps` by default.
+
+    EMA weights are evaluated; their decay is `1 - 10 / steps` (clipped to [0.9, 0.9999]),
+    an average over the last tenth of the run whatever its length.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants are {VARIANTS}.")
+    width, depth, heads = parse_size(size)
+    steps = scale.steps if steps is None else steps
+    config = shapes(variant)
+    continuous = config.model.tokenizer.name == "patch"
+    values: dict[str, Any] = {
+        "model.tokenizer.image_size": scale.image_size,
+        "model.tokenizer.patch_size": scale.patch_size,
+        "model.width": width,
+        "model.backbone.depth": depth,
+        "model.backbone.num_heads": heads,
+        "model.aligner_heads": heads,
+        "model.text_encoder.dim": scale.text_dim,
+        "model.text_encoder.depth": scale.text_depth,
+        "model.text_encoder.num_heads": max(1, scale.text_dim // 32),
+        "data.image_size": scale.image_size,
+        "data.object_scale": scale.object_scale,
+        "data.layout": scale.layout,
+        "data.fit_images": scale.fit_images,
+        "optim.learning_rate": scale.learning_rate,
+        "optim.warmup_steps": min(scale.warmup_steps, steps),
+        "optim.ema_decay": min(max(1.0 - 10.0 / steps, 0.9), 0.9999),
+        "steps": steps,
+        "batch_size": scale.batch_size,
+        "log_every": max(1, min(25, steps // 4)),
+        "checkpoint_every": 0,
+    }
+    if continuous:
+        values["model.head.width"] = width
+        values["model.head.depth"] = scale.head_depth
+        values["model.head.batch_mul"] = scale.head_batch_mul
+    else:
+        values["model.tokenizer.vocab_size"] = scale.vocab_size
+    for key, value in values.items():
+        config = override(config, key, value)
+    return config
+
+
+def fit_power_law(n: ArrayLike, loss: ArrayLike) -> tuple[float, float]:
+    """Fit `loss = a * n**(-alpha)` by least squares in log-log space.
+
+    **Arguments:**
+
+    - `n`: parameter counts (positive).
+    - `loss`: the losses at those counts (positive).
+
+    **Returns:**
+
+    `(a, alpha)`. Raises `ValueError` for fewer than two distinct counts or values that
+    are not positive.
+    """
+    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
+    if n.shape != loss.shape or n.ndim != 1:
+        raise ValueError(f"n and loss must be 1-D of one length, got {n.shape} and {loss.shape}.")
+    if len(np.unique(n)) < 2:
+        raise ValueError("a power law needs losses at two or more distinct sizes.")
+    if np.any(n <= 0) or np.any(loss <= 0) or not np.all(np.isfinite(loss)):
+        raise ValueError("a power law is fitted to positive, finite counts and losses.")
+    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def fit_power_law_with_floor(
+    n: ArrayLike, loss: ArrayLike, grid: int = 200
+) -> tuple[float, float, float]:
+    """Fit `loss = floor + a * n**(-alpha)`, with an irreducible loss `floor >= 0`.
+
+    For a given `floor` the power law of `loss - floor` is fitted in log-log space
+    (`fit_power_law`); the `floor` whose curve is closest to the losses (least squares of
+    the log of the predicted over the actual loss) wins: searched on a grid over
+    `[0, min(loss))`, then refined by golden-section search between the best point's
+    neighbours. Three parameters need four or more sizes; with few or noisy points the
+    floor is loosely determined (a floor at 0 or next to `min(loss)` says the data do not
+    pin it).
+
+    **Returns:**
+
+    `(a, alpha, floor)`.
+    """
+    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
+    if len(np.unique(n)) < 4:
+        raise ValueError("a power law with a floor needs losses at four or more sizes.")
+    fit_power_law(n, loss)  # the same checks
+
+    def error(floor: float) -> float:
+        a, alpha = fit_power_law(n, loss - floor)
+        return float(np.sum(np.log((floor + a * n ** (-alpha)) / loss) ** 2))
+
+    top = loss.min()
+    floors = np.linspace(0.0, top, grid, endpoint=False)
+    best = int(np.argmin([error(f) for f in floors]))
+    lo, hi = floors[max(best - 1, 0)], floors[best + 1] if best + 1 < grid else top * (1 - 1e-9)
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(60):
+        left, right = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if error(left) < error(right):
+            hi = right
+        else:
+            lo = left
+    floor = (lo + hi) / 2
+    a, alpha = fit_power_law(n, loss - floor)
+    return a, alpha, float(floor)
+
+
+def _model_size(config: TrainConfig) -> dict[str, int]:
+    from .build import abstract_model, count_params, non_embedding_params
+
+    model = abstract_model(config.model)
+    return {
+        "parameters": count_params(model),
+        "non_embedding_parameters": non_embedding_params(model),
+    }
+
+
+def _finished(run: Path, steps: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+    path = run / "eval" / "eval.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    same = result.get("step") == steps and result.get("settings") == settings
+    return result if same else None
+
+
+def _complete_steps(run: Path) -> list[int]:
+    if not (run / "checkpoints").is_dir():
+        return []
+    from .train import CheckpointManager
+
+    with CheckpointManager(run / "checkpoints", keep=None) as manager:
+        return manager.all_steps()
+
+
+def _step_times(run: Path) -> dict[str, float]:
+    """Median step time of a run's log (the first step, which compiles, left out)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    times = [json.loads(line)["step_time"] for line in path.read_text().splitlines()]
+    return {"median_step_seconds": float(np.median(times[1:] or times))} if times else {}
+
+
+def run_one(
+    variant: str,
+    size: str,
+    scale: SweepScale,
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    samples: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) one run of a sweep and evaluate it; a finished run is read back.
+
+    **Returns:**
+
+    Its `eval.json` dict, with `variant`, `size`, `settings` and step times added.
+    """
+    from .eval import evaluate_checkpoint
+    from .train import Trainer
+
+    config = sweep_config(variant, size, scale, steps=steps)
+    run = Path(out) / f"{variant}-{size}"
+    settings = {
+        "samples": scale.samples if samples is None else samples,
+        "validation_examples": scale.validation_examples,
+        "min_count": scale.min_count,
+    }
+    done = _finished(run, config.steps, settings)
+    if done is not None:
+        if progress:
+            print(f"{run.name}: finished earlier, reusing {run / 'eval' / 'eval.json'}")
+        return done
+    checkpoint = run / "checkpoints" / str(config.steps)
+    t0 = time.perf_counter()
+    if config.steps not in _complete_steps(run):
+        if progress:
+            print(f"{run.name}: training {config.steps} steps")
+        trainer = Trainer(config, out_dir=run, progress=progress)
+        if trainer.step > config.steps:
+            raise ValueError(
+                f"{run} holds a run past {config.steps} steps (at {trainer.step}); sweep into "
+                "another --out or use --steps of at least that."
+            )
+        trainer.run()
+        del trainer
+    t1 = time.perf_counter()
+    if progress:
+        print(f"{run.name}: evaluating {checkpoint}")
+    result = evaluate_checkpoint(
+        checkpoint, out=run / "eval", samples=settings["samples"],
+        validation_examples=settings["validation_examples"], min_count=settings["min_count"],
+        progress=progress,
+    )
+    result.update(
+        variant=variant, size=size, settings=settings,
+        train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1, **_step_times(run),
+    )
+    (run / "eval" / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_sweep(
+    out: str | Path,
+    *,
+    scale: str = "small",
+    variants: Sequence[str] = VARIANTS,
+    sizes: Sequence[str] | None = None,
+    steps: int | None = None,
+    samples: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate every (variant, size), fit the power laws, write the report.
+
+    **Arguments:**
+
+    - `out`: the sweep's directory: one run directory per (variant, size), and
+      `sweep.json`, `sweep.md`, `loss_vs_params.png` and `metrics_vs_params.png`.
+    - `scale`: a name of `SCALES`.
+    - `variants`: which of `fluid.presets.VARIANTS`.
+    - `sizes`: `w<width>d<depth>` names; the scale's by default.
+    - `steps`, `samples`: override the scale's step budget and evaluation samples.
+    - `progress`: print progress and show progress bars.
+
+    **Returns:**
+
+    The dict written to `sweep.json`: `runs` (one dict per run, with `size` counted by
+    `non_embedding_params`) and `fits` (`{variant: {"a", "alpha"}}`, and `floor` with four
+    or more sizes).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
+    setting = SCALES[scale]
+    sizes = list(sizes or setting.sizes)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; variants are {VARIANTS}.")
+    out = Path(out)
+    counted = {
+        (v, s): _model_size(sweep_config(v, s, setting, steps=steps))
+        for v in variants for s in sizes
+    }
+    if progress:
+        for (v, s), count in counted.items():
+            print(f"{v:<18} {s:<8} {count['non_embedding_parameters']:>12,} non-embedding "
+                  "parameters")
+    t0 = time.perf_counter()
+    runs = []
+    for variant in variants:
+        for size in sizes:
+            result = run_one(variant, size, setting, out, steps=steps, samples=samples,
+                             progress=progress)
+            runs.append({**result, **counted[(variant, size)]})
+    fits = {}
+    for variant in variants:
+        points = [r for r in runs if r["variant"] == variant]
+        n = [r["non_embedding_parameters"] for r in points]
+        loss = [r["validation"]["loss"] for r in points]
+        if len(set(n)) >= 2:
+            a, alpha = fit_power_law(n, loss)
+            fits[variant] = {"a": a, "alpha": alpha}
+            if len(set(n)) >= 4:
+                a4, alpha4, floor = fit_power_law_with_floor(n, loss)
+                fits[variant]["with_floor"] = {"a": a4, "alpha": alpha4, "floor": floor}
+    report = {
+        "scale": scale,
+        "setting": dataclasses.asdict(setting),
+        "steps": steps or setting.steps,
+        "variants": list(variants),
+        "sizes": sizes,
+        "runs": runs,
+        "fits": fits,
+        "seconds": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    _plot_loss(runs, fits, out / "loss_vs_params.png")
+    _plot_metrics(runs, out / "metrics_vs_params.png")
+    (out / "sweep.md").write_text(_markdown(report))
+    return report
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_variant(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(runs, key=lambda r: r["non_embedding_parameters"]):
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
+def _plot_loss(runs: list[dict[str, Any]], fits: dict[str, Any], path: Path) -> Path:
+    """Validation loss against parameters, log-log, one panel per token kind (their losses
+    are in different units), with each variant's fitted power law."""
+    plt = _pyplot()
+    kinds = {"continuous": ("fluid", "continuous-raster"),
+             "discrete": ("discrete-random", "discrete-raster")}
+    groups = _by_variant(runs)
+    panels = [(kind, [v for v in members if v in groups]) for kind, members in kinds.items()]
+    panels = [(kind, members) for kind, members in panels if members]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (kind, members) in zip(axes[0], panels):
+        for variant in members:
+            points = groups[variant]
+            n = np.asarray([r["non_embedding_parameters"] for r in points], np.float64)
+            loss = [r["validation"]["loss"] for r in points]
+            (line,) = ax.plot(n, loss, "o", label=variant)
+            if variant in fits:
+                a, alpha = fits[variant]["a"], fits[variant]["alpha"]
+                grid = np.geomspace(n.min() / 1.3, n.max() * 1.3, 50)
+                ax.plot(grid, a * grid ** (-alpha), "-", color=line.get_color(), lw=1,
+                        label=f"{a:.3g} N^-{alpha:.3f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_ylabel("validation loss per token")
+        ax.set_title(f"{kind} tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+METRICS = (
+    ("validation loss", lambda r: r["validation"]["loss"], True),
+    ("ShapesEval overall", lambda r: r["shapes_eval"]["overall"], False),
+    ("Frechet distance (shapes-v1)", lambda r: r["frechet"]["distance"], True),
+)
+
+
+def _plot_metrics(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Each metric against parameters (log x), one line per variant."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8), squeeze=False)
+    for ax, (name, value, log_y) in zip(axes[0], METRICS):
+        for variant, points in _by_variant(runs).items():
+            n = [r["non_embedding_parameters"] for r in points]
+            ax.plot(n, [value(r) for r in points], "o-", label=variant)
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Sweep: scale `{report['scale']}`, {report['steps']} steps per run",
+        "",
+        (
+            "Validation loss per token in each head's units (diffusion: noise MSE plus the "
+            "variance term; softmax: nats). Continuous and discrete losses do not compare; "
+            "compare variants within a token kind."
+        ),
+        "",
+        "| variant | size | non-embedding params | validation loss | ShapesEval | Frechet | s/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        rough = "*" if r["frechet"]["rough"] else ""
+        step = r.get("median_step_seconds")
+        lines.append(
+            f"| {r['variant']} | {r['size']} | {r['non_embedding_parameters']:,} | "
+            f"{r['validation']['loss']:.4f} | {r['shapes_eval']['overall']:.3f} | "
+            f"{r['frechet']['distance']:.3f}{rough} | "
+            f"{'' if step is None else f'{step:.3f}'} |"
+        )
+    if any(r["frechet"]["rough"] for r in report["runs"]):
+        lines += ["", "\\* rough: fewer generated images than features."]
+    lines += ["", "Power laws `L = a * N^(-alpha)` fitted in log-log space:", "",
+              "| variant | a | alpha | with a floor (a, alpha, floor) |", "|---|---:|---:|---|"]
+    for variant, fit in report["fits"].items():
+        floor = fit.get("with_floor")
+        floor_text = "" if floor is None else (
+            f"{floor['a']:.4g}, {floor['alpha']:.4f}, {floor['floor']:.4g}"
+        )
+        lines.append(f"| {variant} | {fit['a']:.4g} | {fit['alpha']:.4f} | {floor_text} |")
+    lines += ["", "![loss](loss_vs_params.png)", "", "![metrics](metrics_vs_params.png)", ""]
+    return "\n".join(lines)
+
