@@ -59,7 +59,8 @@ def bench_preset(
     step_s = statistics.median(times)
     seq = trainer.model().seq_len
     prompts = ["a red circle"] * sample_batch
-    kw = dict(text_len=config.model.text_len, steps=config.sample_steps, cfg=config.sample_cfg)
+    kw = {"text_len": config.model.text_len, "steps": config.sample_steps,
+          "cfg": config.sample_cfg}
     t0 = time.perf_counter()
     sample_images(trainer.model(), trainer.text_tokenizer, prompts, key=jr.key(0), **kw)
     sample_compile_s = time.perf_counter() - t0
