@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "sweep", help="train the four variants at several sizes, fit loss against parameters",
         description="Each (variant, size) is a run in <out>/<variant>-<size>/, evaluated as "
         "`fluid eval` does; finished runs are reused when the command runs again. The default "
-        "scale (small: 4 variants x 3 sizes x 250 steps) takes under an hour on 2 CPU cores, "
-        "about 48 minutes by measured step times (fluid/sweep.py); medium and large are for "
+        "scale (small: 4 variants x 3 sizes x 250 steps) took 29 minutes on an idle 2-core CPU "
+        "(docs/reproduction.md); medium and large are for "
         "hours on a CPU or a GPU.",
     )
     p.add_argument("--scale", default="small", choices=sorted(SCALES),

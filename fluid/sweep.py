@@ -34,11 +34,18 @@ class SweepScale:
     - `image_size`, `patch_size`: `shapes` images and their patch tokens.
     - `sizes`: default sizes, `w<width>d<depth>`.
     - `steps`, `batch_size`, `learning_rate`, `warmup_steps`: the training budget.
-    - `head_depth`, `head_batch_mul`: diffusion head depth (its width is the model's) and
-      timesteps drawn per token in training.
+    - `head_depth`, `head_batch_mul`: diffusion head depth and timesteps drawn per token in
+      training; its width is the model's, and at least `head_min_width` (a head narrower
+      than the 48 values of a 4 x 4 pixel patch is a bottleneck that no backbone size
+      lifts).
+    - `noise_shift`: the diffusion head's noise-schedule shift (see `fluid.presets.demo`: a
+      flat 4 x 4 patch averages its noise down by 4, and without the shift the head rarely
+      needs the backbone's condition, so short runs learn little from the caption).
     - `text_dim`, `text_depth`: the learned text encoder, the same for every size.
     - `vocab_size`: palette codebook of the discrete variants.
-    - `object_scale`, `layout`: `shapes` options (see `ShapesDataset`).
+    - `object_scale`, `layout`, `categories`: `shapes` options (see `ShapesDataset`);
+      `categories=None` trains on all six.
+    - `sample_temperature`: sampling temperature of the evaluation.
     - `samples`, `validation_examples`, `min_count`: evaluation (see `fluid.eval.evaluate`).
     - `fit_images`: images the palette codebook is fitted to.
     """
@@ -52,11 +59,15 @@ class SweepScale:
     warmup_steps: int = 50
     head_depth: int = 2
     head_batch_mul: int = 4
+    head_min_width: int = 64
+    noise_shift: float = 4.0
     text_dim: int = 64
     text_depth: int = 1
     vocab_size: int = 512
     object_scale: float = 1.0
     layout: str = "random"
+    categories: tuple[str, ...] | None = None
+    sample_temperature: float = 1.0
     samples: int = 192
     validation_examples: int = 256
     min_count: int | None = None
@@ -68,22 +79,20 @@ SCALES: dict[str, SweepScale] = {
     # is rough (accepted by min_count).
     "tiny": SweepScale(
         image_size=16, sizes=("w16d1", "w32d2"), steps=4, batch_size=8, warmup_steps=2,
-        head_depth=1, head_batch_mul=2, text_dim=32, vocab_size=32, samples=12,
+        head_depth=1, head_batch_mul=2, head_min_width=16, text_dim=32, vocab_size=32,
+        samples=12,
         validation_examples=16, min_count=2, fit_images=16,
     ),
-    # The default: 4 variants x 3 sizes x 250 steps on 32 px shapes, under an hour on 2 CPU
-    # cores. Measured (process CPU seconds, an upper bound on an idle machine's wall time,
-    # taken on a loaded 2-core machine) per step of batch 32 at w32d2 / w64d2 / w96d3:
-    # fluid 0.29 / 0.48 / 0.76, continuous-raster 0.33 / 0.47 / 0.78, discrete-random
-    # 0.21 / 0.37 / 0.53, discrete-raster 0.25 / 0.33 / 0.55; per run 48-73 s of set-up and
-    # compilation, about 7 s to load the checkpoint, and at most 107 / 58 / 53 / 25 s of
-    # evaluation (by variant, at w96d3). In all about 2,900 s, 48 minutes; sweep.json
-    # records each run's median step time. Objects are placed near fixed slots and drawn
-    # larger, as in the demo, so that minutes of training show in the samples; the
-    # diffusion head draws 2 timesteps per token in training instead of MAR's 4.
+    # The default: 4 variants x 3 sizes x 250 steps on 32 px shapes. Measured on an idle
+    # 2-core CPU (docs/reproduction.md): 29 minutes in all; 62-153 s of training and 18-69 s
+    # of evaluation per run; median steps of 0.12-0.46 s. Objects are placed near fixed
+    # slots and drawn larger, captions come from the colour categories, and the diffusion
+    # head's noise is shifted, as in the demo, so that minutes of training show in the
+    # samples; the diffusion head draws 2 timesteps per token in training instead of MAR's 4.
     "small": SweepScale(
         sizes=("w32d2", "w64d2", "w96d3"), steps=250, head_batch_mul=2, object_scale=1.6,
-        layout="slots", validation_examples=128, fit_images=512,
+        layout="slots", categories=("colors", "color_attr"), sample_temperature=0.8,
+        validation_examples=128, fit_images=512,
     ),
     # Hours on a CPU, minutes on a GPU.
     "medium": SweepScale(
@@ -148,6 +157,8 @@ def sweep_config(
         "data.image_size": scale.image_size,
         "data.object_scale": scale.object_scale,
         "data.layout": scale.layout,
+        "data.categories": scale.categories,
+        "sample_temperature": scale.sample_temperature,
         "data.fit_images": scale.fit_images,
         "optim.learning_rate": scale.learning_rate,
         "optim.warmup_steps": min(scale.warmup_steps, steps),
@@ -158,7 +169,8 @@ def sweep_config(
         "checkpoint_every": 0,
     }
     if continuous:
-        values["model.head.width"] = width
+        values["model.head.width"] = max(width, scale.head_min_width)
+        values["model.head.noise_shift"] = scale.noise_shift
         values["model.head.depth"] = scale.head_depth
         values["model.head.batch_mul"] = scale.head_batch_mul
     else:
