@@ -173,3 +173,32 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert VQTokenizer.from_pretrained(out / "tokenizer", image_size=16).vocab_size == 64
     with pytest.raises(SystemExit, match="trains a generative model"):
         main(["train-tokenizer", "tiny-fluid", "--out", str(tmp_path / "other")])
+
+
+# The shapes presets, trained in full (minutes each): `python -m pytest -m slow -k presets`.
+# PSNR of the EMA weights on the held-out images, measured with `fluid train-tokenizer
+# <preset>` on a 2-core CPU (see `fluid.presets.tokenizer`), less 1 dB for the rounding
+# of other XLA builds and optimisation levels.
+PRESET_PSNR = {
+    "tokenizer-kl-32": 23.2,
+    "tokenizer-kl-64": 17.0,
+    "tokenizer-vq-32": 21.0,
+    "tokenizer-vq-64": 17.7,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESET_PSNR))
+def test_presets_reach_their_measured_psnr(preset, tmp_path):
+    trainer = Trainer(get_config(preset), out_dir=tmp_path, progress=False,
+                      devices=jax.devices()[:1])
+    trainer.run()
+    trainer.save(tmp_path)
+    measured = trainer.evaluate()["psnr"]
+    assert measured >= PRESET_PSNR[preset] - 1.0, measured
+    kind = preset.split("-")[1]
+    size = get_config(preset).data.image_size
+    cls = {"kl": KLTokenizer, "vq": VQTokenizer}[kind]
+    loaded = cls.from_pretrained(tmp_path / "tokenizer", image_size=size)
+    images = trainer.held_out_images()
+    assert float(psnr(images, _round_trip(loaded, images))) == pytest.approx(measured, abs=1e-3)
