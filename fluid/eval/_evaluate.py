@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._types import CAUSAL, DISCRETE
-from ._frechet import REFERENCE_COUNT, feature_stats, shapes_reference_stats
+from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
 from ._shapes_eval import ShapesEval
 from ._shapes_features import ShapesFeatures
 from ._validation import (
@@ -40,15 +40,6 @@ def _categories(data_config: Any) -> tuple[str, ...]:
     from ..data.shapes import CATEGORIES
 
     return tuple(data_config.categories) if data_config.categories else CATEGORIES
-
-
-def _shapes_options(data_config: Any) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "object_scale": data_config.object_scale, "layout": data_config.layout,
-    }
-    if data_config.categories is not None:
-        options["categories"] = tuple(data_config.categories)
-    return options
 
 
 def generate_images(
@@ -99,7 +90,7 @@ def generate_images(
 def _check_frechet_count(samples: int, image_size: int, min_count: int | None) -> None:
     # Fail before generating rather than after: the covariance needs d + 1 samples.
     dims = ShapesFeatures()(np.zeros((1, image_size, image_size, 3), np.float32)).shape[1]
-    needed = max(2, dims + 1 if min_count is None else min_count)
+    needed = required_count(dims, min_count)
     if samples < needed:
         raise ValueError(
             f"{samples} samples are too few for the Frechet distance of {dims} ShapesFeatures: "
@@ -150,6 +141,7 @@ def evaluate(
     and their prompts.
     """
     from ..build import count_params, non_embedding_params
+    from ..train._data import shapes_options
 
     data = config.data
     if data.dataset != "shapes":
@@ -191,7 +183,7 @@ def evaluate(
 
     scores = judge.score(images, prompts)
     generated = feature_stats(ShapesFeatures(), images, min_count=min_count)
-    reference = shapes_reference_stats(data.image_size, **_shapes_options(data))
+    reference = shapes_reference_stats(data.image_size, **shapes_options(data))
     t3 = time.perf_counter()
 
     result = {

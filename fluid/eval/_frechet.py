@@ -69,6 +69,13 @@ def frechet_distance(
     return max(float(value), 0.0)
 
 
+def required_count(dims: int, min_count: int | None = None) -> int:
+    """The fewest samples `FeatureStats.from_features` accepts for `dims`-dimensional
+    features: `dims + 1` (a full-rank sample covariance) unless `min_count` says otherwise,
+    and never fewer than 2."""
+    return max(2, dims + 1 if min_count is None else min_count)
+
+
 @typing.final
 @dataclass(frozen=True)
 class FeatureStats:
@@ -121,7 +128,7 @@ class FeatureStats:
         """
         features = np.asarray(features, np.float64)
         n, d = features.shape
-        needed = max(2, d + 1 if min_count is None else min_count)
+        needed = required_count(d, min_count)
         if n < needed:
             raise ValueError(
                 f"{n} samples are too few for statistics of {d}-dimensional features: at "

@@ -57,17 +57,16 @@ def validation_batches(
     `validation_loss`.
     """
     from ..data.shapes import ShapesDataset
+    from ..train._data import shapes_options
 
     if data_config.dataset != "shapes":
         raise ValueError(
             f"held-out data is built in for the shapes data set only, not {data_config.dataset!r}: "
             "pass batches of your own held-out images and captions to validation_loss."
         )
-    options = {"object_scale": data_config.object_scale, "layout": data_config.layout}
-    if data_config.categories is not None:
-        options["categories"] = tuple(data_config.categories)
     data = ShapesDataset(
-        data_config.image_size, seed=data_config.seed + VALIDATION_SEED_OFFSET, **options
+        data_config.image_size, seed=data_config.seed + VALIDATION_SEED_OFFSET,
+        **shapes_options(data_config),
     )
     batches = []
     for start in range(0, count, batch_size):

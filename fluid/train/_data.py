@@ -15,20 +15,24 @@ from ..text import CaptionTokenizer, T5CaptionTokenizer, TextTokenizer, train_te
 _FIT_OFFSET = 1 << 30
 
 
+def shapes_options(config: DataConfig) -> dict[str, Any]:
+    """The `ShapesDataset` options a `DataConfig` sets besides image size, seed and size:
+    object scale, layout and (when given) categories. Held-out data and reference
+    statistics are built with the same ones (`fluid.eval`)."""
+    options: dict[str, Any] = {"object_scale": config.object_scale, "layout": config.layout}
+    if config.categories is not None:
+        options["categories"] = tuple(config.categories)
+    return options
+
+
 def make_source(config: DataConfig) -> Any:
     """The random-access source of images and captions a `DataConfig` names."""
     if config.dataset == "folder":
         return FolderSource(config.path, config.image_size)
     if config.dataset == "jsonl":
         return JsonlSource(config.path, config.image_size)
-    kwargs = {
-        "image_size": config.image_size, "seed": config.seed, "object_scale": config.object_scale,
-        "layout": config.layout,
-        "size": config.size,
-    }
-    if config.categories is not None:
-        kwargs["categories"] = tuple(config.categories)
-    return ShapesDataset(**kwargs)
+    return ShapesDataset(config.image_size, seed=config.seed, size=config.size,
+                         **shapes_options(config))
 
 
 def source_captions(source: Any, n: int) -> list[str]:
