@@ -87,6 +87,18 @@ def _diffusers():
     return pytest.importorskip("diffusers")
 
 
+def _build(cls, config, seed):
+    """A diffusers `cls(**config)` whose every parameter is seeded: the initialisation draws
+    from torch's global generator, so it is seeded here (without changing the state other
+    tests see), and `_randomise` perturbs it from its own generator."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(**config)
+    return _randomise(model, seed)
+
+
 def _randomise(model, seed):
     import torch
 
@@ -102,7 +114,7 @@ def _randomise(model, seed):
 def _nchw(x):
     import torch
 
-    return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
 
 
 def _nhwc(t):
@@ -112,7 +124,7 @@ def _nhwc(t):
 @pytest.fixture(scope="module")
 def kl_folder(tmp_path_factory):
     diffusers = _diffusers()
-    model = _randomise(diffusers.AutoencoderKL(**KL_CONFIG), seed=0)
+    model = _build(diffusers.AutoencoderKL, KL_CONFIG, seed=0)
     folder = tmp_path_factory.mktemp("kl")
     model.save_pretrained(folder, safe_serialization=True)
     return model, str(folder)
@@ -121,7 +133,7 @@ def kl_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vq_folder(tmp_path_factory):
     diffusers = _diffusers()
-    model = _randomise(diffusers.VQModel(**VQ_CONFIG), seed=1)
+    model = _build(diffusers.VQModel, VQ_CONFIG, seed=1)
     folder = tmp_path_factory.mktemp("vq")
     model.save_pretrained(folder, safe_serialization=True)
     return model, str(folder)
