@@ -124,10 +124,27 @@ def test_saved_folder_loads_with_the_same_reconstructions(run):
         load_model(out)
 
 
-def test_reconstruction_grid(run):
+def test_reconstruction_grid(run, monkeypatch):
     _, trainer, _, _ = run
+    import fluid.viz
+
+    drawn = {}
+    save_grid = fluid.viz.save_grid
+
+    def spy(images, path, **kwargs):
+        drawn.update(images=np.asarray(images), **kwargs)
+        return save_grid(images, path, **kwargs)
+
+    monkeypatch.setattr(fluid.viz, "save_grid", spy)
     grid = trainer.sample_grid()
-    assert grid is not None and grid.exists()
+    assert grid is not None and grid.exists() and grid.stat().st_size > 1000
+    # 8 held-out images above their reconstructions by the EMA tokenizer
+    held_out = np.asarray(trainer.held_out_images())[:8]
+    recon = np.asarray(trainer.model(ema=True).reconstruct(trainer.held_out_images()))[:8]
+    assert drawn["cols"] == 8 and drawn["images"].shape == (16, *held_out.shape[1:])
+    np.testing.assert_array_equal(drawn["images"][:8], held_out)
+    np.testing.assert_allclose(drawn["images"][8:], recon, atol=1e-5)
+    assert not np.allclose(drawn["images"][8:], held_out, atol=1e-2)  # not the input twice
 
 
 # -- the trainer's guarantees, for this objective -----------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._types import CONTINUOUS, Condition, Key, Scalar
+from ..nn import scan_layers
 from . import _gaussian_diffusion as gd
 from ._abstract import AbstractOutputHead
 
@@ -141,7 +142,7 @@ class DiffusionHead(AbstractOutputHead):
     time_fc2: eqx.nn.Linear
     cond_embed: eqx.nn.Linear
     input_proj: eqx.nn.Linear
-    # Residual blocks, stacked along a leading `depth` axis and run with `lax.scan`.
+    # Residual blocks, stacked along a leading `depth` axis and run with `nn.scan_layers`.
     block_norm: eqx.nn.LayerNorm
     block_fc1: eqx.nn.Linear
     block_fc2: eqx.nn.Linear
@@ -244,9 +245,9 @@ class DiffusionHead(AbstractOutputHead):
             norm, fc1, fc2, modulation = eqx.combine(params, static)
             shift, scale, gate = jnp.split(modulation(y_act), 3)
             out = fc2(jax.nn.silu(fc1(_modulate(norm(h), shift, scale))))
-            return h + gate * out, None
+            return h + gate * out
 
-        h, _ = jax.lax.scan(block, h, dynamic)
+        h = scan_layers(block, h, dynamic)
         shift, scale = jnp.split(self.final_modulation(y_act), 2)
         return self.final_linear(_modulate(self.final_norm(h), shift, scale))
 

@@ -6,5 +6,7 @@ from ._attention import SelfAttention as SelfAttention
 from ._cache import KVCache as KVCache
 from ._cross_attention import CrossAttention as CrossAttention
 from ._mlp import Mlp as Mlp
+from ._scan import REMAT_POLICY as REMAT_POLICY
+from ._scan import scan_layers as scan_layers
 from ._stack import TransformerStack as TransformerStack
 from ._transformer import TransformerBlock as TransformerBlock

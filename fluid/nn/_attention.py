@@ -42,7 +42,9 @@ def dot_product_attention(
     The softmax runs in float32 whatever the input dtype, so low-precision compute keeps
     well-normalised weights. A fully masked row attends uniformly rather than giving NaN.
     """
-    logits = jnp.einsum("qhd,khd->hqk", q, k) * (q.shape[-1] ** -0.5)
+    # The scale on the queries, as timm does: fewer multiplications than on the logits.
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("qhd,khd->hqk", q, k)
     logits = logits.astype(jnp.float32)
     if mask is not None:
         # The most negative finite number, not -inf: exp underflows to exactly zero, so

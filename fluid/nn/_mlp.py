@@ -2,6 +2,7 @@ import typing
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
@@ -11,7 +12,7 @@ from ._init import linear
 
 @typing.final
 class Mlp(eqx.Module):
-    """Linear, exact (erf) GELU, Linear: the feed-forward part of a ViT block.
+    """Linear, exact (erf) GELU (`gelu`), Linear: the feed-forward part of a ViT block.
 
     **Arguments:**
 
@@ -29,5 +30,16 @@ class Mlp(eqx.Module):
         self.fc2 = linear(hidden_dim, dim, key=k2)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        # torch's nn.GELU default (what timm and MAR use) is the erf form, not tanh.
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
+
+
+def gelu(x: Array) -> Array:
+    """The exact GELU, `x * Phi(x)`, in torch's formula `x / 2 * (1 + erf(x / sqrt 2))`:
+    torch's `nn.GELU` default, which timm and MAR use (not the tanh approximation).
+
+    Within 1.2e-6 of the float64 value; XLA:CPU computes it in about half the time of
+    `jax.nn.gelu(approximate=False)`, whose `erfc` form keeps relative precision in the far
+    negative tail at the cost of an exponential (forward and backward: 3.9 ms against 6.9 ms
+    on 2176 x 2048 float32 values, a 2-core CPU).
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))

@@ -8,6 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._types import Key
 from ._cache import KVCache
+from ._scan import scan_layers
 from ._transformer import TransformerBlock
 
 
@@ -23,7 +24,8 @@ def _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key):
 
 @typing.final
 class TransformerStack(eqx.Module):
-    """`depth` transformer blocks stored stacked and run with `jax.lax.scan`.
+    """`depth` transformer blocks stored stacked and run with `jax.lax.scan` (rematerialised
+    in the backward pass as `fluid.nn.scan_layers` says).
 
     Every array leaf of `layers` has a leading `depth` axis (the blocks are built by
     `eqx.filter_vmap` over keys), so the stack compiles one block, not `depth` of them.
@@ -69,11 +71,10 @@ class TransformerStack(eqx.Module):
         """Every block in turn; arguments as `TransformerBlock.__call__`."""
         params, static = eqx.partition(self.layers, eqx.is_array)
 
-        def body(h, p):
-            return eqx.combine(p, static)(h, mask, context, context_mask), None
+        def layer(h, p):
+            return eqx.combine(p, static)(h, mask, context, context_mask)
 
-        x, _ = jax.lax.scan(body, x, params)
-        return x
+        return scan_layers(layer, x, params)
 
     def init_cache(self, seq_len: int, context: Float[Array, "ctx dim"]) -> KVCache:
         """An empty self-attention cache for `seq_len` positions, with the context's
