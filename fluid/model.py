@@ -16,6 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._types import CAUSAL, CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import HEADS, AbstractOutputHead
+from .nn import dense
 from .orders import ORDERS, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
@@ -56,7 +57,9 @@ class TokenEmbedding(eqx.Module):
         return jax.vmap(self.embed_one)(tokens)
 
     def embed_one(self, token: Float[Array, " token_dim"] | Int[Array, ""]) -> Float[Array, " dim"]:
-        return self.norm(self.layer(token))
+        layer = self.layer
+        embedded = dense(layer, token) if isinstance(layer, eqx.nn.Linear) else layer(token)
+        return self.norm(embedded)
 
 
 def _names_where(registry, predicate) -> list[str]:

@@ -14,6 +14,7 @@ from scipy.special import erf
 
 from fluid.heads._diffusion import DiffusionHead
 from fluid.nn import TransformerStack, _scan
+from fluid.nn._init import dense
 from fluid.nn._mlp import gelu
 
 DEPTH, DIM, SEQ = 2, 32, 10
@@ -30,6 +31,26 @@ def test_gelu_is_the_exact_gelu():
     # not the tanh approximation, which is 4.7e-4 away near |x| = 2
     tanh = jax.nn.gelu(xs, approximate=True)
     assert float(jnp.max(jnp.abs(tanh - jnp.asarray(x * phi, jnp.float32)))) > 1e-4
+
+
+def test_dense_is_the_linear_layer_on_the_last_axis():
+    layer = eqx.nn.Linear(5, 3, key=jr.key(0))
+    no_bias = eqx.nn.Linear(5, 3, use_bias=False, key=jr.key(1))
+    for shape in [(5,), (4, 5), (2, 4, 5)]:
+        x = jr.normal(jr.key(2), shape)
+        for lin in (layer, no_bias):
+            expected = lin(x) if x.ndim == 1 else jax.vmap(lin)(x.reshape(-1, 5)).reshape(
+                *shape[:-1], 3)
+            chex.assert_trees_all_close(dense(lin, x), expected, atol=1e-6, rtol=1e-6)
+    # a module standing in for a linear layer is called on each vector
+    doubled = lambda v: 2.0 * layer(v)  # noqa: E731
+    x = jr.normal(jr.key(4), (2, 4, 5))
+    chex.assert_trees_all_close(dense(doubled, x), 2.0 * dense(layer, x), atol=1e-6)
+    # under vmap too, with gradients
+    x = jr.normal(jr.key(3), (4, 5))
+    g_dense = jax.grad(lambda m: jnp.sum(jax.vmap(lambda v: dense(m, v))(x) ** 2))(layer)
+    g_layer = jax.grad(lambda m: jnp.sum(jax.vmap(m)(x) ** 2))(layer)
+    chex.assert_trees_all_close(g_dense, g_layer, atol=1e-5, rtol=1e-6)
 
 
 def stack_loss(params, static, x):

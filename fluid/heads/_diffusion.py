@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._types import CONTINUOUS, Condition, Key, Scalar
-from ..nn import scan_layers
+from ..nn import dense, scan_layers
 from . import _gaussian_diffusion as gd
 from ._abstract import AbstractOutputHead
 
@@ -233,9 +233,10 @@ class DiffusionHead(AbstractOutputHead):
         nominally).
         """
         dtype = self.dtype
-        h = self.input_proj(x.astype(dtype))
-        temb = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(t, dtype=dtype))))
-        y = temb + self.cond_embed(c.astype(dtype))
+        h = dense(self.input_proj, x.astype(dtype))
+        temb = timestep_embedding(t, dtype=dtype)
+        temb = dense(self.time_fc2, jax.nn.silu(dense(self.time_fc1, temb)))
+        y = temb + dense(self.cond_embed, c.astype(dtype))
         y_act = jax.nn.silu(y)
 
         blocks = (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation)
@@ -243,13 +244,13 @@ class DiffusionHead(AbstractOutputHead):
 
         def block(h, params):
             norm, fc1, fc2, modulation = eqx.combine(params, static)
-            shift, scale, gate = jnp.split(modulation(y_act), 3)
-            out = fc2(jax.nn.silu(fc1(_modulate(norm(h), shift, scale))))
+            shift, scale, gate = jnp.split(dense(modulation, y_act), 3)
+            out = dense(fc2, jax.nn.silu(dense(fc1, _modulate(norm(h), shift, scale))))
             return h + gate * out
 
         h = scan_layers(block, h, dynamic)
-        shift, scale = jnp.split(self.final_modulation(y_act), 2)
-        return self.final_linear(_modulate(self.final_norm(h), shift, scale))
+        shift, scale = jnp.split(dense(self.final_modulation, y_act), 2)
+        return dense(self.final_linear, _modulate(self.final_norm(h), shift, scale))
 
     def q_sample(
         self,

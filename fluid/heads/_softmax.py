@@ -8,6 +8,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from .._types import DISCRETE, Condition, Key, Scalar
+from ..nn import dense
 from ._abstract import AbstractOutputHead
 
 
@@ -50,7 +51,7 @@ class SoftmaxHead(AbstractOutputHead):
 
     def logits(self, z: Condition) -> Float[Array, " vocab"]:
         """Unnormalised log-probabilities of every code."""
-        return self.proj(self.norm(z)).astype(jnp.float32)
+        return dense(self.proj, self.norm(z)).astype(jnp.float32)
 
     def loss(self, z: Condition, target: Int[Array, ""], *, key: Key) -> Scalar:
         del key

@@ -7,7 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int
 
 from .._types import Key
-from ._init import linear
+from ._init import dense, linear
 
 
 def attention_mask(
@@ -90,9 +90,9 @@ class SelfAttention(eqx.Module):
         self, x: Float[Array, "seq dim"], mask: Bool[Array, "seq seq"] | None = None
     ) -> Float[Array, "seq dim"]:
         """Attend every position to the positions `mask` allows (all when `None`)."""
-        q, k, v = self._split(jax.vmap(self.qkv)(x))
+        q, k, v = self._split(dense(self.qkv, x))
         out = dot_product_attention(q, k, v, mask)
-        return jax.vmap(self.proj)(out.reshape(x.shape))
+        return dense(self.proj, out.reshape(x.shape))
 
     def decode(
         self,
@@ -112,11 +112,11 @@ class SelfAttention(eqx.Module):
 
         The output at `t` and the updated caches.
         """
-        q, k, v = self._split(self.qkv(x))
+        q, k, v = self._split(dense(self.qkv, x))
         zero = jnp.zeros((), t.dtype)
         at = (t, zero, zero)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
         visible = jnp.arange(k_cache.shape[0]) <= t
         out = dot_product_attention(q[None], k_cache, v_cache, visible[None])
-        return self.proj(out.reshape(x.shape)), k_cache, v_cache
+        return dense(self.proj, out.reshape(x.shape)), k_cache, v_cache

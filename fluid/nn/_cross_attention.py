@@ -1,14 +1,13 @@
 import typing
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float
 
 from .._types import Key
 from ._attention import dot_product_attention
-from ._init import linear
+from ._init import dense, linear
 
 
 @typing.final
@@ -44,7 +43,7 @@ class CrossAttention(eqx.Module):
         self, context: Float[Array, "ctx context_dim"]
     ) -> tuple[Float[Array, "ctx heads head_dim"], Float[Array, "ctx heads head_dim"]]:
         """Keys and values of the context."""
-        kv = jax.vmap(self.kv)(context).reshape(context.shape[0], 2, self.num_heads, -1)
+        kv = dense(self.kv, context).reshape(context.shape[0], 2, self.num_heads, -1)
         return kv[:, 0], kv[:, 1]
 
     def attend(
@@ -55,10 +54,10 @@ class CrossAttention(eqx.Module):
         context_mask: Bool[Array, " ctx"],
     ) -> Float[Array, "seq dim"]:
         """Attend `x` to precomputed context keys and values, skipping padding."""
-        q = jax.vmap(self.q)(x).reshape(x.shape[0], self.num_heads, -1)
+        q = dense(self.q, x).reshape(x.shape[0], self.num_heads, -1)
         mask = jnp.broadcast_to(context_mask[None, :], (x.shape[0], k.shape[0]))
         out = dot_product_attention(q, k, v, mask)
-        return jax.vmap(self.proj)(out.reshape(x.shape))
+        return dense(self.proj, out.reshape(x.shape))
 
     def __call__(
         self,

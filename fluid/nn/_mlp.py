@@ -7,7 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from .._types import Key
-from ._init import linear
+from ._init import dense, linear
 
 
 @typing.final
@@ -30,7 +30,7 @@ class Mlp(eqx.Module):
         self.fc2 = linear(hidden_dim, dim, key=k2)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        return self.fc2(gelu(self.fc1(x)))
+        return dense(self.fc2, gelu(dense(self.fc1, x)))
 
 
 def gelu(x: Array) -> Array:

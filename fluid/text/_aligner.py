@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._types import Key
 from ..nn import TransformerStack, attention_mask
-from ..nn._init import layer_norm, linear
+from ..nn._init import dense, layer_norm, linear
 
 
 @typing.final
@@ -46,6 +46,6 @@ class TextAligner(eqx.Module):
         self, x: Float[Array, "ctx text_dim"], mask: Bool[Array, " ctx"]
     ) -> Float[Array, "ctx dim"]:
         """The aligned context: one vector of width `dim` per text token."""
-        h = jax.vmap(self.proj)(x)
+        h = dense(self.proj, x)
         h = self.blocks(h, attention_mask(x.shape[0], mask))
         return jnp.where(mask[:, None], jax.vmap(self.norm)(h), 0.0)
