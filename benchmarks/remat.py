@@ -1,4 +1,5 @@
-"""Rematerialisation policies of the scanned layers: the train step under each, timed in turn.
+"""Rematerialisation policies of the scanned layers, and how linear layers are called: the
+train step under each, timed in turn.
 
 `fluid.nn.scan_layers` runs the backbone's blocks and the diffusion head's residual blocks
 under `jax.checkpoint` with `fluid.nn._scan.REMAT_POLICY`. This script compiles the
@@ -9,12 +10,18 @@ alternates the compiled steps, so that the machine's drifting load hits every po
     python benchmarks/remat.py --config mar512 --steps 4 --policies default none
 
 Policies: `default` (the library's), `none` (a plain scan: every intermediate saved),
-or the name of any `jax.checkpoint_policies` member. `results/remat.json`, per run:
+the name of any `jax.checkpoint_policies` member, or `eqx-linear`: the default policy with
+`fluid.nn.dense` calling `eqx.nn.Linear` itself (`W @ x` under `vmap`) instead of `x @ W.T`
+(traced inside `fluid.nn.vector_products()`).
+
+    python benchmarks/remat.py --config mar256 mar512 --steps 5 --policies default eqx-linear
+ `results/remat.json`, per run:
 `policies[]` with `compile_s`, `step_times`, `step_cpu_times`, `step_s_median`,
 `step_cpu_s_median` and `ratio_to_first` (median time over the first policy's).
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -27,11 +34,11 @@ from _common import RESULTS, conditions, finish, write_json  # noqa: E402
 from flops import token_grid  # noqa: E402
 from mfu import make_batch, make_trainer  # noqa: E402
 
-from fluid.nn import _scan  # noqa: E402
+from fluid.nn import _scan, vector_products  # noqa: E402
 
 
 def policy(name: str):
-    if name == "default":
+    if name in ("default", "eqx-linear"):
         return _scan.REMAT_POLICY
     if name == "none":
         return None
@@ -50,7 +57,10 @@ def run(name: str, policies: list[str], steps: int, warmup: int) -> dict:
         try:
             jax.clear_caches()  # the jitted step is cached on its arguments, not the global
             t0 = time.perf_counter()
-            compiled.append(trainer.step_fn.lower(trainer.state, trainer.frozen, batch).compile())
+            products = vector_products() if p == "eqx-linear" else contextlib.nullcontext()
+            with products:
+                lowered = trainer.step_fn.lower(trainer.state, trainer.frozen, batch)
+            compiled.append(lowered.compile())
             rows.append({"policy": p, "compile_s": time.perf_counter() - t0,
                          "step_times": [], "step_cpu_times": []})
         finally:

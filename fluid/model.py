@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._types import CAUSAL, CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import HEADS, AbstractOutputHead
-from .nn import dense
+from .nn import dense, vector_products
 from .orders import ORDERS, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
@@ -385,5 +385,7 @@ class FluidModel(eqx.Module):
             return (self.token_embedding.embed_one(token), caches, key), token
 
         init = (jnp.zeros((dim,), jnp.float32), caches, key)
-        _, tokens = jax.lax.scan(body, init, jnp.arange(self.seq_len, dtype=jnp.int32))
+        # One position per step, 256 steps: products per vector (see `vector_products`).
+        with vector_products():
+            _, tokens = jax.lax.scan(body, init, jnp.arange(self.seq_len, dtype=jnp.int32))
         return tokens

@@ -14,7 +14,7 @@ from scipy.special import erf
 
 from fluid.heads._diffusion import DiffusionHead
 from fluid.nn import TransformerStack, _scan
-from fluid.nn._init import dense
+from fluid.nn._init import dense, vector_products
 from fluid.nn._mlp import gelu
 
 DEPTH, DIM, SEQ = 2, 32, 10
@@ -46,6 +46,10 @@ def test_dense_is_the_linear_layer_on_the_last_axis():
     doubled = lambda v: 2.0 * layer(v)  # noqa: E731
     x = jr.normal(jr.key(4), (2, 4, 5))
     chex.assert_trees_all_close(dense(doubled, x), 2.0 * dense(layer, x), atol=1e-6)
+    # per-vector products (for cached decoding): the same values
+    with vector_products():
+        per_vector = jax.jit(lambda m, v: dense(m, v))(layer, x)
+    chex.assert_trees_all_close(per_vector, dense(layer, x), atol=1e-6, rtol=1e-6)
     # under vmap too, with gradients
     x = jr.normal(jr.key(3), (4, 5))
     g_dense = jax.grad(lambda m: jnp.sum(jax.vmap(lambda v: dense(m, v))(x) ** 2))(layer)

@@ -6,6 +6,7 @@ from ._attention import SelfAttention as SelfAttention
 from ._cache import KVCache as KVCache
 from ._cross_attention import CrossAttention as CrossAttention
 from ._init import dense as dense
+from ._init import vector_products as vector_products
 from ._mlp import Mlp as Mlp
 from ._scan import REMAT_POLICY as REMAT_POLICY
 from ._scan import scan_layers as scan_layers

@@ -1,5 +1,7 @@
 """Initialisers shared by the transformer layers (MAR/ViT's choices), and `dense`."""
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import equinox as eqx
@@ -25,6 +27,25 @@ def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:
     )
 
 
+_ROWS_FIRST = contextvars.ContextVar("fluid_dense_rows_first", default=True)
+
+
+@contextlib.contextmanager
+def vector_products():
+    """While tracing inside this context, `dense` calls linear layers as `eqx.nn.Linear`
+    does, `W @ x` per vector.
+
+    For loops that apply the same layers to a few rows many times, such as cached raster
+    decoding: there `x @ W.T` has XLA:CPU copy each weight transposed on every iteration
+    (`mar256` raster sampling, 4 images: 20.3 s against 12.0 s).
+    """
+    token = _ROWS_FIRST.set(False)
+    try:
+        yield
+    finally:
+        _ROWS_FIRST.reset(token)
+
+
 def dense(
     layer: eqx.nn.Linear | Callable[[Array], Array], x: Float[Array, "... in"]
 ) -> Float[Array, "... out"]:
@@ -36,9 +57,10 @@ def dense(
     leading: `eqx.nn.Linear` computes `weight @ x`, and under `vmap` XLA:CPU then lays out
     the product as `[out, rows...]` and transposes it inside the elementwise fusions that
     read it, at a stride. Calling every linear layer of the train step this way makes the
-    `mar512` step about 0.82x the time (`benchmarks/README.md`).
+    `mar512` step about 0.82x the time (`benchmarks/README.md`). Inside
+    `vector_products()` it calls `layer` per vector instead.
     """
-    if not isinstance(layer, eqx.nn.Linear):
+    if not (isinstance(layer, eqx.nn.Linear) and _ROWS_FIRST.get()):
         for _ in range(x.ndim - 1):
             layer = jax.vmap(layer)
         return layer(x)

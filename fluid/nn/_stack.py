@@ -8,6 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._types import Key
 from ._cache import KVCache
+from ._init import vector_products
 from ._scan import scan_layers
 from ._transformer import TransformerBlock
 
@@ -110,5 +111,6 @@ class TransformerStack(eqx.Module):
             return h, (k, v)
 
         xs = (params, cache.k, cache.v, cache.context_k, cache.context_v)
-        x, (k, v) = jax.lax.scan(body, x, xs)
+        with vector_products():  # one position: products per vector (see `vector_products`)
+            x, (k, v) = jax.lax.scan(body, x, xs)
         return x, KVCache(k=k, v=v, context_k=cache.context_k, context_v=cache.context_v)
