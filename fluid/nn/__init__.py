@@ -8,7 +8,6 @@ from ._cross_attention import CrossAttention as CrossAttention
 from ._init import dense as dense
 from ._init import vector_products as vector_products
 from ._mlp import Mlp as Mlp
-from ._scan import REMAT_POLICY as REMAT_POLICY
 from ._scan import scan_layers as scan_layers
 from ._stack import TransformerStack as TransformerStack
 from ._transformer import TransformerBlock as TransformerBlock
