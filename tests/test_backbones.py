@@ -84,12 +84,14 @@ def assert_every_leaf_gets_gradient(grads, what):
 
 
 # -- layers ---------------------------------------------------------------------------------
-def test_attention_matches_jax_reference():
+# Several queries take the heads-first layout; one query (cached decoding) the other.
+@pytest.mark.parametrize("num_queries", [5, 1])
+def test_attention_matches_jax_reference(num_queries):
     k_q, k_k, k_v, k_m = jr.split(jr.key(0), 4)
-    q = jr.normal(k_q, (5, HEADS, 8))
+    q = jr.normal(k_q, (num_queries, HEADS, 8))
     k = jr.normal(k_k, (7, HEADS, 8))
     v = jr.normal(k_v, (7, HEADS, 8))
-    mask = jr.bernoulli(k_m, 0.6, (5, 7)).at[:, 0].set(True)
+    mask = jr.bernoulli(k_m, 0.6, (num_queries, 7)).at[:, 0].set(True)
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask[None], implementation="xla")
     out = dot_product_attention(q, k, v, mask)
     chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -44,7 +44,18 @@ def dot_product_attention(
     """
     # The scale on the queries, as timm does: fewer multiplications than on the logits.
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("qhd,khd->hqk", q, k)
+    # Several queries: the heads move in front first, so both products are plain batched
+    # matrix products over contiguous `[seq, head_dim]` blocks. Left as `qhd,khd->hqk`,
+    # XLA:CPU fused the strided head slices into the products and the `mar512` attention
+    # forward ran at a fifth of the matmul rate (the whole train step 0.93x the time with the
+    # transposes, `benchmarks/README.md`). One query (cached decoding) skips them: they
+    # would copy the whole key/value cache at every step.
+    heads_first = q.shape[-3] > 1
+    if heads_first:
+        q, k, v = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))
+        logits = jnp.einsum("hqd,hkd->hqk", q, k)
+    else:
+        logits = jnp.einsum("qhd,khd->hqk", q, k)
     logits = logits.astype(jnp.float32)
     if mask is not None:
         # The most negative finite number, not -inf: exp underflows to exactly zero, so
@@ -52,6 +63,8 @@ def dot_product_attention(
         lowest = jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32)
         logits = jnp.where(mask[None], logits, lowest)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if heads_first:
+        return jnp.swapaxes(jnp.einsum("hqk,hkd->hqd", weights, v), -3, -2)
     return jnp.einsum("hqk,khd->qhd", weights, v)
 
 
