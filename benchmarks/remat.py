@@ -1,5 +1,5 @@
-"""Rematerialisation policies of the scanned layers, and how linear layers are called: the
-train step under each, timed in turn.
+"""Rematerialisation policies of the scanned layers, how linear layers are called and how
+attention lays out its heads: the train step under each, timed in turn.
 
 `fluid.nn.scan_layers` runs the backbone's blocks and the diffusion head's residual blocks
 under `jax.checkpoint` with `fluid.nn._scan.REMAT_POLICY`. This script compiles the
@@ -12,7 +12,10 @@ alternates the compiled steps, so that the machine's drifting load hits every po
 Policies: `default` (the library's), `none` (a plain scan: every intermediate saved),
 the name of any `jax.checkpoint_policies` member, or `eqx-linear`: the default policy with
 `fluid.nn.dense` calling `eqx.nn.Linear` itself (`W @ x` under `vmap`) instead of `x @ W.T`
-(traced inside `fluid.nn.vector_products()`).
+(traced inside `fluid.nn.vector_products()`), or `strided-attention`: the default policy
+with `fluid.nn.dot_product_attention` contracting `qhd,khd->hqk` as it stands, without first
+moving the heads in front (`fluid.nn._attention.HEADS_FIRST_MIN_QUERIES` raised while
+tracing).
 
     python benchmarks/remat.py --config mar256 mar512 --steps 5 --policies default eqx-linear
  `results/remat.json`, per run:
@@ -34,11 +37,13 @@ from _common import RESULTS, conditions, finish, write_json  # noqa: E402
 from flops import token_grid  # noqa: E402
 from mfu import make_batch, make_trainer  # noqa: E402
 
-from fluid.nn import _scan, vector_products  # noqa: E402
+from fluid.nn import _attention, _scan, vector_products  # noqa: E402
+
+VARIANTS = ("eqx-linear", "strided-attention")  # the default policy, something else changed
 
 
 def policy(name: str):
-    if name in ("default", "eqx-linear"):
+    if name == "default" or name in VARIANTS:
         return _scan.REMAT_POLICY
     if name == "none":
         return None
@@ -50,10 +55,12 @@ def run(name: str, policies: list[str], steps: int, warmup: int) -> dict:
     trainer, config = make_trainer(name, batch=None, precision="float32", variant="fluid")
     seq_len, token_dim, vocab_size = token_grid(config.model)
     batch = make_batch(trainer, config, seq_len, token_dim, vocab_size, 0)
-    default = _scan.REMAT_POLICY
+    default, heads_first = _scan.REMAT_POLICY, _attention.HEADS_FIRST_MIN_QUERIES
     compiled, rows = [], []
     for p in policies:
         _scan.REMAT_POLICY = policy(p)
+        if p == "strided-attention":
+            _attention.HEADS_FIRST_MIN_QUERIES = sys.maxsize
         try:
             jax.clear_caches()  # the jitted step is cached on its arguments, not the global
             t0 = time.perf_counter()
@@ -65,6 +72,7 @@ def run(name: str, policies: list[str], steps: int, warmup: int) -> dict:
                          "step_times": [], "step_cpu_times": []})
         finally:
             _scan.REMAT_POLICY = default
+            _attention.HEADS_FIRST_MIN_QUERIES = heads_first
     state = trainer.state
     for i in range(warmup + steps):
         for step, row in zip(compiled, rows):

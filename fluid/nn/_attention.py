@@ -9,6 +9,11 @@ from jaxtyping import Array, Bool, Float, Int
 from .._types import Key
 from ._init import dense, linear
 
+# From how many queries `dot_product_attention` moves the heads in front of the sequence.
+# `benchmarks/remat.py --policies strided-attention` raises it while tracing, to time the
+# strided form against it.
+HEADS_FIRST_MIN_QUERIES = 2
+
 
 def attention_mask(
     seq: int, key_mask: Bool[Array, " seq"] | None = None, causal: bool = False
@@ -47,10 +52,11 @@ def dot_product_attention(
     # Several queries: the heads move in front first, so both products are plain batched
     # matrix products over contiguous `[seq, head_dim]` blocks. Left as `qhd,khd->hqk`,
     # XLA:CPU fused the strided head slices into the products and the `mar512` attention
-    # forward ran at a fifth of the matmul rate (the whole train step 0.93x the time with the
-    # transposes, `benchmarks/README.md`). One query (cached decoding) skips them: they
-    # would copy the whole key/value cache at every step.
-    heads_first = q.shape[-3] > 1
+    # forward ran at a fifth of the matmul rate; with the transposes the whole train step
+    # takes 0.93x the time (`benchmarks/remat.py --policies strided-attention default`).
+    # One query (cached decoding) skips them: they would copy the whole key/value cache at
+    # every step.
+    heads_first = q.shape[-3] >= HEADS_FIRST_MIN_QUERIES
     if heads_first:
         q, k, v = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))
         logits = jnp.einsum("hqd,hkd->hqk", q, k)
