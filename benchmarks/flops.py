@@ -183,9 +183,10 @@ def head_evaluations(config: ModelConfig, *, seq_len: int, guided: bool) -> int:
 
 def sample_flops(config: ModelConfig, *, seq_len: int, token_dim: int, steps: int,
                  guided: bool, vocab_size: int | None = None) -> dict[str, int]:
-    """Matmul FLOPs to sample ONE image: the backbone (a full forward pass per step for the
-    random order; one cached position per token, plus the context projections, for a
-    causal backbone), the token embedding, the text side and the head.
+    """Matmul FLOPs to sample ONE image: the backbone (for the random order, a forward pass
+    per step whose last block computes only that step's positions past its key/value
+    projections; one cached position per token, plus the context projections, for a causal
+    backbone), the token embedding, the text side and the head.
 
     `steps`: steps of the random order (ignored by raster, one token per step).
     """
@@ -206,7 +207,14 @@ def sample_flops(config: ModelConfig, *, seq_len: int, token_dim: int, steps: in
         out["backbone"] = halves * depth * (n * sum(step.values()) + cross_kv)
         out["token_embedding"] = n * 2 * token_dim * d if token_dim else 0
     else:
-        out["backbone"] = halves * steps * sum(detail["backbone"].values())
+        # `at_positions`: the last block runs everything but its qkv projection (keys and
+        # values of every position) and the context's keys and values on the positions
+        # produced at each step alone, `n` over the whole loop.
+        last = block_flops(n, d, mlp_ratio=back.get("mlp_ratio", 4.0), context=L)
+        every_step = last["attn_qkv"] + last["cross_kv"]
+        full, last_block = sum(detail["backbone"].values()), sum(last.values())
+        per_loop = steps * (full - last_block + every_step) + last_block - every_step
+        out["backbone"] = halves * per_loop if depth else halves * steps * full
         out["token_embedding"] = steps * sum(detail["token_embedding"].values())
     head = _spec(config, "head")
     if config.head.name == "diffusion":

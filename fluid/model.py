@@ -42,7 +42,9 @@ class TokenEmbedding(eqx.Module):
     norm: eqx.nn.LayerNorm
     token_kind: str = eqx.field(static=True)
 
-    def __init__(self, token_kind: str, token_dim: int, vocab_size: int | None, dim: int, *, key: Key):
+    def __init__(
+        self, token_kind: str, token_dim: int, vocab_size: int | None, dim: int, *, key: Key
+    ):
         self.token_kind = token_kind
         if token_kind == DISCRETE:
             assert vocab_size is not None
@@ -356,9 +358,11 @@ class FluidModel(eqx.Module):
                 first = start + i * k
                 idx = jax.lax.dynamic_slice(perm, (first,), (k,))
                 x = self.token_embedding(tokens)
-                z = jax.vmap(self.backbone, in_axes=(None, None, 0, 0))(x, known, ctx, ctx_mask)
+                z = jax.vmap(self.backbone.at_positions, in_axes=(None, None, 0, 0, None))(
+                    x, known, ctx, ctx_mask, idx
+                )
                 cfg_value = self._cfg_at(cfg, schedule, first + k)
-                new = self._sample_head(z[:, idx], guided, cfg_value, temperature, sub)
+                new = self._sample_head(z, guided, cfg_value, temperature, sub)
                 return (tokens.at[idx].set(new), known.at[idx].set(True), key), None
 
             (tokens, known, key), _ = jax.lax.scan(

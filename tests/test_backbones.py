@@ -151,6 +151,52 @@ def test_stack_scan_equals_loop():
     chex.assert_trees_all_close(scanned, loop(stack, x), atol=1e-5, rtol=1e-5)
 
 
+# Unordered, with a repeat: outputs follow `rows`, whatever it holds.
+ROWS = jnp.array([5, 0, 11, 5, 15])
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_rows_equal_full_output_at_rows(depth, causal):
+    stack = perturbed(
+        TransformerStack(depth, DIM, HEADS, cross_attention=True, key=jr.key(0)), jr.key(1)
+    )
+    x, _, context, ctx_mask = inputs()
+    mask = attention_mask(SEQ, causal=True) if causal else None
+    full = call(stack, x, mask, context, ctx_mask)
+    rows = call(stack, x, mask, context, ctx_mask, ROWS)
+    assert rows.shape == (ROWS.shape[0], DIM)
+    chex.assert_trees_all_close(rows, full[ROWS], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", BACKBONE_CLASSES)
+def test_at_positions_equals_full_output_at_positions(cls):
+    # The bidirectional transformer overrides `at_positions` (its last block on the
+    # positions alone); the causal one inherits the default.
+    backbone = build(cls)
+    x, known, context, ctx_mask = inputs()
+    full = call(backbone, x, known, context, ctx_mask)
+    at = call(backbone.at_positions, x, known, context, ctx_mask, ROWS)
+    chex.assert_trees_all_close(at, full[ROWS], atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_at_positions_skips_the_last_blocks_work():
+    backbone = build(BidirectionalTransformer)
+    x, known, context, ctx_mask = inputs()
+
+    def flops(f, *args):
+        return jax.jit(f).lower(backbone, *args).compile().cost_analysis()["flops"]
+
+    # The same program structure both times (XLA counts a scan's body once): only how
+    # many positions the last block computes differs.
+    def at(positions):
+        return flops(lambda b, *a: b.at_positions(*a), x, known, context, ctx_mask, positions)
+
+    # At least the last block's MLP, on the SEQ - 1 positions one position leaves out.
+    mlp = (SEQ - 1) * 2 * 2 * DIM * 4 * DIM
+    assert at(ROWS[:1]) < at(jnp.arange(SEQ)) - mlp
+
+
 def test_init_is_mar_like():
     b = CausalTransformer(DIM, DEPTH, HEADS, SEQ, key=jr.key(0))
     layers = b.blocks.layers

@@ -51,6 +51,23 @@ class AbstractBackbone(eqx.Module):
         `Float[Array, "seq dim"]`, one condition vector per position.
         """
 
+    def at_positions(
+        self,
+        x: Float[Array, "seq dim"],
+        known: Bool[Array, " seq"],
+        context: Context,
+        context_mask: TextMask,
+        positions: Int[Array, " k"],
+    ) -> Float[Array, "k dim"]:
+        """The condition vectors at `positions` only, in their order: `self(x, known,
+        context, context_mask)[positions]`, which is what this default computes.
+
+        Random-order sampling needs the conditions of the few positions it produces at each
+        step; a backbone that can skip work for the other positions overrides this (the
+        bidirectional transformer runs its last block on `positions` alone).
+        """
+        return self(x, known, context, context_mask)[positions]
+
 
 class AbstractCausalBackbone(AbstractBackbone):
     """A causal backbone that also decodes one position at a time from an explicit KV cache.

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from .._types import BIDIRECTIONAL, Context, Key, TextMask
 from ..nn import TransformerStack
@@ -69,6 +69,22 @@ class BidirectionalTransformer(AbstractBackbone):
         context: Context,
         context_mask: TextMask,
     ) -> Float[Array, "seq dim"]:
-        h = jnp.where(known[:, None], x, self.mask_embed[None, :]) + self.pos_embed
-        h = self.blocks(h, None, context, context_mask)
+        h = self.blocks(self._inputs(x, known), None, context, context_mask)
         return jax.vmap(self.norm)(h) + self.out_pos_embed
+
+    def at_positions(
+        self,
+        x: Float[Array, "seq dim"],
+        known: Bool[Array, " seq"],
+        context: Context,
+        context_mask: TextMask,
+        positions: Int[Array, " k"],
+    ) -> Float[Array, "k dim"]:
+        """`self(...)[positions]` with the last block's queries, cross-attention and MLP
+        run on `positions` alone (`TransformerStack` with `rows`): in 16-step sampling at
+        256 positions, about a fifth fewer backbone FLOPs at depth 4."""
+        h = self.blocks(self._inputs(x, known), None, context, context_mask, positions)
+        return jax.vmap(self.norm)(h) + self.out_pos_embed[positions]
+
+    def _inputs(self, x: Float[Array, "seq dim"], known: Bool[Array, " seq"]) -> Array:
+        return jnp.where(known[:, None], x, self.mask_embed[None, :]) + self.pos_embed

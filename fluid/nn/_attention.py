@@ -106,12 +106,22 @@ class SelfAttention(eqx.Module):
         return parts[..., 0, :, :], parts[..., 1, :, :], parts[..., 2, :, :]
 
     def __call__(
-        self, x: Float[Array, "seq dim"], mask: Bool[Array, "seq seq"] | None = None
-    ) -> Float[Array, "seq dim"]:
-        """Attend every position to the positions `mask` allows (all when `None`)."""
+        self,
+        x: Float[Array, "seq dim"],
+        mask: Bool[Array, "seq seq"] | None = None,
+        rows: Int[Array, " rows"] | None = None,
+    ) -> Float[Array, "seq_or_rows dim"]:
+        """Attend every position to the positions `mask` allows (all when `None`).
+
+        With `rows`, only those positions query (every position is still a key and a
+        value), and only their outputs are returned, in the order of `rows`.
+        """
         q, k, v = self._split(dense(self.qkv, x))
+        if rows is not None:
+            q = q[rows]
+            mask = None if mask is None else mask[rows]
         out = dot_product_attention(q, k, v, mask)
-        return dense(self.proj, out.reshape(x.shape))
+        return dense(self.proj, out.reshape(q.shape[0], x.shape[-1]))
 
     def decode(
         self,

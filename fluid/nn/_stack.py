@@ -68,14 +68,26 @@ class TransformerStack(eqx.Module):
         mask: Bool[Array, "seq seq"] | None = None,
         context: Float[Array, "ctx dim"] | None = None,
         context_mask: Bool[Array, " ctx"] | None = None,
-    ) -> Float[Array, "seq dim"]:
-        """Every block in turn; arguments as `TransformerBlock.__call__`."""
+        rows: Int[Array, " rows"] | None = None,
+    ) -> Float[Array, "seq_or_rows dim"]:
+        """Every block in turn; arguments as `TransformerBlock.__call__`.
+
+        With `rows`, the outputs at those positions only: the last block runs its queries,
+        cross-attention and MLP on `rows` alone (`TransformerBlock.__call__`), the blocks
+        before it on every position, whose keys and values the last block reads.
+        """
         params, static = eqx.partition(self.layers, eqx.is_array)
 
         def layer(h, p):
             return eqx.combine(p, static)(h, mask, context, context_mask)
 
-        return scan_layers(layer, x, params)
+        if rows is None:
+            return scan_layers(layer, x, params)
+        if self.depth == 0:
+            return x[rows]
+        x = scan_layers(layer, x, jax.tree.map(lambda a: a[:-1], params))
+        last = eqx.combine(jax.tree.map(lambda a: a[-1], params), static)
+        return last(x, mask, context, context_mask, rows)
 
     def init_cache(self, seq_len: int, context: Float[Array, "ctx dim"]) -> KVCache:
         """An empty self-attention cache for `seq_len` positions, with the context's

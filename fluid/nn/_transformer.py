@@ -61,9 +61,16 @@ class TransformerBlock(eqx.Module):
         mask: Bool[Array, "seq seq"] | None = None,
         context: Float[Array, "ctx dim"] | None = None,
         context_mask: Bool[Array, " ctx"] | None = None,
-    ) -> Float[Array, "seq dim"]:
-        """The block on a whole sequence; `mask[q, k]` says which keys query `q` may read."""
-        x = x + self.attn(jax.vmap(self.attn_norm)(x), mask)
+        rows: Int[Array, " rows"] | None = None,
+    ) -> Float[Array, "seq_or_rows dim"]:
+        """The block on a whole sequence; `mask[q, k]` says which keys query `q` may read.
+
+        With `rows`, the outputs at those positions only, in their order: every position
+        is read as a key and a value, but the queries, the cross-attention and the MLP run
+        on `rows` alone (equal to the full output indexed by `rows`, for less work).
+        """
+        h = self.attn(jax.vmap(self.attn_norm)(x), mask, rows)
+        x = (x if rows is None else x[rows]) + h
         if self.cross is not None:
             if context is None or context_mask is None:
                 raise ValueError("a cross-attention block needs context and context_mask.")
