@@ -345,6 +345,38 @@ def test_guidance_at_scale_one_equals_conditional(tiny):
     assert np.abs(np.asarray(strong - plain)).max() > 1e-3
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_sampling_chain_follows_network_and_reverse_steps(tiny, guided):
+    # `sample` runs the network on weights it slices once, outside its chain; the chain
+    # written here from the public `network` / `guided_output` (the scanned weights) and
+    # `p_mean_variance` must give the same token.
+    _, head = tiny
+    z, zu = jr.normal(jr.key(2), (2, 12))
+    cfg, temperature, key = 2.5, 0.8, jr.key(8)
+    s = head.gen_schedule
+
+    @eqx.filter_jit
+    def reference(head):
+        k_init, k_steps = jr.split(key)
+        x = jr.normal(k_init, (6,))
+        for i in range(head.sampling_steps):
+            t_gen = head.sampling_steps - 1 - i
+            t_net = jnp.asarray(s.timestep_map[t_gen], jnp.int32)
+            if guided:
+                out = head.guided_output(x, t_net, z, zu, cfg)[0]
+            else:
+                out = head.network(x, t_net, z)
+            mean, log_var, _ = gd.p_mean_variance(s, out, x, jnp.asarray(t_gen), None)
+            noise = jr.normal(jr.fold_in(k_steps, i), (6,))
+            x = mean + (jnp.exp(0.5 * log_var) * noise * temperature if t_gen else 0.0)
+        return x
+
+    sampled = eqx.filter_jit(
+        lambda h: h.sample(z, zu if guided else None, cfg, temperature, key=key)
+    )(head)
+    chex.assert_trees_all_close(sampled, reference(head), **TOL)
+
+
 def test_sampling_is_deterministic_given_the_key(tiny):
     _, head = tiny
     z = jr.normal(jr.key(2), (12,))
