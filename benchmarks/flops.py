@@ -181,6 +181,23 @@ def head_evaluations(config: ModelConfig, *, seq_len: int, guided: bool) -> int:
     return seq_len * head.get("sampling_steps", 100) * (2 if guided else 1)
 
 
+def bidirectional_pass_flops(config: ModelConfig, *, seq_len: int,
+                             rows: int | None = None) -> int:
+    """Matmul FLOPs of one bidirectional backbone pass over `seq_len` positions, or of
+    `at_positions` on `rows` of them: the last block then computes its qkv projection (keys
+    and values of every position) and the context's keys and values in full, the rest of
+    it on `rows` positions only."""
+    back = _spec(config, "backbone")
+    depth, n = back["depth"], seq_len
+    block = block_flops(n, config.width, mlp_ratio=back.get("mlp_ratio", 4.0),
+                        context=config.text_len)
+    full = sum(block.values())
+    if rows is None or depth == 0:
+        return depth * full
+    every_row = block["attn_qkv"] + block["cross_kv"]
+    return (depth - 1) * full + every_row + (full - every_row) * rows // n
+
+
 def sample_flops(config: ModelConfig, *, seq_len: int, token_dim: int, steps: int,
                  guided: bool, vocab_size: int | None = None) -> dict[str, int]:
     """Matmul FLOPs to sample ONE image: the backbone (for the random order, a forward pass
@@ -207,14 +224,11 @@ def sample_flops(config: ModelConfig, *, seq_len: int, token_dim: int, steps: in
         out["backbone"] = halves * depth * (n * sum(step.values()) + cross_kv)
         out["token_embedding"] = n * 2 * token_dim * d if token_dim else 0
     else:
-        # `at_positions`: the last block runs everything but its qkv projection (keys and
-        # values of every position) and the context's keys and values on the positions
-        # produced at each step alone, `n` over the whole loop.
-        last = block_flops(n, d, mlp_ratio=back.get("mlp_ratio", 4.0), context=L)
-        every_step = last["attn_qkv"] + last["cross_kv"]
-        full, last_block = sum(detail["backbone"].values()), sum(last.values())
-        per_loop = steps * (full - last_block + every_step) + last_block - every_step
-        out["backbone"] = halves * per_loop if depth else halves * steps * full
+        # One `at_positions` pass per step; its count is linear in the positions produced,
+        # which add up to `n` over the loop.
+        fixed = bidirectional_pass_flops(config, seq_len=n, rows=0)
+        out["backbone"] = halves * (steps * fixed + bidirectional_pass_flops(config, seq_len=n)
+                                    - fixed)
         out["token_embedding"] = steps * sum(detail["token_embedding"].values())
     head = _spec(config, "head")
     if config.head.name == "diffusion":

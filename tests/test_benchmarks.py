@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from flops import hlo_dot_flops, token_grid, train_flops
+from flops import bidirectional_pass_flops, hlo_dot_flops, token_grid, train_flops
 from mfu import unrolled_scans
 from sampling import build, captions, counting_model, generate_fn
 
@@ -85,6 +85,30 @@ def test_analytic_flops_match_xla(monkeypatch):
     # XLA's dots are exactly the products counted, less the unneeded input gradients.
     assert dots == pytest.approx(analytic["train_total_exact"], rel=0.01)
     assert XLA_OVER_ANALYTIC[0] <= xla / analytic["train_total"] <= XLA_OVER_ANALYTIC[1]
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3])
+def test_bidirectional_pass_flops_match_xla(rows):
+    # `sample_flops` counts the random order's backbone as `at_positions` passes: XLA's dots
+    # of one pass (a full pass when `rows` is None) are exactly the counted products.
+    base = tiny_model("fluid")
+    config = dataclasses.replace(
+        base, backbone=dataclasses.replace(base.backbone, kwargs={"depth": 2, "num_heads": 2})
+    )
+    seq = token_grid(config)[0]
+    backbone = abstract_model(config).backbone
+    x = jax.ShapeDtypeStruct((seq, config.width), jnp.float32)
+    known = jax.ShapeDtypeStruct((seq,), jnp.bool_)
+    ctx = jax.ShapeDtypeStruct((config.text_len, config.width), jnp.float32)
+    ctx_mask = jax.ShapeDtypeStruct((config.text_len,), jnp.bool_)
+
+    def one_pass(b, *args):
+        return b(*args) if rows is None else b.at_positions(*args, jnp.arange(rows))
+
+    with unrolled_scans():
+        compiled = jax.jit(one_pass).lower(backbone, x, known, ctx, ctx_mask).compile()
+    dots, _ = hlo_dot_flops(compiled.as_text())
+    assert dots == bidirectional_pass_flops(config, seq_len=seq, rows=rows)
 
 
 @pytest.mark.parametrize("variant, cfg", [("fluid", 3.0), ("continuous-raster", 1.0)])

@@ -234,10 +234,15 @@ class DiffusionHead(AbstractOutputHead):
         """
         return self._network(x, t, c, None)
 
+    def _stacked_blocks(self) -> tuple[tuple, tuple]:
+        """The residual blocks' `(norm, fc1, fc2, modulation)`, stacked along `depth`, split
+        into arrays and the rest (`eqx.partition`)."""
+        stacked = (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation)
+        return eqx.partition(stacked, eqx.is_array)
+
     def _blocks(self) -> list[tuple]:
         """The residual blocks as `depth` separate `(norm, fc1, fc2, modulation)` tuples."""
-        stacked = (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation)
-        dynamic, static = eqx.partition(stacked, eqx.is_array)
+        dynamic, static = self._stacked_blocks()
         return [
             eqx.combine(jax.tree.map(lambda a, i=i: a[i], dynamic), static)
             for i in range(self.depth)
@@ -265,8 +270,7 @@ class DiffusionHead(AbstractOutputHead):
             return h + gate * out
 
         if blocks is None:
-            stacked = (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation)
-            dynamic, static = eqx.partition(stacked, eqx.is_array)
+            dynamic, static = self._stacked_blocks()
             h = scan_layers(lambda h, p: block(h, eqx.combine(p, static)), h, dynamic)
         else:
             for params in blocks:
