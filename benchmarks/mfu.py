@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from _common import (
     read_peak,
     write_json,
 )
+from _profile import print_profile, profile_call
 from flops import hlo_dot_flops, token_grid, train_flops, train_products
 
 from fluid.config import TrainConfig
@@ -149,101 +149,6 @@ def time_components(model, batch: dict, *, warmup: int, runs: int) -> dict:
     return {"backbone_alone_s": back_s, "head_alone_s": head_s}
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
-_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-CONTAINERS = {"while", "call", "conditional"}
-
-
-def classify_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """`{instruction: (kind, op_name)}` of an optimised HLO module: kind `"dot"` if the
-    instruction is or calls a computation with a dot, `"copy"` for copies and transposes,
-    `"container"` for loops and calls (their time is their body's), else `"other"`."""
-    comp_dots: dict[str, bool] = {}
-    comp_calls: dict[str, list[str]] = {}
-    instrs = {}
-    current = None
-    for line in hlo_text.splitlines():
-        c = _COMPUTATION.match(line)
-        if c and "=" not in line.split("{")[0]:
-            current = c.group(1)
-            comp_dots[current], comp_calls[current] = False, []
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m or current is None:
-            continue
-        name, opcode = m.groups()
-        called = _CALLED.findall(line)
-        comp_calls[current].extend(called)
-        if opcode == "dot":
-            comp_dots[current] = True
-        op_name = _OP_NAME.search(line)
-        instrs[name] = (opcode, called, op_name.group(1) if op_name else "")
-
-    memo: dict[str, bool] = {}
-
-    def has_dot(comp: str) -> bool:
-        if comp not in memo:
-            memo[comp] = False  # guards against cycles of a misread module
-            memo[comp] = comp_dots.get(comp, False) or any(
-                has_dot(c) for c in comp_calls.get(comp, [])
-            )
-        return memo[comp]
-
-    out = {}
-    for name, (opcode, called, op_name) in instrs.items():
-        if opcode in CONTAINERS:
-            kind = "container"
-        elif opcode == "dot" or any(has_dot(c) for c in called):
-            kind = "dot"
-        elif opcode in ("copy", "transpose") or "transpose" in name or "copy" in name:
-            kind = "copy"
-        else:
-            kind = "other"
-        out[name] = (kind, op_name)
-    return out
-
-
-def profile_step(compiled, state, frozen, batch, hlo_text: str, out_dir: str) -> tuple:
-    """One step under `jax.profiler`: the time of the step's XLA operations (summed over
-    the threads that run them), by kind (`classify_instructions`) and the 15 longest, with
-    the JAX operation each came from. Returns the profile and the new state."""
-    import glob
-    import shutil
-
-    shutil.rmtree(out_dir, ignore_errors=True)
-    jax.profiler.start_trace(out_dir)
-    state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready(metrics)
-    jax.profiler.stop_trace()
-    path = max(glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True))
-    kinds = classify_instructions(hlo_text)
-    per_op: dict[str, float] = {}
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-        for line in plane.lines:
-            for event in line.events:
-                if event.name in kinds and kinds[event.name][0] != "container":
-                    per_op[event.name] = per_op.get(event.name, 0.0) + event.duration_ns / 1e9
-    by_kind: dict[str, float] = {}
-    by_source: dict[str, float] = {}
-    for name, t in per_op.items():
-        kind, op_name = kinds[name]
-        by_kind[kind] = by_kind.get(kind, 0.0) + t
-        # The JAX primitive and whether it belongs to the backward pass.
-        source = ("backward " if "transpose(" in op_name else "") + op_name.rsplit("/", 1)[-1]
-        by_source[f"{kind}: {source}"] = by_source.get(f"{kind}: {source}", 0.0) + t
-    total = sum(per_op.values())
-    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
-    return {
-        "profiled_op_s": total,
-        "profile_fraction_by_kind": {k: v / total for k, v in sorted(by_kind.items())},
-        "profile_top_sources": dict(sorted(by_source.items(), key=lambda kv: -kv[1])[:15]),
-        "profile_top_ops": [{"op": n, "s": t, "kind": kinds[n][0], "op_name": kinds[n][1]}
-                            for n, t in top],
-    }, state
-
-
 def make_trainer(name: str, *, batch: int | None, precision: str, variant: str):
     """A `Trainer` of configuration `name` (see the module docstring) and its batch size."""
     model = model_config(name, variant)
@@ -323,8 +228,11 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, precision: str
             mm_cpu.append(dmc)
     extra = {}
     if profile:
-        extra, state = profile_step(compiled, state, trainer.frozen, batches[0],
-                                    compiled.as_text(), "/tmp/fluid-mfu-profile")
+        def one_step():
+            out = compiled(state, trainer.frozen, batches[0])
+            return jax.block_until_ready(out)[0]
+
+        extra, state = profile_call(one_step, compiled.as_text(), "/tmp/fluid-mfu-profile")
     trainer.state = state
     step_s = float(np.median(step_times))
     interleaved_gflops = 2 * n_mm**3 / float(np.median(mm_times)) / 1e9
@@ -444,17 +352,15 @@ def main():
         c = r["conditions"]
         print(f"  load average {c['loadavg_start'][0]:.2f} -> {c['loadavg_end'][0]:.2f}, "
               f"{c['cpu_count']} CPUs, jax {c['jax_version']}; train FLOPs by part (G): "
-              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r["analytic_train_flops_by_part"].items()))
+              + ", ".join(f"{k} {v / 1e9:.2f}"
+                          for k, v in r["analytic_train_flops_by_part"].items()))
         if "matmuls_alone_step_s" in r:
             print(f"  matmuls alone at the step's shapes: {r['matmuls_alone_step_s']:.3f} s "
                   f"({r['matmuls_alone_gflops']:.1f} GFLOP/s); backbone alone "
                   f"{r['backbone_alone_s']:.3f} s ({r['backbone_alone_gflops']:.1f} GFLOP/s), "
                   f"head alone {r['head_alone_s']:.3f} s ({r['head_alone_gflops']:.1f} GFLOP/s)")
         if "profiled_op_s" in r:
-            print("  profile, share of operation time: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in r["profile_fraction_by_kind"].items()))
-            for src, t in list(r["profile_top_sources"].items())[:8]:
-                print(f"    {t:8.3f} s  {src}")
+            print_profile(r)
     print(f"wrote {out}")
 
 

@@ -7,7 +7,7 @@
 Issue 6's reference: MAR's own sampler at width 256, 2 + 2 blocks, batch 4, 16 steps,
 guidance 3 (linear), 100 diffusion steps: 21.9 s for 4 images (0.18 images/s) on a 2-core
 CPU; the target is 5x its images/s. `mar256` is that model (4 blocks at width 256, 256
-tokens of 16 channels, head 3 x 512); `--config` also takes preset names.
+tokens of 16 channels, head 3 x 256); `--config` also takes preset names.
 
 For each configuration: the jitted `FluidModel.generate` (the whole loop: text, backbone,
 head, decoding) is lowered and compiled once (`lower_s`, `compile_s`), then timed over
@@ -16,7 +16,9 @@ counted by a copy of the model whose head's last layer reports, through a host c
 how many rows it sees (`head_evals_counted`); the expected count is
 `tokens x head.num_evaluations() x (2 with guidance)` per image. `time_head_only_s` and
 `time_backbone_only_s` time the two parts alone, batched as in the loop, to show where the
-time goes. FLOPs are matmul FLOPs from `benchmarks/flops.py`.
+time goes. FLOPs are matmul FLOPs from `benchmarks/flops.py`. `--profile` runs one more
+call under `jax.profiler` and records its operation time by kind, by part (text, backbone,
+head, tokenizer) and by JAX operation (`benchmarks/_profile.py`).
 """
 
 import argparse
@@ -45,6 +47,7 @@ from _common import (
     read_peak,
     write_json,
 )
+from _profile import print_profile, profile_call
 from flops import sample_flops, token_grid
 
 from fluid.build import compose
@@ -206,7 +209,7 @@ def time_parts(model: FluidModel, batch: int, *, steps: int, cfg: float, warmup:
 
 
 def run(name: str, variant: str | None, *, batch: int, steps: int, cfg: float, warmup: int,
-        runs: int, count: bool, parts: bool) -> dict:
+        runs: int, count: bool, parts: bool, profile: bool = False) -> dict:
     info = conditions()
     config = model_config(name, variant or "fluid")
     model = build(config)
@@ -290,6 +293,9 @@ def run(name: str, variant: str | None, *, batch: int, steps: int, cfg: float, w
         result["speedup_vs_mar"] = result["images_per_s"] / mar_ips
     if parts:
         result.update(time_parts(model, batch, steps=steps, cfg=cfg, warmup=1, runs=runs))
+    if profile:
+        result.update(profile_call(lambda: compiled(params, ids, mask, key).block_until_ready(),
+                                   compiled.as_text(), "/tmp/fluid-sampling-profile")[0])
     result["conditions"] = finish(info)
     return result
 
@@ -307,13 +313,16 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-count", action="store_true", help="skip the counting run")
     parser.add_argument("--no-parts", action="store_true", help="skip head/backbone timings")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one call with jax.profiler: time by kind and by part")
     parser.add_argument("--out", default=str(RESULTS / "sampling.json"))
     args = parser.parse_args()
     jobs = [(name, v) for name in args.config
             for v in (args.variants if name in REFERENCES else [None])]
     results = [
         run(name, v, batch=args.batch, steps=args.steps, cfg=args.cfg, warmup=args.warmup,
-            runs=args.runs, count=not args.no_count, parts=not args.no_parts)
+            runs=args.runs, count=not args.no_count, parts=not args.no_parts,
+            profile=args.profile)
         for name, v in jobs
     ]
     # Runs of other configurations already in the file are kept.
@@ -337,6 +346,8 @@ def main():
         c = r["conditions"]
         print(f"  load average {c['loadavg_start'][0]:.2f} -> {c['loadavg_end'][0]:.2f}, "
               f"{c['cpu_count']} CPUs, jax {c['jax_version']}")
+        if "profiled_op_s" in r:
+            print_profile(r)
     print(f"wrote {out}")
 
 

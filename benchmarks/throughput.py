@@ -106,7 +106,8 @@ def main():
     overrides = dict(kv.split("=", 1) for kv in args.override)
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "devices": [str(d) for d in jax.devices()], "cpu_count": __import__("os").cpu_count()},
+                    "devices": [str(d) for d in jax.devices()],
+                    "cpu_count": __import__("os").cpu_count()},
         "jax_version": jax.__version__,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
@@ -118,11 +119,13 @@ def main():
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"{'preset':<18}{'precision':<10}{'dev':>4}{'step s':>9}{'img/s':>9}{'tok/s':>10}{'compile s':>11}{'sample img/s':>14}{'peak MiB':>10}")
+    print(f"{'preset':<18}{'precision':<10}{'dev':>4}{'step s':>9}{'img/s':>9}{'tok/s':>10}"
+          f"{'compile s':>11}{'sample img/s':>14}{'peak MiB':>10}")
     for r in results["runs"]:
-        print(f"{r['preset']:<18}{r['precision']:<10}{r['devices']:>4}{r['train_step_s_median']:>9.4f}{r['train_images_per_s']:>9.1f}"
-              f"{r['train_tokens_per_s']:>10.0f}{r['train_compile_s']:>11.1f}{r['sample_images_per_s']:>14.2f}"
-              f"{r['step_memory']['peak_bytes'] / 2**20:>10.2f}")
+        print(f"{r['preset']:<18}{r['precision']:<10}{r['devices']:>4}"
+              f"{r['train_step_s_median']:>9.4f}{r['train_images_per_s']:>9.1f}"
+              f"{r['train_tokens_per_s']:>10.0f}{r['train_compile_s']:>11.1f}"
+              f"{r['sample_images_per_s']:>14.2f}{r['step_memory']['peak_bytes'] / 2**20:>10.2f}")
     print(f"wrote {args.out}")
 
 

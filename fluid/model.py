@@ -172,14 +172,16 @@ class FluidModel(eqx.Module):
         self, images: Float[Array, "batch h w 3"]
     ) -> Float[Array, "batch seq token_dim"] | Int[Array, "batch seq"]:
         """Tokens of a batch of images (no gradient flows into the tokenizer)."""
-        return jax.lax.stop_gradient(jax.vmap(self.tokenizer.encode)(images))
+        with jax.named_scope("tokenizer"):
+            return jax.lax.stop_gradient(jax.vmap(self.tokenizer.encode)(images))
 
     def encode_text(self, ids: Int[Array, " ctx"], mask: TextMask) -> Context:
         """The aligned text context of one caption."""
-        hidden = self.text_encoder(ids, mask)
-        if not self.text_encoder.trainable:
-            hidden = jax.lax.stop_gradient(hidden)
-        return self.aligner(hidden, mask)
+        with jax.named_scope("text"):
+            hidden = self.text_encoder(ids, mask)
+            if not self.text_encoder.trainable:
+                hidden = jax.lax.stop_gradient(hidden)
+            return self.aligner(hidden, mask)
 
     # -- training -------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, ArrayLike], *, key: Key) -> Float[Array, ""]:
@@ -244,7 +246,8 @@ class FluidModel(eqx.Module):
             if hidden is None:
                 context = self.encode_text(ids, mask)
             else:
-                context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
+                with jax.named_scope("text"):
+                    context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
             if self.backbone.attention == CAUSAL:
                 known = jnp.ones((n,), bool)
                 targets = known
@@ -255,12 +258,14 @@ class FluidModel(eqx.Module):
                     known_count = self.order.num_known(n, key=k_known)
                 known = rank < known_count
                 targets = ~known
-            x = self.token_embedding(tokens)
-            z = self.backbone(x.astype(compute), known, context.astype(compute), mask)
-            z = z.astype(jnp.float32)
-            per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
-                z, tokens, jr.split(k_head, n)
-            )
+            with jax.named_scope("backbone"):
+                x = self.token_embedding(tokens)
+                z = self.backbone(x.astype(compute), known, context.astype(compute), mask)
+                z = z.astype(jnp.float32)
+            with jax.named_scope("head"):
+                per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
+                    z, tokens, jr.split(k_head, n)
+                )
             weights = targets.astype(jnp.float32)
             return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
 
@@ -301,7 +306,8 @@ class FluidModel(eqx.Module):
             jnp.asarray(text_ids), jnp.asarray(text_mask), key=key, steps=steps, cfg=cfg,
             cfg_schedule=cfg_schedule, temperature=temperature,
         )
-        return jax.vmap(self.tokenizer.decode)(tokens)
+        with jax.named_scope("tokenizer"):
+            return jax.vmap(self.tokenizer.decode)(tokens)
 
     def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature):
         """`generate` without the final decoding: the sampled tokens."""
@@ -327,11 +333,14 @@ class FluidModel(eqx.Module):
     def _sample_head(self, z, guided, cfg_value, temperature, key):
         """Sample tokens at the `k` positions given by `z`: `[1 or 2, k, dim]`."""
         keys = jr.split(key, z.shape[1])
-        if guided:
+        with jax.named_scope("head"):
+            if guided:
+                return jax.vmap(
+                    lambda c, u, k: self.head.sample(c, u, cfg_value, temperature, key=k)
+                )(z[0], z[1], keys)
             return jax.vmap(
-                lambda c, u, k: self.head.sample(c, u, cfg_value, temperature, key=k)
-            )(z[0], z[1], keys)
-        return jax.vmap(lambda c, k: self.head.sample(c, None, 1.0, temperature, key=k))(z[0], keys)
+                lambda c, k: self.head.sample(c, None, 1.0, temperature, key=k)
+            )(z[0], keys)
 
     def _empty_tokens(self):
         n = self.seq_len
@@ -357,10 +366,11 @@ class FluidModel(eqx.Module):
                 key, sub = jr.split(key)
                 first = start + i * k
                 idx = jax.lax.dynamic_slice(perm, (first,), (k,))
-                x = self.token_embedding(tokens)
-                z = jax.vmap(self.backbone.at_positions, in_axes=(None, None, 0, 0, None))(
-                    x, known, ctx, ctx_mask, idx
-                )
+                with jax.named_scope("backbone"):
+                    x = self.token_embedding(tokens)
+                    z = jax.vmap(self.backbone.at_positions, in_axes=(None, None, 0, 0, None))(
+                        x, known, ctx, ctx_mask, idx
+                    )
                 cfg_value = self._cfg_at(cfg, schedule, first + k)
                 new = self._sample_head(z, guided, cfg_value, temperature, sub)
                 return (tokens.at[idx].set(new), known.at[idx].set(True), key), None
@@ -375,18 +385,22 @@ class FluidModel(eqx.Module):
         del steps  # causal decoding produces one token per step
         backbone = typing.cast(AbstractCausalBackbone, self.backbone)
         ctx, ctx_mask = self._contexts(ids, mask, guided)
-        caches = jax.vmap(backbone.init_cache)(ctx, ctx_mask)
+        with jax.named_scope("backbone"):
+            caches = jax.vmap(backbone.init_cache)(ctx, ctx_mask)
         dim = backbone.dim
 
         def body(carry, t):
             x_prev, caches, key = carry
             key, sub = jr.split(key)
-            z, caches = jax.vmap(backbone.decode_step, in_axes=(None, None, 0, 0, 0))(
-                x_prev, t, caches, ctx, ctx_mask
-            )
+            with jax.named_scope("backbone"):
+                z, caches = jax.vmap(backbone.decode_step, in_axes=(None, None, 0, 0, 0))(
+                    x_prev, t, caches, ctx, ctx_mask
+                )
             token = self._sample_head(z[:, None], guided, self._cfg_at(cfg, schedule, t + 1),
                                       temperature, sub)[0]
-            return (self.token_embedding.embed_one(token), caches, key), token
+            with jax.named_scope("backbone"):  # the token embedding, as in `loss_terms`
+                x_next = self.token_embedding.embed_one(token)
+            return (x_next, caches, key), token
 
         init = (jnp.zeros((dim,), jnp.float32), caches, key)
         # One position per step, 256 steps: products per vector (see `vector_products`).

@@ -1,7 +1,9 @@
-"""The benchmarks' own instruments: the analytic FLOP counter against XLA's accounting, and
-the head-evaluation counter against its expected count. (Speed is never asserted here.)"""
+"""The benchmarks' own instruments: the analytic FLOP counter against XLA's accounting, the
+head-evaluation counter against its expected count, and the profiler's attribution of
+operations to model parts. (Speed is never asserted here.)"""
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from flops import bidirectional_pass_flops, hlo_dot_flops, token_grid, train_flops
+from _profile import PARTS, classify_instructions, part_of
 from mfu import unrolled_scans
 from sampling import build, captions, counting_model, generate_fn
 
@@ -124,3 +127,92 @@ def test_head_evaluations_counted(variant, cfg):
     expected = seq * model.head.num_evaluations() * (2 if cfg != 1.0 else 1)
     assert expected == seq * 5 * (2 if cfg != 1.0 else 1)
     assert counter.rows == batch * expected
+
+
+def test_part_of_reads_whole_name_segments():
+    assert part_of("jit(step)/vmap()/head/vmap()/dot_general") == "head"
+    assert part_of("jit(step)/transpose(jvp(backbone))/checkpoint/dot_general") == "backbone"
+    assert part_of("jit(generate)/while/body/text/dot_general") == "text"
+    # A segment that merely contains a part's name is not that part.
+    assert part_of("jit(step)/vmap(heads_first)/dot_general") == "other"
+    assert part_of("jit(step)/optax/add") == "other"
+
+
+def _loss_and_sampler(variant: str):
+    """The tiny model's loss gradient and its sampler (guided), lowered."""
+    config = tiny_model(variant, text_depth=1)
+    model = build(config)
+    batch = 2
+    ids, mask = captions(config, batch)
+    tokens = jr.normal(jr.key(1), (batch, model.seq_len, 48))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(params):
+        m = eqx.combine(params, static)
+        return m.loss({"tokens": tokens, "text_ids": ids, "text_mask": mask}, key=jr.key(2))
+
+    generate, gen_params = generate_fn(model, steps=2, cfg=3.0)
+    return {
+        "loss gradient": jax.jit(jax.grad(loss)).lower(params),
+        "sampling": generate.lower(gen_params, ids, mask, jr.key(0)),
+    }
+
+
+@pytest.fixture
+def no_persistent_cache():
+    """Compile without the tests' persistent compilation cache, which keys programs
+    without their operation names: a cached program can carry the names of an older
+    version of the code."""
+    from jax._src import compilation_cache
+
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", previous)
+    compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize("variant", ["fluid", "continuous-raster"])
+def test_every_product_is_attributed_to_a_part(variant, no_persistent_cache):
+    # `FluidModel` names its components' scopes, so that a profile says which part each
+    # product belongs to: in the optimised loss gradient and sampler, every dot that
+    # carries an operation name comes from a named part, and the backbone, the head and
+    # the text side each own some.
+    for what, lowered in _loss_and_sampler(variant).items():
+        hlo = lowered.compile().as_text()
+        dot_parts = [part_of(op) for kind, op in classify_instructions(hlo).values()
+                     if kind == "dot" and op]
+        assert dot_parts, what
+        assert set(dot_parts) <= set(PARTS), (what, sorted(set(dot_parts)))
+        assert {"backbone", "head", "text"} <= set(dot_parts), (what, sorted(set(dot_parts)))
+
+
+def test_classify_instructions_finds_the_products_of_an_optimised_program():
+    # The instructions `classify_instructions` calls products are those whose own line or
+    # called computations (transitively) hold a dot, found here by splitting the module at
+    # its blank lines instead of parsing computation headers (whose tuple types carry
+    # `/*index=5*/` comments with an `=` in them).
+    hlo = _loss_and_sampler("fluid")["loss gradient"].compile().as_text()
+    blocks = {}
+    for block in hlo.split("\n\n"):
+        lines = [line for line in block.strip().splitlines() if line.strip()]
+        if lines and lines[-1].strip() == "}":
+            name = lines[0].removeprefix("ENTRY ").split()[0].lstrip("%")
+            blocks[name] = "\n".join(lines[1:])
+    calls = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+
+    def holds_dot(text, seen=()):
+        return " dot(" in text or any(
+            c not in seen and holds_dot(blocks.get(c, ""), (*seen, c)) for c in calls.findall(text)
+        )
+
+    expected, found = set(), set()
+    for body in blocks.values():
+        for line in body.splitlines():
+            m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(", line)
+            if m and m.group(2) not in ("while", "call", "conditional") and holds_dot(line):
+                expected.add(m.group(1))
+    found = {n for n, (kind, _) in classify_instructions(hlo).items() if kind == "dot"}
+    assert len(blocks) > 20 and len(expected) > 10
+    assert found == expected
