@@ -31,21 +31,13 @@ def cmd_components(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    import equinox as eqx
-    import jax.random as jr
-
-    from .build import abstract_model, build_objective, count_params
+    from .build import count_params
     from .presets import PRESETS
+    from .train import get_task
 
     for name in sorted(PRESETS):
         config = PRESETS[name]()
-        if config.task == "tokenizer":
-            tree = eqx.filter_eval_shape(
-                build_objective, config.model.tokenizer, config.tokenizer_loss, key=jr.key(0)
-            )
-        else:
-            tree = abstract_model(config.model)
-        n = count_params(tree)
+        n = count_params(get_task(config.task).abstract_model(config))
         print(f"{name:<26} {n / 1e6:10.2f}M parameters")
     return 0
 
@@ -80,7 +72,9 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
     )
     summary = {
         "steps": trainer.step,
-        "final_loss_mean_of_last_50": float(sum(r["loss"] for r in history[-50:]) / max(len(history[-50:]), 1)),
+        "final_loss_mean_of_last_50": float(
+            sum(r["loss"] for r in history[-50:]) / max(len(history[-50:]), 1)
+        ),
         "train_seconds": train_time,
         "sample_seconds": sample_time,
         "samples": str(grid),

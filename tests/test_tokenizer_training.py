@@ -13,12 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from fluid.build import build_objective
+from fluid.build import build_objective, count_params
 from fluid.cli import main
+from fluid.config import TASKS as CONFIG_TASKS
 from fluid.config import ComponentSpec, TokenizerLossConfig
 from fluid.presets import get_config
 from fluid.tokenizers import AutoencoderObjective, KLTokenizer, VQTokenizer, psnr
-from fluid.train import Trainer, load_model
+from fluid.train import TASKS, Trainer, get_task, load_model
 
 # tiny-tokenizer-* on 32 px shapes, 30 steps of 8 images, EMA weights: measured 13.8 dB
 # (kl) and 14.4 dB (vq), from 6.3 and 5.6 dB untrained.
@@ -72,7 +73,7 @@ def run(request):
     return request.getfixturevalue(f"{request.param}_run")
 
 
-# -- the objective and PSNR ---------------------------------------------------------------------
+# -- the objective and PSNR ------------------------------------------------------------------------
 def test_psnr_is_ten_log10_of_four_over_the_mse():
     images = jr.uniform(jr.key(0), (3, 8, 8, 3), minval=-1.0, maxval=1.0)
     shifted = images + jnp.array([0.1, 0.2, 0.05])[:, None, None, None]
@@ -91,6 +92,27 @@ def test_only_autoencoder_tokenizers_train():
         get_config("tiny-fluid", task="tokenise")
     with pytest.raises(ValueError, match="'l1' or 'l2'"):
         TokenizerLossConfig(reconstruction="l3")
+
+
+def test_every_task_name_has_its_task():
+    # `TrainConfig` validates `task` against `fluid.config.TASKS`; the trainer looks the
+    # name up in `fluid.train.TASKS`: the two must name the same tasks.
+    assert tuple(TASKS) == CONFIG_TASKS
+    assert all(get_task(name).name == name for name in CONFIG_TASKS)
+    assert (get_task("generate").reads_captions, get_task("tokenizer").reads_captions) == (
+        True, False
+    )
+    known = r"unknown task 'tokenise'; the tasks are \['generate', 'tokenizer'\]"
+    with pytest.raises(ValueError, match=known):
+        get_task("tokenise")
+
+
+def test_parameter_count_of_a_tokenizer_preset_is_its_objectives():
+    config = get_config("tokenizer-kl-32")
+    tree = get_task("tokenizer").abstract_model(config)
+    assert isinstance(tree, AutoencoderObjective)
+    built = build_objective(config.model.tokenizer, config.tokenizer_loss, key=jr.key(0))
+    assert count_params(tree) == count_params(built) > 0
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -147,7 +169,7 @@ def test_reconstruction_grid(run, monkeypatch):
     assert not np.allclose(drawn["images"][8:], held_out, atol=1e-2)  # not the input twice
 
 
-# -- the trainer's guarantees, for this objective -----------------------------------------------------
+# -- the trainer's guarantees, for this objective --------------------------------------------------
 def test_gradient_accumulation_equals_whole_batch_on_an_fsdp_mesh():
     # SGD keeps the update linear in the gradient (see tests/test_trainer.py); the KL
     # posterior's draws come from per-example keys, so the split batch draws the same.

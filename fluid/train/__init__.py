@@ -23,6 +23,11 @@ from ._sharding import make_mesh as make_mesh
 from ._sharding import param_shardings as param_shardings
 from ._sharding import shard_batch as shard_batch
 from ._sharding import state_shardings as state_shardings
+from ._tasks import TASKS as TASKS
+from ._tasks import GenerateTask as GenerateTask
+from ._tasks import Task as Task
+from ._tasks import TokenizerTask as TokenizerTask
+from ._tasks import get_task as get_task
 from ._tensorboard import SummaryWriter as SummaryWriter
 from ._trainer import Trainer as Trainer
 from ._trainer import TrainState as TrainState

@@ -20,23 +20,23 @@ from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
 from .._types import Key
-from ..build import build_model, build_objective
+from ..build import build_model
 from ..config import TrainConfig, to_dict
 from ..data import SkippedRecordWarning
 from ..model import FluidModel
 from ..text import CaptionTokenizer, load_caption_tokenizer
-from ..tokenizers import AutoencoderObjective, psnr
+from ..tokenizers import AutoencoderObjective
 from ._cache import cache_fingerprint, cached_source
 from ._checkpoint import CheckpointManager
 from ._data import caption_tokenizer, fit_images, make_loader, make_source
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
 from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
+from ._tasks import get_task
 from ._tensorboard import SummaryWriter
 
 # Held-out images of a tokenizer run's PSNR: a steady estimate for the cost of a forward
 # pass over a few training batches.
 EVAL_IMAGES = 64
-_psnr = jax.jit(psnr)
 
 
 class TrainState(eqx.Module):
@@ -65,7 +65,10 @@ def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return model
-    cast = lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x
+
+    def cast(x):
+        return x.astype(dtype) if eqx.is_inexact_array(x) else x
+
     return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
 
 
@@ -135,10 +138,11 @@ class Trainer:
     that run stopped, writes one every `checkpoint_every` steps, at the end and on
     interruption, and logs metrics to `metrics.jsonl` and TensorBoard.
 
-    With `config.task == "tokenizer"` the model is an `AutoencoderObjective` over
-    `config.model.tokenizer` (every floating-point leaf trained, no captions read, no
-    backbone cast); the same loop trains it, logs the `psnr` of held-out reconstructions
-    every `log_every` steps, and `save` writes the tokenizer as a diffusers folder.
+    What the model is, how it is evaluated, pictured and saved depends on `config.task`
+    (`fluid.train.TASKS`): `"generate"` trains a `FluidModel`; `"tokenizer"` an
+    `AutoencoderObjective` over `config.model.tokenizer` (every floating-point leaf trained,
+    no captions read, no backbone cast), logging the `psnr` of held-out reconstructions
+    every `log_every` steps and saving the tokenizer as a diffusers folder.
 
     **Arguments:**
 
@@ -178,23 +182,18 @@ class Trainer:
         resuming = resume and self.checkpoints is not None and (
             self.checkpoints.latest_step() is not None
         )
-        generate = config.task == "generate"
-        self.text_tokenizer = self._text_tokenizer(reuse=resuming) if generate else None
-        # The backbone's compute dtype; None without a backbone (a tokenizer run: float32).
-        self.dtype = resolve_precision(config.precision) if generate else None
+        self.task = get_task(config.task)
+        self.text_tokenizer = (
+            self._text_tokenizer(reuse=resuming) if self.task.reads_captions else None
+        )
+        # The backbone's compute dtype; None when nothing is cast (a tokenizer run).
+        self.dtype = self.task.compute_dtype(config)
         rules, min_size = config.mesh.rules, config.mesh.min_shard_size
 
         k_model, k_train = jr.split(jr.key(config.seed))
-        if generate:
-            images = fit_images(self.source, config.data.fit_images)
-            build = functools.partial(
-                build_model, config.model, text_tokenizer=self.text_tokenizer, key=k_model,
-                fit_images=images,
-            )
-        else:
-            build = functools.partial(
-                build_objective, config.model.tokenizer, config.tokenizer_loss, key=k_model
-            )
+        build = self.task.builder(
+            config, source=self.source, text_tokenizer=self.text_tokenizer, key=k_model
+        )
         if any("path" in spec.kwargs for spec in (config.model.tokenizer,
                                                    config.model.text_encoder)):
             # Pretrained weights read from files: under jit they would become constants of
@@ -392,10 +391,7 @@ class Trainer:
         """Metrics of the EMA model on held-out data, logged every `log_every` steps: in a
         tokenizer run, `psnr` (dB, see `fluid.tokenizers.psnr`) of the deterministic
         reconstructions of `held_out_images()`; none for a generative model."""
-        if self.config.task != "tokenizer":
-            return {}
-        images = self.held_out_images()
-        return {"psnr": float(_psnr(images, self.model(ema=True).reconstruct(images)))}
+        return self.task.evaluate(self)
 
     # -- outputs --------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
@@ -416,31 +412,8 @@ class Trainer:
         tokenizer run, 8 held-out images above their reconstructions."""
         if self.out_dir is None:
             return None
-        from ..data.shapes import DEMO_PROMPTS
-        from ..sample import sample_images
-        from ..viz import save_grid
-
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
-        if self.config.task == "tokenizer":
-            images = self.held_out_images()
-            # All of them, as `evaluate` does (one compiled program), then the first 8.
-            pairs = (images, self.model(ema=True).reconstruct(images))
-            if not self.is_main:
-                return None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            grid = np.concatenate([np.asarray(x)[:8] for x in pairs])
-            return save_grid(grid, path, cols=8)
-        prompts = list(prompts or DEMO_PROMPTS)
-        images = sample_images(
-            self.model(ema=True), self.text_tokenizer, prompts,
-            text_len=self.config.model.text_len, key=jr.key(self.config.seed + 1),
-            steps=self.config.sample_steps, cfg=self.config.sample_cfg,
-            temperature=self.config.sample_temperature,
-        )
-        if not self.is_main:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return save_grid(images, path, captions=prompts, cols=4)
+        return self.task.sample_grid(self, path, prompts)
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the EMA model, the config and the text tokenizer (see `load_model`); in a
@@ -458,11 +431,7 @@ class Trainer:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
-        if self.config.task == "tokenizer":
-            model.autoencoder.save_pretrained(directory / "tokenizer")
-            return directory
-        self.text_tokenizer.save(directory / "text_tokenizer.model")
-        eqx.tree_serialise_leaves(directory / "model.eqx", model)
+        self.task.save(self, model, directory)
         return directory
 
 
@@ -504,12 +473,7 @@ def load_model(
             if step is None:
                 raise FileNotFoundError(f"{run_dir / 'checkpoints'} has no complete checkpoint.")
         config = from_dict(TrainConfig, manager.saved_config(step))
-        if config.task == "tokenizer":
-            raise ValueError(
-                f"{run_dir} trained an image tokenizer, not a generative model: it is the "
-                f"diffusers folder {run_dir / 'tokenizer'} (a {config.model.tokenizer.name!r} "
-                "tokenizer spec's `path`)."
-            )
+        get_task(config.task).check_loadable(config, run_dir)
         text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
         skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
         params, rest = eqx.partition(skeleton, trainable_mask(skeleton))
