@@ -216,3 +216,26 @@ def test_classify_instructions_finds_the_products_of_an_optimised_program():
     found = {n for n, (kind, _) in classify_instructions(hlo).items() if kind == "dot"}
     assert len(blocks) > 20 and len(expected) > 10
     assert found == expected
+
+
+def test_mar_reference_stands_in_for_torchvision_as_timm_uses_it(tmp_path):
+    # In a fresh interpreter: the stand-in is a global import hook.
+    import subprocess
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    script = (
+        f"import sys; sys.path.insert(0, {benchmarks!r})\n"
+        "import mar_reference; mar_reference._stand_in_torchvision()\n"
+        "from torchvision.transforms import InterpolationMode as I\n"
+        "from torchvision.ops.misc import FrozenBatchNorm2d\n"
+        "import torchvision.transforms.functional as F\n"
+        "table = {I.NEAREST: 'nearest', I.BILINEAR: 'bilinear', I.BICUBIC: 'bicubic'}\n"
+        "assert len(table) == 3 and table[I.BILINEAR] == 'bilinear', table\n"
+        "assert I.NEAREST is I.NEAREST\n"
+        "class Frozen(FrozenBatchNorm2d): pass\n"
+        "Frozen(3, eps=1e-5); F.resize\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
