@@ -147,7 +147,7 @@ def train(MAR, name: str, *, batch: int, warmup: int, runs: int, flop_steps: int
         with torch.no_grad():
             for e, p in zip(ema, model.parameters()):
                 e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
-        return float(loss)
+        return float(loss.detach())
 
     flops = []
     for _ in range(flop_steps):
