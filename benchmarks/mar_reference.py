@@ -15,10 +15,11 @@ here: the script imports `models.mar.MAR` from the checkout you name, on the CPU
 - timm imports torchvision at start-up, and PyPI's torchvision does not load beside the CPU
   torch the `reference` extra pins; if it is missing, an empty stand-in module is installed
   for timm's imports (MAR uses only timm's `Block`, which needs none of torchvision);
-- configurations: `mar512` (width 512, 4 + 4 blocks, head 3 x 512) and `mar256` (width 256,
-  2 + 2 blocks, head 3 x 256), 256 tokens of 16 channels (MAR's 16-channel KL tokens at
-  256 px), buffer 64, batch multiplier 4, batch 8 for training; sampling `mar256` at batch 4,
-  16 steps, guidance 3 (linear), 100 diffusion steps, temperature 1;
+- configurations: `_common.REFERENCES` as MAR's arguments (`mar_kwargs`): `mar512` (width
+  512, 4 + 4 blocks, head 3 x 512) and `mar256` (width 256, 2 + 2 blocks, head 3 x 256),
+  256 tokens of 16 channels (MAR's 16-channel KL tokens at 256 px), buffer 64, batch
+  multiplier 4, batch 8 for training; sampling at `sampling.MAR_REFERENCE` (`mar256`,
+  batch 4, 16 steps, guidance 3, linear), 100 diffusion steps, temperature 1;
 - the train step is MAR's `forward` (loss), `backward`, gradient clipping at 3.0, AdamW
   (betas 0.9, 0.95; weight decay 0.02) and an EMA update, in float32;
 - matmul FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one step (MAR
@@ -30,7 +31,8 @@ here: the script imports `models.mar.MAR` from the checkout you name, on the CPU
 `train_flops_per_step`, `achieved_gflops`, `mfu`; for sampling `sample_s_median`,
 `sample_times`, `images_per_s`, `sample_flops_per_image` (one call counted), and with
 `--with-fluid` (fluid's compiled `mar256` sampler alternated call by call with MAR's)
-`fluid_sample_s_median`, `fluid_speedup_same_session`, `fluid_speedup_vs_issue_figure`; `torch_threads`, `conditions`.
+`fluid_sample_s_median`, `fluid_speedup_same_session`, `fluid_speedup_vs_issue_figure`;
+`torch_threads`, `conditions`.
 """
 
 import argparse
@@ -45,19 +47,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    REFERENCES,
     RESULTS,
     conditions,
     finish,
+    median_time,
     model_config,
     read_peak,
     write_json,
 )
+from sampling import MAR_REFERENCE, captions, generate_fn
+from sampling import build as build_fluid
 
-CONFIGS = {
-    "mar512": {"width": 512, "depth": 4, "heads": 8, "head_width": 512},
-    "mar256": {"width": 256, "depth": 2, "heads": 4, "head_width": 256},
-}
-ISSUE_FIGURES = {"mar512": 9.6, "mar256": 2.3, "sample": 21.9}
+# The issue's MAR train-step figures (seconds per step at batch 8); its sampling figure is
+# `sampling.MAR_REFERENCE`.
+ISSUE_STEP_S = {"mar512": 9.6, "mar256": 2.3}
+
+
+def mar_kwargs(name: str) -> dict:
+    """MAR's constructor arguments for the reference configuration `name` of
+    `_common.REFERENCES`, so that both codes are timed at one set of sizes: fluid's
+    backbone blocks split evenly into MAR's encoder and decoder, the same attention heads and
+    diffusion head, 256 tokens of 16 channels (MAR's 16x KL tokens at 256 px), buffer 64."""
+    config = model_config(name)
+    backbone, head = config.backbone.kwargs, config.head.kwargs
+    depth = backbone["depth"] // 2
+    return {"img_size": 256, "vae_stride": 16, "patch_size": 1, "vae_embed_dim": 16,
+            "buffer_size": 64, "encoder_embed_dim": config.width, "encoder_depth": depth,
+            "encoder_num_heads": backbone["num_heads"], "decoder_embed_dim": config.width,
+            "decoder_depth": backbone["depth"] - depth,
+            "decoder_num_heads": backbone["num_heads"], "diffloss_d": head["depth"],
+            "diffloss_w": head["width"], "num_sampling_steps": "100",
+            "diffusion_batch_mul": head["batch_mul"]}
 
 
 def _stand_in_torchvision() -> None:
@@ -116,22 +137,12 @@ def load_mar(path: str):
     return MAR
 
 
-def build(MAR, name: str):
-    c = CONFIGS[name]
-    return MAR(img_size=256, vae_stride=16, patch_size=1, encoder_embed_dim=c["width"],
-               encoder_depth=c["depth"], encoder_num_heads=c["heads"],
-               decoder_embed_dim=c["width"], decoder_depth=c["depth"],
-               decoder_num_heads=c["heads"], vae_embed_dim=16, buffer_size=64,
-               diffloss_d=3, diffloss_w=c["head_width"], num_sampling_steps="100",
-               diffusion_batch_mul=4)
-
-
 def train(MAR, name: str, *, batch: int, warmup: int, runs: int, flop_steps: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model = build(MAR, name)
+    model = MAR(**mar_kwargs(name))
     model.train()
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
@@ -155,17 +166,10 @@ def train(MAR, name: str, *, batch: int, warmup: int, runs: int, flop_steps: int
         with counter:
             step()
         flops.append(counter.get_total_flops())
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
+    step_s, times = median_time(step, warmup=warmup, runs=runs)
     result = {"config": name, "batch_size": batch, "step_s_median": step_s, "step_times": times,
               "images_per_s": batch / step_s, "train_flops_per_step": float(np.mean(flops)),
-              "train_flops_draws": flops, "issue_step_s": ISSUE_FIGURES[name]}
+              "train_flops_draws": flops, "issue_step_s": ISSUE_STEP_S.get(name)}
     result["achieved_gflops"] = result["train_flops_per_step"] / step_s / 1e9
     peak = read_peak()
     if peak:
@@ -174,36 +178,38 @@ def train(MAR, name: str, *, batch: int, warmup: int, runs: int, flop_steps: int
     return result
 
 
-def fluid_sampler(batch: int):
-    """fluid's jitted `mar256` sampler at MAR's settings, compiled, as `benchmarks/sampling.py`
-    builds it: a call that blocks until the images are ready."""
+def fluid_sampler():
+    """fluid's jitted sampler at `sampling.MAR_REFERENCE`'s settings, compiled, as
+    `benchmarks/sampling.py` builds it: a call that blocks until the images are ready."""
     import jax.random as jr
-    from sampling import build as build_fluid
-    from sampling import captions, generate_fn
 
-    config = model_config("mar256", "fluid")
+    ref = MAR_REFERENCE
+    config = model_config(ref["config"], "fluid")
     model = build_fluid(config)
-    ids, mask = captions(config, batch)
-    generate, params = generate_fn(model, steps=16, cfg=3.0)
+    ids, mask = captions(config, ref["batch"])
+    generate, params = generate_fn(model, steps=ref["steps"], cfg=ref["cfg"])
     compiled = generate.lower(params, ids, mask, jr.key(1)).compile()
     return lambda: compiled(params, ids, mask, jr.key(1)).block_until_ready()
 
 
-def sample(MAR, *, batch: int, warmup: int, runs: int, with_fluid: bool) -> dict:
-    """MAR's `sample_tokens` at issue 6's settings; with `with_fluid`, alternated call by
-    call with fluid's compiled sampler, so that both see the same load."""
+def sample(MAR, *, warmup: int, runs: int, with_fluid: bool) -> dict:
+    """MAR's `sample_tokens` at issue 6's settings (`sampling.MAR_REFERENCE`, linear
+    guidance, temperature 1); with `with_fluid`, alternated call by call with fluid's
+    compiled sampler, so that both see the same load."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    ref = MAR_REFERENCE
+    batch = ref["batch"]
     torch.manual_seed(0)
-    model = build(MAR, "mar256")
+    model = MAR(**mar_kwargs(ref["config"]))
     model.eval()
     labels = torch.randint(0, 1000, (batch,))
 
     def call():
         with torch.no_grad():
-            return model.sample_tokens(bsz=batch, num_iter=16, cfg=3.0, cfg_schedule="linear",
-                                       labels=labels, temperature=1.0)
+            return model.sample_tokens(bsz=batch, num_iter=ref["steps"], cfg=ref["cfg"],
+                                       cfg_schedule="linear", labels=labels, temperature=1.0)
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -211,7 +217,7 @@ def sample(MAR, *, batch: int, warmup: int, runs: int, with_fluid: bool) -> dict
     assert tokens.shape == (batch, 16, 16, 16) and bool(torch.isfinite(tokens).all())
     calls = {"mar": call}
     if with_fluid:
-        calls["fluid"] = fluid_sampler(batch)
+        calls["fluid"] = fluid_sampler()
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -222,23 +228,24 @@ def sample(MAR, *, batch: int, warmup: int, runs: int, with_fluid: bool) -> dict
             calls[name]()
             times[name].append(time.perf_counter() - t0)
     sample_s = float(np.median(times["mar"]))
-    result = {"config": "mar256", "batch_size": batch, "order_steps": 16, "cfg": 3.0,
-              "diffusion_steps": 100, "sample_s_median": sample_s, "sample_times": times["mar"],
-              "images_per_s": batch / sample_s, "issue_sample_s": ISSUE_FIGURES["sample"],
+    result = {"config": ref["config"], "batch_size": batch, "order_steps": ref["steps"],
+              "cfg": ref["cfg"], "diffusion_steps": 100, "sample_s_median": sample_s,
+              "sample_times": times["mar"], "images_per_s": batch / sample_s,
+              "issue_sample_s": ref["seconds"],
               "sample_flops_per_image": counter.get_total_flops() / batch}
     if with_fluid:
         fluid_s = float(np.median(times["fluid"]))
         result.update({"fluid_sample_s_median": fluid_s, "fluid_sample_times": times["fluid"],
                        "fluid_speedup_same_session": sample_s / fluid_s,
-                       "fluid_speedup_vs_issue_figure": ISSUE_FIGURES["sample"] / fluid_s})
+                       "fluid_speedup_vs_issue_figure": ref["seconds"] / fluid_s})
     return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mar", required=True, help="a checkout of github.com/LTH14/mar")
-    parser.add_argument("--what", nargs="+", default=["mar512", "mar256", "sample"],
-                        choices=["mar512", "mar256", "sample"])
+    parser.add_argument("--what", nargs="+", default=[*ISSUE_STEP_S, "sample"],
+                        choices=[*REFERENCES, "sample"])
     parser.add_argument("--batch", type=int, default=8, help="training batch")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
@@ -255,11 +262,11 @@ def main():
            "warmup": args.warmup, "runs": args.runs, "runs_by_config": []}
     for what in args.what:
         if what == "sample":
-            r = sample(MAR, batch=4, warmup=args.warmup, runs=args.runs,
-                       with_fluid=args.with_fluid)
-            print(f"MAR sampling mar256, 4 images: {r['sample_s_median']:.2f} s, "
+            r = sample(MAR, warmup=args.warmup, runs=args.runs, with_fluid=args.with_fluid)
+            print(f"MAR sampling {r['config']}, {r['batch_size']} images: "
+                  f"{r['sample_s_median']:.2f} s, "
                   f"{r['sample_flops_per_image'] / 1e9:.0f} GFLOP per image "
-                  f"(issue: {ISSUE_FIGURES['sample']} s)", flush=True)
+                  f"(issue: {r['issue_sample_s']} s)", flush=True)
             if args.with_fluid:
                 print(f"fluid sampling, alternated with it: {r['fluid_sample_s_median']:.2f} s "
                       f"({r['fluid_speedup_same_session']:.2f}x MAR's images/s in this run, "
@@ -271,7 +278,7 @@ def main():
             mfu = f", MFU {r['mfu']:.2f}" if "mfu" in r else ""
             print(f"MAR train {what}: {r['step_s_median']:.2f} s/step, "
                   f"{r['train_flops_per_step'] / 1e9:.0f} GFLOP/step, "
-                  f"{r['achieved_gflops']:.1f} GFLOP/s{mfu} (issue: {ISSUE_FIGURES[what]} s)",
+                  f"{r['achieved_gflops']:.1f} GFLOP/s{mfu} (issue: {ISSUE_STEP_S.get(what)} s)",
                   flush=True)
         out["runs_by_config"].append(r)
     out["conditions"] = finish(info)

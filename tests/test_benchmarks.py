@@ -239,3 +239,19 @@ def test_mar_reference_stands_in_for_torchvision_as_timm_uses_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, width, blocks, heads", [("mar512", 512, 4, 8),
+                                                        ("mar256", 256, 2, 4)])
+def test_mar_reference_builds_mar_at_the_issues_sizes(name, width, blocks, heads):
+    # Issue 6's MAR configurations: encoder and decoder of `blocks` each at `width`, a
+    # 3 x width diffusion head, batch multiplier 4, 256 tokens of 16 channels.
+    from mar_reference import mar_kwargs
+
+    assert mar_kwargs(name) == {
+        "img_size": 256, "vae_stride": 16, "patch_size": 1, "vae_embed_dim": 16,
+        "buffer_size": 64, "encoder_embed_dim": width, "encoder_depth": blocks,
+        "encoder_num_heads": heads, "decoder_embed_dim": width, "decoder_depth": blocks,
+        "decoder_num_heads": heads, "diffloss_d": 3, "diffloss_w": width,
+        "num_sampling_steps": "100", "diffusion_batch_mul": 4,
+    }
