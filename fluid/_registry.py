@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from ._errors import UserError
 
 BUILTIN_SOURCE = "fluid-jax (built-in)"
 
@@ -23,11 +24,8 @@ class RegistryError(Exception):
     """Base class of registry errors."""
 
 
-class UnknownComponentError(RegistryError, KeyError):
+class UnknownComponentError(RegistryError, UserError, KeyError):
     """A name that no built-in and no installed plug-in registers."""
-
-    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
-        return str(self.args[0])
 
 
 class DuplicateComponentError(RegistryError):

@@ -151,7 +151,8 @@ def abstract_model(config: ModelConfig, *, text_vocab_size: int | None = None) -
     vocab = text_vocab_size or config.text_vocab_size
     null_ids = np.zeros((config.text_len,), np.int32)
     null_mask = np.arange(config.text_len) < 1
-    return jax.eval_shape(
+    # `filter_`: parts may hold non-array leaves (a plug-in's activation function).
+    return eqx.filter_eval_shape(
         lambda k: compose(config, text_vocab_size=vocab, null_text=(null_ids, null_mask), key=k),
         jr.key(0),
     )

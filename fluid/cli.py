@@ -2,19 +2,26 @@
 presets."""
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from ._errors import ConfigError, ConfigKeyError, UserError
+
+DEBUG_ENV = "FLUID_DEBUG"
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"override {pair!r} must look like dotted.key=value")
+            raise ConfigKeyError(f"override {pair!r} must look like dotted.key=value")
         k, v = pair.split("=", 1)
         out[k] = v
     return out
@@ -85,11 +92,34 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
     return summary
 
 
+def _plan(config, out: Path, what: str) -> int:
+    """`--dry-run`: check everything a run needs (the config, its data, its parts, files they
+    read) and say what it would do, training nothing."""
+    from .build import abstract_model, count_params
+    from .train import caption_tokenizer, get_task, make_source
+
+    source = make_source(config.data)
+    task = get_task(config.task)
+    if task.reads_captions:
+        # As the run would: the caption tokenizer it reads with sets the text vocabulary.
+        vocab = caption_tokenizer(source, config.model).vocab_size
+        n = count_params(abstract_model(config.model, text_vocab_size=vocab))
+    else:
+        n = count_params(task.abstract_model(config))
+    data = config.data.dataset + (f" at {config.data.path}" if config.data.path else "")
+    print(f"{what}: {n / 1e6:.2f}M parameters, {config.steps} steps of batch "
+          f"{config.batch_size}, data {data} ({len(source)} records), writing to {out}/ "
+          "(dry run: nothing trained)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .presets import get_config
 
     config = get_config("demo", **_overrides(args.override))
     out = Path(args.out)
+    if args.dry_run:
+        return _plan(config, out, "fluid demo would train the Fluid variant")
     # The demo always trains from scratch: earlier checkpoints in its folder are replaced.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -127,6 +157,8 @@ def cmd_train(args) -> int:
     _initialize_distributed()
 
     config = get_config(args.preset, **_overrides(args.override))
+    if args.dry_run:
+        return _plan(config, Path(args.out or f"runs/{args.preset}"), f"would train {args.preset}")
     if config.task == "tokenizer":
         return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
     summary = _train_and_report(config, Path(args.out or f"runs/{args.preset}"))
@@ -180,10 +212,12 @@ def cmd_train_tokenizer(args) -> int:
 
     config = get_config(args.preset, **_overrides(args.override))
     if config.task != "tokenizer":
-        raise SystemExit(
+        raise ConfigError(
             f"preset {args.preset!r} trains a generative model (use `fluid train`); "
             "train-tokenizer takes a tokenizer-* preset or task=tokenizer."
         )
+    if args.dry_run:
+        return _plan(config, Path(args.out or f"runs/{args.preset}"), f"would train {args.preset}")
     return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
 
 
@@ -191,13 +225,23 @@ def cmd_sample(args) -> int:
     import jax.random as jr
 
     from .sample import sample_images
-    from .train import load_model
-    from .viz import save_grid
+    from .train import find_weights, load_model
+    from .viz import check_figure_path, save_grid
 
-    model, text_tokenizer, config = load_model(args.checkpoint, ema=not args.raw)
+    # Everything that can be refused is refused before the model is loaded or sampled.
+    check_figure_path(args.out)
+    weights = find_weights(args.checkpoint, ema=not args.raw)
+    print(f"loading {weights.describe()}")
+    model, text_tokenizer, config = load_model(weights, ema=not args.raw)
+    steps = config.sample_steps if args.steps is None else args.steps
+    if args.steps is not None and args.steps > model.seq_len:
+        raise ConfigError(
+            f"--steps {args.steps} is more than the model's {model.seq_len} tokens; give "
+            f"--steps between 1 and {model.seq_len}."
+        )
     images = sample_images(
         model, text_tokenizer, args.prompt, text_len=config.model.text_len,
-        key=jr.key(args.seed), steps=args.steps or config.sample_steps,
+        key=jr.key(args.seed), steps=min(steps, model.seq_len),
         cfg=config.sample_cfg if args.cfg is None else args.cfg,
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )
@@ -209,7 +253,8 @@ def cmd_eval(args) -> int:
     from .eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, out=args.out, raw=args.raw, samples=args.samples, seed=args.seed,
+        args.checkpoint, out=args.out, raw=args.raw, verbose=True, samples=args.samples,
+        seed=args.seed,
         validation_examples=args.validation_examples, min_count=args.min_count,
     )
     val, fd = result["validation"], result["frechet"]
@@ -225,6 +270,8 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     out = Path(args.out or f"runs/sweep-{args.scale}")
+    if args.dry_run:
+        return _plan_sweep(args, out)
     report = run_sweep(
         out, scale=args.scale, variants=args.variants, sizes=args.sizes, steps=args.steps,
         samples=args.samples,
@@ -235,21 +282,112 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _at_least(low, kind):
+    """An argparse type: a number of `kind` (int or float) no smaller than `low`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if math.isnan(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings as `warning: <message>` lines, without the source line Python echoes."""
+    from tqdm.auto import tqdm
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        del filename, lineno, line
+        # Above a progress bar, not through it.
+        tqdm.write(f"warning: {message}", file=file or sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _plan_sweep(args, out: Path) -> int:
+    from .build import count_params
+    from .sweep import SCALES, sweep_config
+    from .train import get_task
+
+    scale = SCALES[args.scale]
+    sizes = args.sizes or scale.sizes
+    for variant in args.variants:
+        for size in sizes:
+            config = sweep_config(variant, size, scale, steps=args.steps)
+            n = count_params(get_task(config.task).abstract_model(config))
+            print(f"{variant}-{size}: {n / 1e6:.2f}M parameters, {config.steps} steps")
+    print(f"would write {len(args.variants) * len(sizes)} runs to {out}/ (dry run: nothing "
+          "trained)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `fluid` command; returns its exit status.
+
+    Exit status: 0 on success; 2 for a usage error or a `fluid.UserError` (a bad value, a
+    missing or damaged file: its message alone is printed); 130 after Ctrl-C (training saves
+    a checkpoint first); an internal error shows its traceback. `--debug` (anywhere on the
+    line) or `FLUID_DEBUG=1` shows every traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    parser = _parser()
+    # Overrides may come before or after options (`train tiny-fluid --out run steps=2`),
+    # which argparse alone does not allow for a trailing positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "override") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.override = [*args.override, *extra]
+    if debug:
+        return args.fn(args)
+    try:
+        with _one_line_warnings():
+            return args.fn(args)
+    except KeyboardInterrupt as interrupt:
+        # `TrainingInterrupted` says which step was saved; elsewhere nothing was in flight.
+        print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
+        return 130
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(f"(--debug or {DEBUG_ENV}=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluid", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show tracebacks of user errors too (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train the Fluid variant on built-in shapes, write samples")
     p.add_argument("--out", default="fluid_demo")
-    p.add_argument("--time-budget", type=float, default=13 * 60.0,
+    p.add_argument("--time-budget", type=_at_least(0.0, float), default=13 * 60.0,
                    help="stop training after this many seconds (default 13 minutes)")
     p.add_argument("override", nargs="*", help="dotted.key=value overrides of the demo preset")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data and parts and say what would run; train nothing")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("train", help="train a preset")
     p.add_argument("preset")
     p.add_argument("override", nargs="*")
     p.add_argument("--out", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data and parts and say what would run; train nothing")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
@@ -259,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("preset")
     p.add_argument("override", nargs="*")
     p.add_argument("--out", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data and parts and say what would run; train nothing")
     p.set_defaults(fn=cmd_train_tokenizer)
 
     p = sub.add_parser(
@@ -269,12 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", required=True,
                    help="a caption; repeat for several")
     p.add_argument("--out", default="samples.png")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale (default: the run's sample_cfg)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="generation steps (default: the run's sample_steps)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default: the run's sample_temperature)")
+    p.add_argument("--cfg", type=_at_least(0.0, float), default=None,
+                   help="guidance scale >= 0: 1 is the conditional model, 0 unconditional "
+                   "(default: the run's sample_cfg)")
+    p.add_argument("--steps", type=_at_least(1, int), default=None,
+                   help="generation steps, 1 to the model's token count (default: the run's "
+                   "sample_steps; a raster model makes one token per step whatever this is)")
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=None,
+                   help="sampling temperature >= 0 (default: the run's sample_temperature)")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
@@ -284,14 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
                    "<run>/checkpoints/<step>, or a directory Trainer.save wrote")
-    p.add_argument("--samples", type=int, default=192,
+    p.add_argument("--samples", type=_at_least(1, int), default=192,
                    help="images generated for ShapesEval and the Frechet distance (default "
                    "192, 32 per category: the fewest for the 191 ShapesFeatures)")
     p.add_argument("--out", default=None,
                    help="report directory (default <run>/eval or <run>/eval/step_<n>)")
-    p.add_argument("--validation-examples", type=int, default=256,
+    p.add_argument("--validation-examples", type=_at_least(1, int), default=256,
                    help="held-out examples of the validation loss")
-    p.add_argument("--min-count", type=int, default=None,
+    p.add_argument("--min-count", type=_at_least(2, int), default=None,
                    help="accept fewer samples than 192 for a rough Frechet distance")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
@@ -313,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--sizes", nargs="+", default=None,
                    help="sizes w<width>d<depth> (default: the scale's)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the scale's)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--steps", type=_at_least(1, int), default=None,
+                   help="steps per run (default: the scale's)")
+    p.add_argument("--samples", type=_at_least(1, int), default=None,
                    help="images per evaluation (default: the scale's)")
     p.add_argument("--out", default=None, help="default runs/sweep-<scale>")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data and parts and say what would run; train nothing")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("components", help="list every registered component, plug-ins included")
@@ -324,15 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("presets", help="list presets with parameter counts")
     p.set_defaults(fn=cmd_presets)
-
-    # Overrides may come before or after options (`train tiny-fluid --out run steps=2`),
-    # which argparse alone does not allow for a trailing positional list.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "override") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.override = [*args.override, *extra]
-    return args.fn(args)
+    return parser
 
 
 if __name__ == "__main__":

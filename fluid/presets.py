@@ -16,6 +16,7 @@
 import dataclasses
 from collections.abc import Callable
 
+from ._errors import ConfigKeyError
 from .config import (
     ComponentSpec,
     DataConfig,
@@ -23,7 +24,7 @@ from .config import (
     OptimConfig,
     TokenizerLossConfig,
     TrainConfig,
-    override,
+    apply_overrides,
 )
 
 VARIANTS = ("fluid", "continuous-raster", "discrete-random", "discrete-raster")
@@ -243,14 +244,14 @@ for _k in ("kl", "vq"):
 
 
 def get_config(name: str, **overrides) -> TrainConfig:
-    """The preset `name` with dotted-key overrides applied."""
+    """The preset `name` with dotted-key overrides applied all at once, then checked once
+    (`fluid.config.apply_overrides`: their order does not matter)."""
     if name not in PRESETS:
         import difflib
 
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown preset {name!r}.{hint} Presets: {', '.join(sorted(PRESETS))}.")
-    config = PRESETS[name]()
-    for key, value in overrides.items():
-        config = override(config, key, value)
-    return config
+        raise ConfigKeyError(
+            f"unknown preset {name!r}.{hint} Presets: {', '.join(sorted(PRESETS))}."
+        )
+    return apply_overrides(PRESETS[name](), overrides)

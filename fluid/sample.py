@@ -1,14 +1,31 @@
 """Sampling images from captions: the jitted whole-loop entry point."""
 
+import warnings
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax.random as jr
 import numpy as np
 
+from ._errors import ConfigError
 from ._types import Key
 from .model import FluidModel
 from .text import CaptionTokenizer
+
+
+def warn_truncated(text_tokenizer: CaptionTokenizer, prompts: Sequence[str], text_len: int) -> None:
+    """Warn about each prompt longer than the `text_len` tokens the model reads (it is cut)."""
+    # A row is cut at `text_len` exactly when it fills a row one token longer.
+    _, longer = text_tokenizer.encode(list(prompts), text_len + 1)
+    cut = [p for p, row in zip(prompts, longer) if row.all()]
+    if cut:
+        _, full = text_tokenizer.encode(cut, 1024)
+        listed = "; ".join(f"{p!r} ({int(n)} tokens)" for p, n in zip(cut, full.sum(-1)))
+        warnings.warn(
+            f"{len(cut)} prompt(s) are longer than the {text_len} tokens the model reads and "
+            f"are cut to that length: {listed}.",
+            stacklevel=3,
+        )
 
 
 @eqx.filter_jit
@@ -44,9 +61,24 @@ def sample_images(
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string.")
     if len(prompts) == 0:
-        raise ValueError("give at least one prompt.")
+        raise ConfigError("give at least one prompt.")
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
+    warn_truncated(text_tokenizer, prompts, text_len)
     key = jr.key(0) if key is None else key
-    steps = min(steps, model.seq_len)
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}.")
+    if temperature < 0:
+        raise ConfigError(
+            f"temperature must be >= 0 (0: the most likely token), got {temperature}."
+        )
+    if cfg < 0:
+        raise ConfigError(f"cfg must be >= 0 (1: no guidance, 0: unconditional), got {cfg}.")
+    if steps > model.seq_len:
+        warnings.warn(
+            f"steps={steps} is more than the model's {model.seq_len} tokens; sampling in "
+            f"{model.seq_len} steps (one token each).",
+            stacklevel=2,
+        )
+        steps = model.seq_len
     out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature))
     return np.asarray(out)

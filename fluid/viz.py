@@ -6,10 +6,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ._errors import ConfigError
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images in [-1, 1] to uint8 in [0, 255]."""
     return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """Refuse, before any work, a file name that `save_grid` could not write: its suffix
+    must be a format matplotlib saves (png, jpg, pdf, svg, ...)."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(
+            f"cannot write a picture to {str(path)!r}: its name must end in one of "
+            f"{', '.join('.' + f for f in formats)} (e.g. samples.png)."
+        )
+    return path
 
 
 def save_grid(
@@ -37,7 +54,7 @@ def save_grid(
             if captions is not None:
                 ax.set_title("\n".join(textwrap.wrap(captions[i], 22)), fontsize=7)
     fig.tight_layout()
-    path = Path(path)
+    path = check_figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

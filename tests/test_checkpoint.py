@@ -1,8 +1,11 @@
 """Checkpoints: exact round trips, keep-last-K, atomicity, resharding, config and shape checks."""
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from fluid import UserError
 from fluid.config import TrainConfig, override, to_dict
 from fluid.train import TrainState
 from fluid.train._checkpoint import (
@@ -111,6 +115,32 @@ def largest_array_file(step_dir: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def largest_state_file(step_dir: Path) -> Path:
+    # Any file under `state/`, wherever Orbax put it; with `WIDE` arrays it holds array data.
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def flip_middle(f: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of `f`, keeping its size."""
+    data = bytearray(f.read_bytes())
+    start = len(data) // 2 - count // 2
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    f.write_bytes(bytes(data))
+
+
+def strip_digests(step_dir: Path) -> None:
+    """Rewrite a commit file as fluid wrote it before digests: sizes only."""
+    commit = json.loads((step_dir / COMMIT_FILE).read_text())
+    del commit["sha256"]
+    (step_dir / COMMIT_FILE).write_text(json.dumps(commit))
+
+
+# Wide enough that the largest file under `state/` is array data, which Orbax does not
+# checksum (its b-tree nodes it does).
+WIDE = 1024
+
+
 # -- round trip, retention ------------------------------------------------------------------
 def test_round_trip_is_exact(tmp_path):
     manager = CheckpointManager(tmp_path / "ckpt")
@@ -127,6 +157,35 @@ def test_round_trip_is_exact(tmp_path):
         jr.key_data(jr.split(restored.key)), jr.key_data(jr.split(state.key))
     )
     assert manager.saved_config(7) == CONFIG
+
+
+def test_commit_file_records_size_and_digest_of_every_file(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+    root = tmp_path / "1"
+    commit = json.loads((root / COMMIT_FILE).read_text())
+    on_disk = {
+        str(p.relative_to(root))
+        for item in ("state", "config", "data_state")
+        for p in (root / item).rglob("*")
+        if p.is_file()
+    }
+    assert set(commit["files"]) == set(commit["sha256"]) == on_disk
+    for rel, digest in commit["sha256"].items():
+        assert digest == hashlib.sha256((root / rel).read_bytes()).hexdigest(), rel
+        assert commit["files"][rel] == (root / rel).stat().st_size, rel
+
+
+def test_checkpoint_without_digests_restores(tmp_path):
+    # Saved by fluid before digests: checked by size alone, and still restorable.
+    manager = CheckpointManager(tmp_path)
+    state = save(manager, 1)
+    strip_digests(tmp_path / "1")
+    assert manager.latest_step() == 1
+    assert manager.saved_config() == CONFIG
+    restored, data_state, step = manager.restore(abstract_state(), config=CONFIG)
+    assert step == 1 and data_state == {"next_batch": 10}
+    assert_states_equal(restored, state)
 
 
 def test_restore_into_a_concrete_state_keeps_its_shardings(tmp_path):
@@ -230,17 +289,74 @@ def test_damaged_checkpoint_names_its_directory(tmp_path):
     assert "restore an earlier step (1)" in message and "delete it" in message
 
 
+def test_bytes_changed_in_place_are_refused_by_restore(tmp_path):
+    # Same size, 64 bytes of array data inverted: Orbax would restore it without complaint.
+    manager = CheckpointManager(tmp_path)
+
+    def wide(seed: int) -> TrainState:
+        return make_state(seed, width=WIDE)
+
+    state1 = wide(1)
+    manager.save(1, state1, config=CONFIG, data_state={})
+    manager.save(2, wide(2), config=CONFIG, data_state={})
+    f = largest_state_file(tmp_path / "2")
+    flip_middle(f)
+    # Listing reads sizes only: the damaged step is still the latest, and a resumed run is
+    # stopped by `restore`'s message rather than moved back to step 1 behind the user's back.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert manager.latest_step() == 2
+    assert manager.all_steps() == [1, 2]
+    like = jax.eval_shape(lambda: wide(0))
+    with pytest.raises(CheckpointCorruptError) as info:
+        manager.restore(like)
+    rel = f.relative_to(tmp_path / "2")
+    assert str(info.value) == (
+        f"checkpoint {tmp_path / '2'} is damaged: {rel}: its contents changed since it was "
+        "saved (checksum mismatch); restore an earlier step (1) or delete it to resume from "
+        "the latest complete one."
+    )
+    # The command line prints a user error's message alone, without a traceback.
+    assert isinstance(info.value, UserError)
+    restored, _, step = manager.restore(like, step=1)
+    assert step == 1
+    assert_states_equal(restored, state1)
+
+
+def test_changed_config_file_is_refused_by_saved_config(tmp_path):
+    # Still valid JSON, so Orbax reads it happily; only the digest shows the change.
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+    f = tmp_path / "1" / "config" / "metadata"
+    text = f.read_text()
+    assert '"width": 256' in text
+    f.write_text(text.replace('"width": 256', '"width": 512', 1))
+    assert manager.latest_step() == 1
+    with pytest.raises(CheckpointCorruptError, match=r"config/metadata: its contents changed"):
+        manager.saved_config(1)
+    with pytest.raises(CheckpointCorruptError, match=r"config/metadata: its contents changed"):
+        manager.restore(abstract_state())
+
+
 # Orbax leaves an asyncio callback behind when tensorstore fails mid-read; it surfaces later
 # as "Event loop is closed", which is Orbax's and harmless here.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_garbled_array_file_gives_the_damage_error(tmp_path):
-    # Same size, wrong bytes: the commit file cannot tell, Orbax's checksums can.
+@pytest.mark.parametrize("digests", [True, False])
+def test_garbled_array_file_gives_the_damage_error(tmp_path, digests):
+    # Same size, wrong bytes: the sizes cannot tell; the digests can, and without them (a
+    # checkpoint from before digests) Orbax's own checksums of its b-tree nodes.
     manager = CheckpointManager(tmp_path)
     save(manager, 1)
     f = largest_array_file(tmp_path / "1")
     f.write_bytes(os.urandom(f.stat().st_size))
+    if not digests:
+        strip_digests(tmp_path / "1")
     assert manager.latest_step() == 1
-    damaged = r"is damaged: reading (it|its metadata) failed \(ValueError: DATA_LOSS"
+    damaged = (
+        r"is damaged: state/\S+: its contents changed since it was saved \(checksum mismatch\)"
+        if digests
+        else r"is damaged: reading (it|its metadata) failed \(ValueError: DATA_LOSS"
+    )
     with pytest.raises(CheckpointCorruptError, match=damaged) as info:
         manager.restore(abstract_state())
     assert str(tmp_path / "1") in str(info.value)

@@ -39,14 +39,54 @@ def test_train_resume_and_sample(tmp_path, capsys):
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
 
 
-def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path):
+def _user_error(capsys, argv) -> str:
+    """What `fluid` prints for a user error: one line and a hint, no traceback, status 2."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first, hint = err.strip().splitlines()
+    assert first.startswith("error: ") and "--debug" in hint
+    return first
+
+
+def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path, capsys):
+    assert "checkpoints/<step>" in _user_error(
+        capsys, ["sample", str(tmp_path), "--prompt", "a red circle"]
+    )
+    # `--debug` (or FLUID_DEBUG=1) shows the exception itself.
     with pytest.raises(FileNotFoundError, match="checkpoints/<step>"):
-        main(["sample", str(tmp_path), "--prompt", "a red circle"])
+        main(["sample", str(tmp_path), "--prompt", "a red circle", "--debug"])
 
 
-def test_override_typo_stops_with_the_closest_key(tmp_path):
+def test_override_typo_stops_with_the_closest_key(tmp_path, capsys, monkeypatch):
+    assert "Did you mean 'grad_accum'" in _user_error(
+        capsys, ["train", "tiny-fluid", "--out", str(tmp_path), "grad_acum=2"]
+    )
+    monkeypatch.setenv("FLUID_DEBUG", "1")
     with pytest.raises(KeyError, match="Did you mean 'grad_accum'"):
         main(["train", "tiny-fluid", "--out", str(tmp_path), "grad_acum=2"])
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["train", "tiny-fluid", "optim.learning_rate=-1"], "optim.learning_rate must be > 0"),
+        (["train", "tiny-fluid", "--dry-run", "grad_accum=3"], "grad_accum=3"),
+        (["train", "no-such-preset"], "unknown preset"),
+        (["sample", "RUN", "--prompt", "x", "--out", "grid.txt"], "must end in one of"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(argv, says, tmp_path, capsys):
+    argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+    assert says in _user_error(capsys, argv)
+
+
+@pytest.mark.parametrize("option", [["--steps", "0"], ["--temperature", "-1"], ["--cfg", "-5"]])
+def test_sample_refuses_out_of_range_options_before_loading(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse: status 2, the range in the message
+        main(["sample", str(tmp_path), "--prompt", "x", *option])
+    assert stop.value.code == 2
+    assert "must be at least" in capsys.readouterr().err
 
 
 def test_a_whole_component_spec_overrides_from_json():
@@ -60,3 +100,16 @@ def test_a_whole_component_spec_overrides_from_json():
     )
     with pytest.raises(TypeError, match="takes a component name"):
         get_config("shapes-fluid", **{"model.tokenizer": '{"nme": "kl"}'})
+
+
+def test_an_over_long_prompt_is_warned_about_with_its_length():
+    from fluid.data.shapes import ShapesDataset
+    from fluid.sample import warn_truncated
+    from fluid.train import make_text_tokenizer
+
+    tokenizer = make_text_tokenizer(ShapesDataset(16), vocab_size=64)
+    short, long = "a red circle", " ".join(["a red circle left of a blue square"] * 4)
+    warn_truncated(tokenizer, [short], 16)  # fits: nothing said
+    with pytest.warns(UserWarning, match=r"longer than the 16 tokens.*\(\d+ tokens\)") as seen:
+        warn_truncated(tokenizer, [short, long], 16)
+    assert short not in str(seen[0].message).split(":", 1)[1].replace(long, "")

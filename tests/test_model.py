@@ -109,9 +109,10 @@ def test_dotted_overrides_are_type_checked():
                                          "model.head.width": "64", "data.categories": "colors"})
     assert config.optim.learning_rate == 3e-4 and config.steps == 12
     assert config.model.head.kwargs["width"] == 64 and config.data.categories == ("colors",)
-    # a name switch keeps the kwargs, which are checked against the new class
+    # a name switch drops the old part's kwargs; new ones are checked against the new class
+    assert override(config, "model.head.name", "softmax").model.head.kwargs == {}
     with pytest.raises(TypeError, match="head 'softmax' takes no argument"):
-        override(config, "model.head.name", "softmax")
+        get_config("tiny-fluid", **{"model.head.width": "64", "model.head.name": "softmax"})
     with pytest.raises(TypeError, match="takes an int"):
         override(config, "steps", "many")
     with pytest.raises(KeyError, match="Did you mean 'learning_rate'"):

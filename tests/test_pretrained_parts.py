@@ -3,21 +3,19 @@ Hugging Face-format folders (written here from random weights), trained and samp
 their outputs cached."""
 
 import dataclasses
-import io
 
 import equinox as eqx
 import jax
 import jax.random as jr
 import numpy as np
 import pytest
-import sentencepiece as spm
-from test_t5 import TINY, hf_tensors, write_folder
+from helpers import write_tiny_t5_folder
+from test_t5 import TINY
 
 from fluid.config import ComponentSpec
-from fluid.data.shapes import caption_corpus
 from fluid.presets import get_config
 from fluid.sample import sample_images
-from fluid.text import T5CaptionTokenizer, T5TextEncoder
+from fluid.text import T5CaptionTokenizer
 from fluid.tokenizers import KLTokenizer
 from fluid.train import CachedSource, Trainer, load_model
 
@@ -27,16 +25,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     vae = KLTokenizer(32, patch_size=2, key=jr.key(0))
     vae.save_pretrained(root / "vae")
-    t5 = T5TextEncoder(**{**TINY, "vocab_size": 120}, feed_forward_proj="gated-gelu",
-                       key=jr.key(1))
-    write_folder(root / "t5", hf_tensors(t5), vocab_size=120)
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(caption_corpus(2000)), model_writer=proto, vocab_size=100,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2,
-    )
-    (root / "t5" / "spiece.model").write_bytes(proto.getvalue())
+    write_tiny_t5_folder(root / "t5")
     return root
 
 

@@ -4,11 +4,13 @@ Both sources are random-access (`len`, `source[i]`), as Grain's `MapDataset.sour
 them, and read lazily: construction only lists the pairs, so a million-image folder opens in
 seconds and each worker process decodes only the items it is asked for. A record that cannot
 be used (an unreadable or corrupt image, an empty caption) raises `BadRecord` when it is
-read; `Loader` skips it with a warning and counts it, so one bad file never stops a run.
+read; `Loader` skips it, warning about it and counting it once, so one bad file never
+stops a run.
 """
 
 import json
 import os
+import threading
 import typing
 import warnings
 from pathlib import Path
@@ -19,6 +21,10 @@ from jaxtyping import Float32
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The largest image `load_image` decodes, in pixels: a 108-megapixel phone photo loads, and
+# the limit still bounds one decoded image's memory (about 0.8 GB as 8-bit RGB).
+MAX_IMAGE_PIXELS: int = 2**28
+_OPEN_LOCK = threading.Lock()
 # How many offending names or lines a warning lists before it only counts the rest.
 _LISTED = 10
 
@@ -42,7 +48,7 @@ class BadRecord(Exception):
 
 
 class SkippedRecordWarning(UserWarning):
-    """Warned for every record, image or JSONL line that is skipped rather than used."""
+    """Warned once for each record, image or JSONL line that is skipped rather than used."""
 
 
 def center_crop(image: Image.Image, image_size: int) -> np.ndarray:
@@ -75,11 +81,67 @@ def center_crop(image: Image.Image, image_size: int) -> np.ndarray:
     return array[top : top + image_size, left : left + image_size]
 
 
+def _open(path: str | os.PathLike) -> Image.Image:
+    # Pillow checks sizes against its own process-wide `Image.MAX_IMAGE_PIXELS` when it opens
+    # a file (a warning above about 89M pixels, an error above twice that); `load_image`
+    # applies `MAX_IMAGE_PIXELS` instead, so Pillow's check is switched off for this one open
+    # (it reads only the header). Not `warnings.catch_warnings`: that swaps the process-wide
+    # filter list, which concurrent decoding threads would interleave and leak. The lock
+    # makes every restore here put back the value from before any of them.
+    with _OPEN_LOCK:
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        # Pillow's own conversion clips these at 255, which turns a 16-bit image white.
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        # round(v * 255 / 65535), in integers: no value lies on a half level.
+        return _grey((values * 255 + 32767) // 65535)
+    if mode == "F":
+        values = np.clip(np.nan_to_num(np.asarray(image, np.float32), nan=0.0), 0.0, 1.0)
+        return _grey(np.round(values * 255))
+    if image.has_transparency_data:
+        rgba = np.asarray(image.convert("RGBA"), np.uint16)
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        # round((c * a + 255 * (255 - a)) / 255) in integers: at most 255 * 255, and no
+        # value lies on a half level.
+        return Image.fromarray(((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _grey(levels: np.ndarray) -> Image.Image:
+    return Image.fromarray(levels.astype(np.uint8)).convert("RGB")
+
+
 def load_image(path: str | os.PathLike, image_size: int) -> Float32[np.ndarray, "h w 3"]:
     """Decode an image file to a centre-cropped square with values in [-1, 1].
 
     The image is turned upright by its EXIF orientation (as photo viewers show it), converted
-    to RGB (alpha dropped, grey replicated), then `center_crop`ped.
+    to RGB, then `center_crop`ped. The conversion, by Pillow mode:
+
+    - `RGB`, `L` (grey, replicated), `1` (black and white), `P` (palette): their colours.
+    - `I;16`, `I;16B` (16-bit grey, as Pillow opens 16-bit PNGs and TIFFs) and `I` (32-bit
+      integers): 0 to 65535 scaled to 0 to 255, rounded; `I` values outside are clipped.
+      Pillow opens 16-bit colour PNGs as `RGB` with each value's high byte.
+    - `F` (32-bit float): 0.0 to 1.0 scaled to 0 to 255, rounded; values outside are clipped
+      and NaN reads as 0.
+    - `CMYK`: each channel `(1 - ink) * (1 - black)`, uncalibrated (an embedded colour
+      profile is not applied); JPEGs' inverted CMYK (Adobe's convention) is undone by Pillow.
+    - Transparency (`RGBA`, `LA`, `PA`, a palette or colour with a transparent entry):
+      composited over white, so transparent pixels are white rather than whatever colour
+      the file stores under them.
+
+    Images of more than `MAX_IMAGE_PIXELS` (2**28, about 268 megapixels) are refused before
+    decoding; below that, however large, they load without Pillow's
+    `DecompressionBombWarning`. JPEGs are decoded at the largest reduced scale (1/2, 1/4 or
+    1/8, done in the JPEG decoder) that leaves both sides at least twice `image_size`, the
+    margin Pillow's own `thumbnail` keeps before resampling.
 
     **Arguments:**
 
@@ -89,16 +151,33 @@ def load_image(path: str | os.PathLike, image_size: int) -> Float32[np.ndarray, 
     **Returns:**
 
     A float32 array `[image_size, image_size, 3]`. Raises `BadRecord` (naming the file) when
-    the file is missing, truncated or not an image.
+    the file is missing, truncated, not an image or above `MAX_IMAGE_PIXELS`.
     """
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    # Pillow reports a broken file through many types (OSError, SyntaxError, ValueError,
-    # DecompressionBombError, ...); the try covers only decoding, so bugs here still surface.
+        image = _open(path)
     except Exception as error:
-        raise BadRecord(str(path), f"unreadable image ({type(error).__name__}: {error})") from error
+        raise _unreadable(path, error) from error
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise BadRecord(
+                str(path),
+                f"{width} x {height} = {width * height:,} pixels is above the limit of "
+                f"{MAX_IMAGE_PIXELS:,} pixels (fluid.data.MAX_IMAGE_PIXELS); downscale it or "
+                "leave it out",
+            )
+        try:
+            image.draft("RGB", (2 * image_size, 2 * image_size))  # a no-op except for JPEG
+            image = _to_rgb(ImageOps.exif_transpose(image))
+        # Pillow reports a broken file through many types (OSError, SyntaxError, ValueError,
+        # ...); the try covers only decoding and conversion, so bugs in cropping still surface.
+        except Exception as error:
+            raise _unreadable(path, error) from error
     return (center_crop(image, image_size).astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def _unreadable(path: str | os.PathLike, error: Exception) -> BadRecord:
+    return BadRecord(str(path), f"unreadable image ({type(error).__name__}: {error})")
 
 
 def _check_size(image_size: int) -> int:

@@ -8,9 +8,10 @@ The pipeline is a `grain.MapDataset`, so every stage is a pure function of an in
 and `Loader` then skips bad records, batches and tokenizes in the training process. Because
 skipping (the only many-to-one step) happens after the worker processes, the stream of records
 this process sees is the same for any number of workers, and a position in it is one integer:
-the loader's state is `{"position", "skipped", "stream"}`, plain JSON, and resuming from it
-slices the `MapDataset` at `position`, which reproduces exactly the batches an uninterrupted
-run gives from there.
+the loader's state is `{"position", "skipped", "bad", "stream"}`, plain JSON (`bad` lists the
+source indices of the bad records met so far, `skipped` counts them, and `stream` says what
+the position refers to), and resuming from it slices the `MapDataset` at `position`, which
+reproduces exactly the batches an uninterrupted run gives from there.
 """
 
 import json
@@ -40,11 +41,22 @@ class RandomAccessSource(Protocol):
 _ARRAYS = ("image", "tokens", "text_hidden")
 
 
+_ON_CHANGE = ("error", "restart")
+
+
+class DataStreamChangedError(ValueError):
+    """A saved loader state is from a different data stream than the loader's: another
+    number of records, seed, shuffle, flip, epoch count or shard. Its position would name
+    other records, so resuming from it would not continue the saved run's order. The message
+    says what changed and what to do."""
+
+
 class _Records:
     """The source as Grain reads it: `caption` and the arrays among `image`, `tokens` (a
     token cache's records) and `text_hidden` (dropping other keys keeps what crosses process
-    boundaries small), and a bad record as `{"skip": message}` so the training process can
-    warn and count (workers' warnings and counters would be lost)."""
+    boundaries small), and a bad record as `{"skip": message, "index": source index}` so the
+    training process can warn and count each once (workers' warnings and counters would be
+    lost)."""
 
     def __init__(self, source: Any):
         self.source = source
@@ -56,7 +68,7 @@ class _Records:
         try:
             item = self.source[index]
         except BadRecord as error:
-            return {"skip": str(error)}
+            return {"skip": str(error), "index": index}
         record = {k: np.asarray(item[k]) for k in _ARRAYS if k in item}
         if "image" in record:
             record["image"] = record["image"].astype(np.float32, copy=False)
@@ -85,14 +97,19 @@ class Loader:
     Each epoch visits the source in a fresh seeded order; this process reads every
     `shard_count`-th record of that order starting at `shard_index`, so processes see
     disjoint shares that together cover each epoch. A record whose `source[i]` raises
-    `BadRecord` is skipped with a `SkippedRecordWarning` naming its file and counted in
-    `skipped`; the next records fill the batch, so every batch is full. Iteration ends after
-    `num_epochs` (the last, partial batch dropped) or never when `num_epochs` is `None`.
+    `BadRecord` is skipped; the next records fill the batch, so every batch is full. Each bad
+    record is warned about once (a `SkippedRecordWarning` naming its file, the first time it
+    is met) and counted once in `skipped`, however many epochs read it, and a resumed loader
+    remembers the ones met before. Iteration ends after `num_epochs` (the last, partial batch
+    dropped) or never when `num_epochs` is `None`.
 
     The batches depend only on the source, `seed`, `shuffle`, `flip`, `batch_size` and the
     shard, never on `workers` or `read_threads`. Resuming: save `get_state()` (a JSON-ready
     dict) with the checkpoint, and pass it back as `state` (or to `set_state`); the loader
-    then yields exactly the batches the uninterrupted run yields after that point.
+    then yields exactly the batches the uninterrupted run yields after that point. A state
+    from a different stream (the source has more or fewer records, or another seed, shuffle,
+    flip, epoch count or shard) raises `DataStreamChangedError`, or with
+    `on_change="restart"` starts this loader's stream from its beginning.
 
     **Arguments:**
 
@@ -116,6 +133,10 @@ class Loader:
       `jax.process_count()`. With a finite `num_epochs`, shares may differ by a batch: train
       for a fixed number of steps rather than to the end of a share.
     - `state`: a `get_state()` to resume from; `None` starts at the beginning.
+    - `on_change`: what a `state` (here or in `set_state`) from a different stream does:
+      `"error"` raises `DataStreamChangedError`; `"restart"` accepts it with one `UserWarning`
+      and starts at position 0 of this loader's stream, with no bad records known, to go on
+      training a model on changed data.
 
     Batches are dicts: `image` float32 `[batch_size, h, w, 3]`, `text_ids` int32
     `[batch_size, text_len]`, `text_mask` bool `[batch_size, text_len]`; from a token cache
@@ -138,6 +159,7 @@ class Loader:
         shard_index: int | None = None,
         shard_count: int | None = None,
         state: dict[str, Any] | None = None,
+        on_change: str = "error",
     ):
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
@@ -152,6 +174,7 @@ class Loader:
             raise ValueError(
                 f"need 0 <= shard_index < shard_count, got {shard_index}/{shard_count}."
             )
+        self.on_change = _check_on_change(on_change)
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be positive or None, got {num_epochs}.")
         length = len(source)
@@ -190,29 +213,70 @@ class Loader:
         self._max_consecutive_skips = -(-length // shard_count)
         self._elements: grain.DatasetIterator | None = None
         self.position = 0
-        self.skipped = 0
+        # Source indices of the bad records met so far: each is warned about and counted once.
+        self._bad: set[int] = set()
         if state is not None:
             self.set_state(state)
 
+    @property
+    def skipped(self) -> int:
+        """How many distinct bad records this loader's stream has met (each counted once)."""
+        return len(self._bad)
+
     def get_state(self) -> dict[str, Any]:
         """Where the loader is: `position` (records of this process's stream consumed),
-        `skipped` (bad records so far) and `stream` (what the position refers to). Plain JSON
-        values, to be saved with a checkpoint."""
-        return {"position": self.position, "skipped": self.skipped, "stream": dict(self._stream)}
+        `bad` (the sorted source indices of the bad records met so far), `skipped` (how many
+        those are) and `stream` (what the position refers to). Plain JSON values, to be saved
+        with a checkpoint."""
+        return {
+            "position": self.position,
+            "skipped": self.skipped,
+            "bad": sorted(self._bad),
+            "stream": dict(self._stream),
+        }
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `get_state()`. Raises `ValueError` if it was taken from a loader
-        with a different stream (source length, seed, shuffle, flip, epochs or shard), for
-        which its position would name other records."""
+    def set_state(self, state: dict[str, Any], *, on_change: str | None = None) -> None:
+        """Continue from a `get_state()`.
+
+        A state taken from a loader with a different stream (source length, seed, shuffle,
+        flip, epochs or shard), whose position would name other records, raises
+        `DataStreamChangedError` saying what changed, or under `on_change="restart"` is
+        accepted with one `UserWarning`: the loader then starts at position 0 of its own
+        stream, with no bad records known. A state saved before bad records were listed
+        (without `bad`) resumes with none known.
+
+        **Arguments:**
+
+        - `state`: a `get_state()`, possibly through JSON.
+        - `on_change`: `"error"` or `"restart"`; `None` uses the loader's `on_change`.
+        """
+        on_change = self.on_change if on_change is None else _check_on_change(on_change)
         saved = json.loads(json.dumps(state["stream"]))
-        if saved != self._stream:
-            diff = {k: (saved.get(k), v) for k, v in self._stream.items() if saved.get(k) != v}
-            raise ValueError(
-                f"the state is from a different data stream: (saved, now) differ in {diff}."
+        changed = saved != self._stream
+        if changed and on_change == "error":
+            raise DataStreamChangedError(
+                "The loader state in the checkpoint is from a different data stream: "
+                f"{_stream_changes(saved, self._stream)}. Its position would name other "
+                "records, so training cannot resume where it stopped. Start a new run in "
+                "another output directory, or set data.on_change=restart (on_change='restart' "
+                "for a Loader) to continue training this model on the current data from the "
+                "start of its order."
             )
         self.close()
+        if changed:
+            warnings.warn(
+                "The data stream changed since the checkpoint was saved "
+                f"({_stream_changes(saved, self._stream)}); as on_change='restart' asks, "
+                "reading the current data from the start of its order, with skipped records "
+                "counted afresh.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.position = 0
+            self._bad = set()
+            return
         self.position = int(state["position"])
-        self.skipped = int(state["skipped"])
+        self._bad = {int(index) for index in state.get("bad", ())}
 
     def _iterator(self) -> grain.DatasetIterator:
         records = self._records[self.position :]
@@ -241,14 +305,17 @@ class Loader:
         if self._elements is None:
             self._elements = self._iterator()
         records, captions = [], []
-        consumed, skipped, run = 0, 0, 0
+        bad: set[int] = set()  # met for the first time in this batch
+        consumed, run = 0, 0
         while len(records) < self.batch_size:
             record = next(self._elements)  # StopIteration ends the loader, dropping a partial batch
             consumed += 1
             if "skip" in record:
-                skipped += 1
                 run += 1
-                warnings.warn(f"skipped {record['skip']}", SkippedRecordWarning, stacklevel=2)
+                index = int(record["index"])
+                if index not in self._bad and index not in bad:
+                    bad.add(index)
+                    warnings.warn(f"skipped {record['skip']}", SkippedRecordWarning, stacklevel=2)
                 if run >= self._max_consecutive_skips:
                     raise RuntimeError(
                         f"{run} records in a row were unusable (the last: {record['skip']}); "
@@ -262,9 +329,10 @@ class Loader:
         if self.text_tokenizer is not None:
             ids, mask = self.text_tokenizer.encode(captions, self.text_len)
             text = {"text_ids": ids, "text_mask": mask}
-        # The position only moves by whole batches, so a saved state is always a boundary.
+        # The position only moves by whole batches, so a saved state is always a boundary;
+        # the bad records met move with it, so the state lists exactly those before it.
         self.position += consumed
-        self.skipped += skipped
+        self._bad |= bad
         batch = {k: np.stack([r[k] for r in records]) for k in _ARRAYS if k in records[0]}
         return {**batch, **text}
 
@@ -280,3 +348,38 @@ class Loader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _check_on_change(on_change: str) -> str:
+    if on_change not in _ON_CHANGE:
+        raise ValueError(f"on_change must be 'error' or 'restart', got {on_change!r}.")
+    return on_change
+
+
+def _stream_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between a saved stream and the current one, in words."""
+    changes = []
+    if saved.get("length") != now["length"]:
+        changes.append(
+            f"the data source has {now['length']} records now and had {saved.get('length')} "
+            "when the checkpoint was saved"
+        )
+    if saved.get("seed") != now["seed"]:
+        changes.append(f"the seed is {now['seed']} now and was {saved.get('seed')}")
+    for key in ("shuffle", "flip", "num_epochs"):
+        if saved.get(key) != now[key]:
+            changes.append(f"{key} is {now[key]} now and was {saved.get(key)}")
+    shard = ("shard_index", "shard_count")
+    if any(saved.get(key) != now[key] for key in shard):
+        changes.append(
+            f"this process reads shard {now['shard_index']} of {now['shard_count']} now and "
+            f"read shard {saved.get('shard_index')} of {saved.get('shard_count')}"
+        )
+    # Keys of a state from another fluid version, which the cases above do not name.
+    known = {"length", "seed", "shuffle", "flip", "num_epochs", *shard}
+    changes += [
+        f"{key} is {now.get(key)} now and was {saved.get(key)}"
+        for key in sorted((saved.keys() | now.keys()) - known)
+        if saved.get(key) != now.get(key)
+    ]
+    return "; ".join(changes)

@@ -300,21 +300,9 @@ def default_out_dir(path: str | Path) -> Path:
     return path / "eval"
 
 
-def _step_of(path: str | Path) -> int | None:
-    """The training step of what `load_model(path)` reads; `None` for a saved model."""
-    path = Path(path)
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return int(path.name)
-    if (path / "checkpoints").is_dir():
-        from ..train import CheckpointManager
-
-        with CheckpointManager(path / "checkpoints", keep=None) as manager:
-            return manager.latest_step()
-    return None
-
-
 def evaluate_checkpoint(
-    path: str | Path, *, out: str | Path | None = None, raw: bool = False, **options: Any
+    path: str | Path, *, out: str | Path | None = None, raw: bool = False,
+    verbose: bool = False, **options: Any
 ) -> dict[str, Any]:
     """`fluid eval`: load a run, one of its checkpoints or a saved model, evaluate it and
     write the report.
@@ -324,18 +312,22 @@ def evaluate_checkpoint(
     - `path`: as for `fluid.train.load_model`.
     - `out`: the report's directory (`default_out_dir(path)` when `None`).
     - `raw`: evaluate the raw weights instead of the EMA ones.
+    - `verbose`: print which weights (step, file) are evaluated.
     - `options`: keyword arguments of `evaluate`.
 
     **Returns:**
 
     The result dict, as written to `eval.json` (with `checkpoint` and `out` added).
     """
-    from ..train import load_model
+    from ..train import find_weights, load_model
 
-    model, text_tokenizer, config = load_model(path, ema=not raw)
+    weights = find_weights(path, ema=not raw)
+    if verbose:
+        print(f"evaluating {weights.describe()}")
+    model, text_tokenizer, config = load_model(weights, ema=not raw)
     result, images, prompts = evaluate(model, text_tokenizer, config, **options)
     out = Path(out) if out is not None else default_out_dir(path)
-    result = {"checkpoint": str(path), "step": _step_of(path), "out": str(out),
+    result = {"checkpoint": str(path), "step": weights.step, "out": str(out),
               "weights": "raw" if raw else "ema", **result}
     write_report(result, images, prompts, out)
     return result

@@ -28,9 +28,12 @@ from ._tasks import GenerateTask as GenerateTask
 from ._tasks import Task as Task
 from ._tasks import TokenizerTask as TokenizerTask
 from ._tasks import get_task as get_task
+from ._interrupt import TrainingInterrupted as TrainingInterrupted
 from ._tensorboard import SummaryWriter as SummaryWriter
 from ._trainer import Trainer as Trainer
 from ._trainer import TrainState as TrainState
 from ._trainer import cast_backbone as cast_backbone
+from ._trainer import SavedWeights as SavedWeights
+from ._trainer import find_weights as find_weights
 from ._trainer import load_model as load_model
 from ._trainer import resolve_precision as resolve_precision

@@ -58,7 +58,7 @@ def cache_fingerprint(
     """What a cache's contents depend on: the data (its config, as a dict, without the keys
     that only change how it is read), the tokenizer's class and weights, and, when the text
     encoder is frozen, the caption tokenizer, text length and the encoder's weights."""
-    ignored = {"cache", "workers", "shuffle", "flip", "fit_images"}
+    ignored = {"cache", "workers", "shuffle", "flip", "fit_images", "on_change"}
     fingerprint = {
         "version": CACHE_VERSION,
         "data": {k: v for k, v in sorted(data.items()) if k not in ignored},

@@ -8,11 +8,14 @@ One checkpoint is a directory `<directory>/<step>/` holding three Orbax items:
 - `config/`: the resolved run config as JSON.
 - `data_state/`: the data iterator's position as JSON.
 
-and, written last, `fluid_commit.json`: the size of every file of those items. Orbax writes a
-step into a temporary directory and renames it when complete, so an interrupted save leaves no
-step directory at all; the commit file also covers a crash between Orbax's rename and our own
-bookkeeping, and lets `latest_step` notice files cut short or deleted afterwards (a full disk, a
-partial copy) without reading any array.
+and, written last, `fluid_commit.json`: the size and SHA-256 of every file of those items.
+Orbax writes a step into a temporary directory and renames it when complete, so an interrupted
+save leaves no step directory at all; the commit file also covers a crash between Orbax's rename
+and our own bookkeeping, and lets `latest_step` notice files cut short or deleted afterwards (a
+full disk, a partial copy) without reading any array. The digests catch what sizes cannot,
+bytes changed in place; checking them is a pass over the checkpoint, so only `restore` (every
+file) and `saved_config` (the config's files) do. A commit file written before digests existed
+(no `"sha256"` key) is checked by size alone.
 
 Only this module knows Orbax; the trainer sees `CheckpointManager`, `check_config` and the two
 error types.
@@ -32,6 +35,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from .._errors import UserError
+from ._integrity import file_digest
 from ._rules import named_leaves, path_name
 
 # Config keys that may differ between a checkpoint and the run resuming from it, as
@@ -42,9 +47,11 @@ from ._rules import named_leaves, path_name
 # - `sample_*`: how preview samples are drawn (steps, guidance, temperature);
 # - `mesh*`: the device mesh; checkpoints restore onto a mesh of any shape;
 # - `keep_checkpoints`, `data.workers`: how many checkpoints to keep, how many processes
-#   decode images (the batches do not depend on it).
+#   decode images (the batches do not depend on it);
+# - `data.on_change`: what to do if the data changed, asked when resuming.
 RESUMABLE_CONFIG_KEYS: tuple[str, ...] = (
     "steps", "*_every", "sample_*", "mesh*", "keep_checkpoints", "data.workers",
+    "data.on_change",
 )
 
 COMMIT_FILE = "fluid_commit.json"
@@ -55,12 +62,13 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _ABSENT = object()
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint was made with another config, or holds arrays that do not fit the state."""
 
 
-class CheckpointCorruptError(OSError):
-    """A checkpoint's files are missing, cut short, or cannot be read."""
+class CheckpointCorruptError(UserError, OSError):
+    """A checkpoint's files are missing, cut short, changed since they were saved, or cannot be
+    read."""
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -247,17 +255,30 @@ class CheckpointManager:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
-    def _damage(self, step: int) -> str | None:
-        """Why the checkpoint of `step` cannot be trusted, or `None` if it is complete."""
-        root = self.step_directory(step)
-        commit = root / COMMIT_FILE
+    def _read_commit(self, step: int) -> dict[str, Any] | str:
+        """The commit file of `step`'s checkpoint, or why it cannot be had."""
+        commit = self.step_directory(step) / COMMIT_FILE
         if not commit.exists():
             return f"it has no {COMMIT_FILE}, so its save never finished"
         try:
-            files = json.loads(commit.read_text())["files"]
+            content = json.loads(commit.read_text())
+            ok = isinstance(content["files"], dict) and isinstance(
+                content.get("sha256", {}), dict
+            )
         except (ValueError, KeyError, TypeError):
-            return f"its {COMMIT_FILE} is unreadable"
-        for rel, size in files.items():
+            ok = False
+        return content if ok else f"its {COMMIT_FILE} is unreadable"
+
+    def _damage(self, step: int) -> str | None:
+        """Why the checkpoint of `step` cannot be trusted, or `None` if it is complete.
+
+        Sizes only: this runs for every step whenever the latest one is looked up.
+        """
+        root = self.step_directory(step)
+        commit = self._read_commit(step)
+        if isinstance(commit, str):
+            return commit
+        for rel, size in commit["files"].items():
             f = root / rel
             if not f.exists():
                 return f"{rel} is missing"
@@ -265,6 +286,23 @@ class CheckpointManager:
             if actual != size:
                 return f"{rel} has {actual} bytes instead of {size}"
         return None
+
+    def _verify(self, step: int, items: tuple[str, ...]) -> None:
+        """Raise `CheckpointCorruptError` unless every file of `items` has its saved digest."""
+        commit = self._read_commit(step)
+        if isinstance(commit, str):
+            raise CheckpointCorruptError(self._corrupt_message(step, commit))
+        root = self.step_directory(step)
+        for rel, digest in commit.get("sha256", {}).items():
+            if rel.split("/", 1)[0] not in items:
+                continue
+            f = root / rel
+            if not f.exists():
+                raise CheckpointCorruptError(self._corrupt_message(step, f"{rel} is missing"))
+            if file_digest(f) != digest:
+                raise CheckpointCorruptError(self._corrupt_message(
+                    step, f"{rel}: its contents changed since it was saved (checksum mismatch)"
+                ))
 
     def all_steps(self) -> list[int]:
         """The steps of every complete checkpoint, oldest first.
@@ -286,6 +324,12 @@ class CheckpointManager:
         files). Newer checkpoints that fail these checks are skipped with a warning; the next
         `save` at or before their step deletes them.
 
+        Contents are not read here: a checkpoint whose bytes changed in place stays the latest,
+        and `restore` refuses it with `CheckpointCorruptError`. A resumed run then stops with
+        that message rather than falling back to an earlier step by itself, which would
+        silently discard the steps since (and its next save would be refused anyway, the
+        damaged checkpoint being newer and complete by size).
+
         **Returns:**
 
         The step, or `None` if the directory holds no complete checkpoint.
@@ -300,8 +344,13 @@ class CheckpointManager:
         return None
 
     def saved_config(self, step: int | None = None) -> dict[str, Any]:
-        """The config a checkpoint was saved with (of the latest step by default)."""
+        """The config a checkpoint was saved with (of the latest step by default).
+
+        The config's files are checked against their digests first (`CheckpointCorruptError`
+        if they changed); the arrays are neither read nor checked.
+        """
         step = self._resolve_step(step)
+        self._verify(step, ("config",))
         return self._read(step, config=ocp.args.JsonRestore())["config"]
 
     # -- save -------------------------------------------------------------------------------
@@ -378,15 +427,20 @@ class CheckpointManager:
     def _commit(self, step: int) -> None:
         root = self.step_directory(step)
         if jax.process_index() == 0:
-            files = {}
+            files, digests = {}, {}
             for item in _ITEMS:
                 for dirpath, _, filenames in (root / item).walk():
                     for filename in filenames:
                         f = epath.Path(dirpath) / filename
-                        files[str(f.relative_to(root))] = f.stat().length
+                        rel = str(f.relative_to(root))
+                        files[rel] = f.stat().length
+                        digests[rel] = file_digest(f)
+            # Digests beside the sizes rather than in their place: an older fluid reading this
+            # checkpoint still finds `files` as it expects.
+            commit = {"step": step, "files": files, "sha256": digests}
             # Write-then-rename, so a crash never leaves a partial commit file.
             tmp = root / f"{COMMIT_FILE}.tmp"
-            tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+            tmp.write_text(json.dumps(commit, indent=1))
             tmp.replace(root / COMMIT_FILE)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"fluid checkpoint commit {step}")
@@ -483,6 +537,9 @@ class CheckpointManager:
         - `config`: this run's config as a dict; if given, it is checked against the saved one
           with `check_config` before any array is read.
 
+        Before anything is read, every file of the checkpoint is checked against the SHA-256
+        its commit file records: one more pass over the whole checkpoint, by every process.
+
         **Returns:**
 
         `(state, data_state, step)`: the restored state, the data iterator's position that was
@@ -493,9 +550,12 @@ class CheckpointManager:
         - `FileNotFoundError` if there is no (complete) checkpoint to restore.
         - `CheckpointMismatchError` if the config differs, or a leaf is missing, extra or of
           another shape or dtype (naming its dotted path).
-        - `CheckpointCorruptError` if the checkpoint's files are damaged.
+        - `CheckpointCorruptError` if the checkpoint's files are missing, cut short, changed
+          since they were saved or unreadable: one message naming the checkpoint, the file and
+          the earlier steps to restore instead.
         """
         step = self._resolve_step(step)
+        self._verify(step, _ITEMS)
         if config is not None:
             saved = self._read(step, config=ocp.args.JsonRestore())["config"]
             check_config(saved, config, source=f"checkpoint {self.step_directory(step)}")

@@ -113,5 +113,6 @@ def make_loader(
         shuffle=config.shuffle,
         flip=config.flip,
         workers=config.workers,
+        on_change=config.on_change,
         state=state,
     )

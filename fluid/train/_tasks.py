@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from .._errors import ConfigError
 from .._types import Key
 from ..build import abstract_model, build_model, build_objective
 from ..config import TrainConfig
 from ..text import CaptionTokenizer
 from ..tokenizers import psnr
 from ._data import fit_images
+from ._integrity import save_model_file
 
 if TYPE_CHECKING:
     from ._trainer import Trainer
@@ -116,7 +118,8 @@ class GenerateTask(Task):
 
     def save(self, trainer, model, directory):
         trainer.text_tokenizer.save(directory / "text_tokenizer.model")
-        eqx.tree_serialise_leaves(directory / "model.eqx", model)
+        # With its step and checksum beside it (`model.json`), verified by `load_model`.
+        save_model_file(directory / "model.eqx", model, step=trainer.step)
 
 
 class TokenizerTask(Task):
@@ -161,7 +164,7 @@ class TokenizerTask(Task):
         model.autoencoder.save_pretrained(directory / "tokenizer")
 
     def check_loadable(self, config, run_dir):
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} trained an image tokenizer, not a generative model: it is the "
             f"diffusers folder {run_dir / 'tokenizer'} (a {config.model.tokenizer.name!r} "
             "tokenizer spec's `path`)."

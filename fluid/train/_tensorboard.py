@@ -56,12 +56,19 @@ def _bytes_field(number: int, data: bytes) -> bytes:
     return _field(number, 2, _varint(len(data)) + data)
 
 
-def _event(step: int, wall_time: float, *, summary: bytes = b"", version: str = "") -> bytes:
+# `SessionLog.status = START`, the `session_log` field (7) of an `Event`.
+_SESSION_START = _field(1, 0, _varint(1))
+
+
+def _event(step: int, wall_time: float, *, summary: bytes = b"", version: str = "",
+           session_log: bytes = b"") -> bytes:
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
     if version:
         out += _bytes_field(3, version.encode())
     if summary:
         out += _bytes_field(5, summary)
+    if session_log:
+        out += _bytes_field(7, session_log)
     return out
 
 
@@ -97,6 +104,12 @@ class SummaryWriter:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Record `values` (tag to number) at `step`."""
         self._write(_event(step, time.time(), summary=_scalar_summary(values)))
+
+    def restart_at(self, step: int) -> None:
+        """Mark a resumed run: TensorBoard drops the events at `step` and after that earlier
+        event files hold (a killed run logged steps past its last checkpoint, which are
+        trained again), as for a `SessionLog.START` written by TensorFlow's own writers."""
+        self._write(_event(step, time.time(), session_log=_SESSION_START))
 
     def flush(self) -> None:
         self._file.flush()

@@ -1,5 +1,6 @@
 """The one training loop of fluid: a jitted step over trainable parameters, AdamW, EMA."""
 
+import dataclasses
 import functools
 import json
 import time
@@ -19,6 +20,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
+from .._errors import MissingInputError, TrainingDiverged
 from .._types import Key
 from ..build import build_model
 from ..config import TrainConfig, to_dict
@@ -29,6 +31,9 @@ from ..tokenizers import AutoencoderObjective
 from ._cache import cache_fingerprint, cached_source
 from ._checkpoint import CheckpointManager
 from ._data import caption_tokenizer, fit_images, make_loader, make_source
+from ._integrity import load_model_file, read_model_info
+from ._interrupt import DeferredInterrupt, TrainingInterrupted
+from ._metrics import MetricsLog, truncate_metrics
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
 from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
 from ._tasks import get_task
@@ -242,6 +247,11 @@ class Trainer:
             text_len=config.model.text_len,
             state=data_state,
         )
+        self._data_state = self.loader.get_state()
+        if self.out_dir is not None and self.is_main:
+            # Lines of steps after the restored one were logged by a run that died before
+            # its next checkpoint; those steps are trained again.
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
     def _text_tokenizer(self, reuse: bool) -> CaptionTokenizer:
         # A resumed run must read captions exactly as before: reuse the saved tokenizer.
@@ -293,9 +303,13 @@ class Trainer:
     ) -> list[dict[str, float | int]]:
         """Train for `steps` (default: up to `config.steps`) or until `time_budget` seconds.
 
-        A checkpoint is written every `config.checkpoint_every` steps, when the run ends and
-        when it is interrupted (Ctrl-C), if the trainer has an `out_dir`. Returns the
-        metrics of every step run here (also appended to `self.history`).
+        A checkpoint is written every `config.checkpoint_every` steps and when the run ends,
+        if the trainer has an `out_dir`. Ctrl-C (SIGINT) stops after the step it lands in:
+        the trainer writes a checkpoint of that step and raises `TrainingInterrupted` (a
+        `KeyboardInterrupt`); a second Ctrl-C stops at once, keeping the last checkpoint.
+        Each step's record is appended to `metrics.jsonl` as it finishes and synced to disk
+        before every checkpoint. Returns the metrics of every step run here (also appended
+        to `self.history`).
         """
         config = self.config
         total = config.steps if steps is None else self.step + steps
@@ -304,76 +318,83 @@ class Trainer:
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
-            log = open(self.out_dir / "metrics.jsonl", "a")
+            log = MetricsLog(self.out_dir / "metrics.jsonl")
             writer = SummaryWriter(self.out_dir / "tensorboard")
+            if self.step > 0:
+                writer.restart_at(self.step + 1)
         start = time.perf_counter()
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         out = []
-        saved_at = self.step
         try:
-            last = time.perf_counter()
-            while self.step < total:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("always", SkippedRecordWarning)
-                    batch = next(self.loader)
-                batch = shard_batch(batch, self.mesh)
-                self.state, metrics = self.step_fn(self.state, self.frozen, batch)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                now = time.perf_counter()
-                self.skipped = self.loader.skipped
-                record = {
-                    "step": self.step,
-                    **metrics,
-                    "step_time": now - last,
-                    "images_per_sec": bsz / max(now - last, 1e-9),
-                    "skipped_records": self.skipped,
-                }
-                last = now
-                at_log = self.step % max(config.log_every, 1) == 0 or self.step == total
-                if at_log:
-                    record.update(self.evaluate())
-                    last = time.perf_counter()  # evaluating is not part of the next step
-                out.append(record)
-                self.history.append(record)
-                if not np.isfinite(record["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {record['loss']} at step {self.step}; lower the learning "
-                        "rate or check the data."
-                    )
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    writer.scalars(self.step, {k: v for k, v in record.items() if k != "step"})
-                bar.update(1)
-                if at_log:
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        step_s=f"{record['step_time']:.3f}",
-                        img_s=f"{record['images_per_sec']:.1f}",
-                        **{k: f"{record[k]:.2f}" for k in ("psnr",) if k in record},
-                    )
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.checkpoint()
-                    saved_at = self.step
-                if config.sample_every and self.step % config.sample_every == 0:
-                    self.sample_grid()
-                if callback is not None:
-                    callback(self, record)
-                if time_budget is not None and now - start > time_budget:
-                    break
-        except KeyboardInterrupt:
-            if self.checkpoints is not None and self.step > saved_at:
-                print(f"\ninterrupted at step {self.step}: writing a checkpoint")
-                self.checkpoint()
-            raise
+            with DeferredInterrupt() as interrupt:
+                last = time.perf_counter()
+                while self.step < total and not interrupt.requested:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("always", SkippedRecordWarning)
+                        batch = next(self.loader)
+                    batch = shard_batch(batch, self.mesh)
+                    self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+                    metrics = {k: float(v) for k, v in metrics.items()}
+                    # The position of the last batch the model consumed: what a checkpoint
+                    # of this state must hold.
+                    self._data_state = self.loader.get_state()
+                    now = time.perf_counter()
+                    self.skipped = self.loader.skipped
+                    record = {
+                        "step": self.step,
+                        **metrics,
+                        "step_time": now - last,
+                        "images_per_sec": bsz / max(now - last, 1e-9),
+                        "skipped_records": self.skipped,
+                    }
+                    last = now
+                    at_log = self.step % max(config.log_every, 1) == 0 or self.step == total
+                    if at_log:
+                        record.update(self.evaluate())
+                        last = time.perf_counter()  # evaluating is not part of the next step
+                    out.append(record)
+                    self.history.append(record)
+                    if not np.isfinite(record["loss"]):
+                        raise TrainingDiverged(
+                            f"loss is {record['loss']} at step {self.step}; lower the learning "
+                            "rate or check the data."
+                        )
+                    if log is not None:
+                        log.write(record)
+                        writer.scalars(self.step, {k: v for k, v in record.items() if k != "step"})
+                    bar.update(1)
+                    if at_log:
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4f}",
+                            step_s=f"{record['step_time']:.3f}",
+                            img_s=f"{record['images_per_sec']:.1f}",
+                            **{k: f"{record[k]:.2f}" for k in ("psnr",) if k in record},
+                        )
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        self._checkpoint(log, writer)
+                    if config.sample_every and self.step % config.sample_every == 0:
+                        self.sample_grid()
+                    if callback is not None:
+                        callback(self, record)
+                    if time_budget is not None and now - start > time_budget:
+                        break
+                saved = self._checkpoint(log, writer) if self.step > 0 else None
+                if interrupt.requested:
+                    raise TrainingInterrupted(self.step, None if saved is None else str(saved))
         finally:
             bar.close()
             if log is not None:
                 log.close()
                 writer.close()
-        if self.checkpoints is not None and self.step > saved_at:
-            self.checkpoint()
         return out
+
+    def _checkpoint(self, log: MetricsLog | None, writer: SummaryWriter | None) -> Path | None:
+        # Metrics up to this step reach the disk before the checkpoint that holds the step.
+        if log is not None:
+            log.sync()
+            writer.flush()
+        return self.checkpoint()
 
     # -- evaluation -----------------------------------------------------------------------
     def held_out_images(self) -> jax.Array:
@@ -403,7 +424,7 @@ class Trainer:
                 self.step,
                 {"state": self.state, "frozen": self.frozen},
                 config=to_dict(self.config),
-                data_state=self.loader.get_state(),
+                data_state=self._data_state,
             )
         return Path(str(self.checkpoints.step_directory(self.step)))
 
@@ -435,43 +456,110 @@ class Trainer:
         return directory
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedWeights:
+    """Which weights `load_model(path)` reads.
+
+    - `kind`: `"model"` (a saved `model.eqx`, EMA weights only) or `"checkpoint"`.
+    - `path`: the `model.eqx` file or the checkpoint's directory.
+    - `run_dir`: the folder holding the run's `config.json` / `checkpoints/` /
+      `text_tokenizer.model`.
+    - `step`: the training step of the weights (`None` for a model saved without its step,
+      by an older fluid).
+    """
+
+    kind: str
+    path: Path
+    run_dir: Path
+    step: int | None
+
+    def describe(self) -> str:
+        what = "saved model" if self.kind == "model" else "checkpoint"
+        at = f"step {self.step}" if self.step is not None else "an unknown step"
+        return f"{at} from the {what} {self.path}"
+
+
+def find_weights(path: str | Path, *, ema: bool = True) -> SavedWeights:
+    """The newest weights under `path`, as `load_model` and `fluid sample`/`eval` read them.
+
+    **Arguments:**
+
+    - `path`: a run's output directory (the newer of its saved `model.eqx` and its latest
+      complete checkpoint; on a tie the saved model, which holds the same EMA weights); one
+      checkpoint, `<run>/checkpoints/<step>`; or a directory `Trainer.save` wrote.
+    - `ema`: `False` asks for the raw weights, which only checkpoints hold.
+
+    **Returns:**
+
+    A `SavedWeights`. Raises `FileNotFoundError` naming what `path` should hold.
+    """
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return SavedWeights("checkpoint", path, path.parent.parent, int(path.name))
+    found = []
+    if (path / "model.eqx").exists():
+        info = read_model_info(path / "model.eqx")
+        step = info.get("step") if info else None
+        found.append(SavedWeights("model", path / "model.eqx", path, step))
+    if (path / "checkpoints").is_dir():
+        with CheckpointManager(path / "checkpoints", keep=None) as manager:
+            step = manager.latest_step()
+            if step is not None:
+                found.append(SavedWeights(
+                    "checkpoint", Path(str(manager.step_directory(step))), path, step
+                ))
+    if not ema:
+        saved = [w for w in found if w.kind == "model"]
+        found = [w for w in found if w.kind == "checkpoint"]
+        if not found and saved:
+            raise MissingInputError(
+                f"{saved[0].path} holds only the EMA weights, and {path} has no complete "
+                "checkpoint with the raw ones; drop --raw (ema=False) to load the EMA weights."
+            )
+    if not found:
+        raise MissingInputError(
+            f"{path} holds neither a saved model (model.eqx) nor a complete checkpoint; pass a "
+            "run's output directory, one of its checkpoints/<step>, or a directory "
+            "Trainer.save wrote."
+        )
+    if len(found) == 1:
+        return found[0]
+    model, checkpoint = found
+    if model.step is None:  # saved by an older fluid: the newer file wins
+        newer = (model.path.stat().st_mtime
+                 >= (checkpoint.path / "fluid_commit.json").stat().st_mtime)
+        return model if newer else checkpoint
+    return model if model.step >= checkpoint.step else checkpoint
+
+
 def load_model(
-    path: str | Path, *, ema: bool = True
+    path: "str | Path | SavedWeights", *, ema: bool = True
 ) -> tuple[FluidModel, CaptionTokenizer, TrainConfig]:
     """A trained model, its text tokenizer and its config, from what training wrote.
 
     **Arguments:**
 
     - `path`: a directory `Trainer.save` wrote (`model.eqx` + `config.json`); or a run's
-      output directory with `checkpoints/` (its latest complete checkpoint is read); or
-      one checkpoint, `<run>/checkpoints/<step>`.
-    - `ema`: from a checkpoint, the EMA weights (as evaluation uses) or the raw ones.
+      output directory (the newer of its saved model and its latest complete checkpoint,
+      see `find_weights`); or one checkpoint, `<run>/checkpoints/<step>`; or what
+      `find_weights` returned.
+    - `ema`: the EMA weights (as evaluation uses) or the raw ones (from a checkpoint only).
 
-    The arrays land on the default device, whatever mesh the run used.
+    The arrays land on the default device, whatever mesh the run used. A saved model is
+    verified against the checksum written with it (`CorruptModelError` if it changed).
     """
     from ..config import from_dict
 
-    path = Path(path)
-    if (path / "model.eqx").exists():
-        config = from_dict(TrainConfig, json.loads((path / "config.json").read_text()))
-        text_tokenizer = load_caption_tokenizer(path / "text_tokenizer.model")
+    weights = path if isinstance(path, SavedWeights) else find_weights(path, ema=ema)
+    run_dir = weights.run_dir
+    if weights.kind == "model":
+        config = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+        get_task(config.task).check_loadable(config, run_dir)
+        text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
         skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-        model = eqx.tree_deserialise_leaves(path / "model.eqx", skeleton)
-        return model, text_tokenizer, config
-    if (path / "checkpoints").is_dir():
-        run_dir, step = path, None
-    elif path.name.isdigit() and path.parent.name == "checkpoints":
-        run_dir, step = path.parent.parent, int(path.name)
-    else:
-        raise FileNotFoundError(
-            f"{path} holds neither a saved model (model.eqx) nor checkpoints; pass a run's "
-            "output directory, one of its checkpoints/<step>, or a directory Trainer.save wrote."
-        )
+        return load_model_file(weights.path, skeleton), text_tokenizer, config
     with CheckpointManager(run_dir / "checkpoints", keep=None) as manager:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"{run_dir / 'checkpoints'} has no complete checkpoint.")
+        step = weights.step
         config = from_dict(TrainConfig, manager.saved_config(step))
         get_task(config.task).check_loadable(config, run_dir)
         text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
