@@ -95,17 +95,11 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
 def _plan(config, out: Path, what: str) -> int:
     """`--dry-run`: check everything a run needs (the config, its data, its parts, files they
     read) and say what it would do, training nothing."""
-    from .build import abstract_model, count_params
-    from .train import caption_tokenizer, get_task, make_source
+    from .build import count_params
+    from .train import get_task, make_source
 
     source = make_source(config.data)
-    task = get_task(config.task)
-    if task.reads_captions:
-        # As the run would: the caption tokenizer it reads with sets the text vocabulary.
-        vocab = caption_tokenizer(source, config.model).vocab_size
-        n = count_params(abstract_model(config.model, text_vocab_size=vocab))
-    else:
-        n = count_params(task.abstract_model(config))
+    n = count_params(get_task(config.task).abstract_model(config, source=source))
     data = config.data.dataset + (f" at {config.data.path}" if config.data.path else "")
     print(f"{what}: {n / 1e6:.2f}M parameters, {config.steps} steps of batch "
           f"{config.batch_size}, data {data} ({len(source)} records), writing to {out}/ "
@@ -241,7 +235,7 @@ def cmd_sample(args) -> int:
         )
     images = sample_images(
         model, text_tokenizer, args.prompt, text_len=config.model.text_len,
-        key=jr.key(args.seed), steps=min(steps, model.seq_len),
+        key=jr.key(args.seed), steps=steps,
         cfg=config.sample_cfg if args.cfg is None else args.cfg,
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )

@@ -140,8 +140,6 @@ class ModelConfig:
 
 
 DATASETS = ("shapes", "folder", "jsonl")
-# What a resumed run does when its data source changed since the checkpoint.
-DATA_ON_CHANGE = ("error", "restart")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,8 +190,10 @@ class DataConfig:
         _number("data.seed", self.seed, integer=True)
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed must lie in [0, 2**32), got {self.seed}.")
-        _choice("data.on_change", self.on_change, DATA_ON_CHANGE)
+        from .data import ON_CHANGE
         from .data.shapes import LAYOUTS
+
+        _choice("data.on_change", self.on_change, ON_CHANGE)
 
         if self.cache and self.flip:
             raise ConfigError(
@@ -439,10 +439,7 @@ def _coerce(value: str, hint: Any, key: str) -> Any:
         return value
     if hint is ComponentSpec:
         # `kl` (a name, no kwargs) or `{"name": "kl", "kwargs": {...}}`: a whole new part.
-        try:
-            spec = json.loads(value)
-        except json.JSONDecodeError:
-            spec = {"name": value}
+        spec = _json_or_text(value)
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict) or set(spec) - {"name", "kwargs"} or "name" not in spec:
@@ -558,12 +555,7 @@ def _record_spec(change: _Change, rest: list[str], value: Any, dotted: str) -> N
         key, deeper = deeper[0], deeper[1:]
     if deeper:
         raise ConfigKeyError(f"component kwargs are flat; cannot set {dotted!r}.")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    change.at("kwargs").at(key).value = value
+    change.at("kwargs").at(key).value = _json_or_text(value)
 
 
 def _field_value(value: Any, hint: Any, dotted: str) -> Any:
@@ -579,12 +571,19 @@ def _field_value(value: Any, hint: Any, dotted: str) -> Any:
     return value
 
 
+def _json_or_text(value: Any) -> Any:
+    """A command-line value read as JSON where it parses (`3`, `[1, 2]`, `{"a": 1}`), else
+    kept as the text it is (`kl`); a value that is not text is kept."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def _kwargs_value(value: Any, dotted: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
+    value = _json_or_text(value)
     if not isinstance(value, Mapping):
         raise ConfigTypeError(f"{dotted} takes a JSON object of keyword arguments, got {value!r}.")
     return dict(value)

@@ -37,6 +37,12 @@ def test_train_resume_and_sample(tmp_path, capsys):
                  "--prompt", "a blue square", "--out", str(grid), "--steps", "2"]) == 0
     image = np.asarray(Image.open(grid))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+    # More steps than the model has tokens: refused with the range, nothing sampled or saved.
+    assert "give --steps between 1 and" in _user_error(
+        capsys, ["sample", str(run), "--prompt", "x", "--out", str(tmp_path / "no.png"),
+                 "--steps", "1000"]
+    )
+    assert not (tmp_path / "no.png").exists()
 
 
 def _user_error(capsys, argv) -> str:
@@ -79,6 +85,30 @@ def test_override_typo_stops_with_the_closest_key(tmp_path, capsys, monkeypatch)
 def test_user_errors_print_one_line_and_exit_2(argv, says, tmp_path, capsys):
     argv = [str(tmp_path) if a == "RUN" else a for a in argv]
     assert says in _user_error(capsys, argv)
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    # Only user errors are shortened to one line; a bug anywhere else surfaces whole.
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("fluid.cli.cmd_presets", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["presets"])
+
+
+def test_warnings_print_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    def warns(args):
+        warnings.warn("the data is odd", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr("fluid.cli.cmd_presets", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["presets"]) == 0
+    assert capsys.readouterr().err.strip() == "warning: the data is odd"
 
 
 @pytest.mark.parametrize("option", [["--steps", "0"], ["--temperature", "-1"], ["--cfg", "-5"]])

@@ -439,3 +439,27 @@ def test_a_changed_stream_is_explained(tmp_path, tok):
         make_loader(source, tok, on_change="ignore")
     with pytest.raises(ValueError, match=r"on_change must be"):
         same.set_state(state, on_change="continue")
+
+
+def test_the_training_loader_takes_on_change_from_the_data_config():
+    # `data.on_change` reaches the loader `fluid train` builds: a run resumed with another
+    # seed is refused by default and restarts its stream with on_change=restart.
+    from fluid.config import DataConfig
+    from fluid.train import make_loader as training_loader
+
+    source = ShapesDataset(16, size=16)
+    tok = train_text_tokenizer(caption_corpus(), vocab_size=48)
+
+    def make(config, state=None):
+        return training_loader(source, config, text_tokenizer=tok, batch_size=4, text_len=8,
+                               state=state)
+
+    first = make(DataConfig(image_size=16))
+    next(first)
+    state = first.get_state()
+    with pytest.raises(DataStreamChangedError, match="the seed is 1 now and was 0"):
+        make(DataConfig(image_size=16, seed=1), state)
+    with pytest.warns(UserWarning, match="from the start"):
+        restarted = make(DataConfig(image_size=16, seed=1, on_change="restart"), state)
+    assert restarted.position == 0
+    assert make(DataConfig(image_size=16), state).position == first.position > 0

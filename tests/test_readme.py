@@ -111,3 +111,5 @@ def test_readme_command_is_accepted(command, readme_world, monkeypatch, capsys):
     assert code == 0, f"`{command}` ({argv}) failed:\n{captured.err}"
     if "--dry-run" in argv:
         assert "dry run: nothing trained" in captured.out
+    if argv[0] in ("sample", "eval"):  # which weights were read, and from which step
+        assert "step 2 from the " in captured.out, captured.out

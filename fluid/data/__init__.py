@@ -8,6 +8,7 @@ from ._files import JsonlSource as JsonlSource
 from ._files import SkippedRecordWarning as SkippedRecordWarning
 from ._files import center_crop as center_crop
 from ._files import load_image as load_image
+from ._pipeline import ON_CHANGE as ON_CHANGE
 from ._pipeline import DataStreamChangedError as DataStreamChangedError
 from ._pipeline import Loader as Loader
 from ._pipeline import RandomAccessSource as RandomAccessSource

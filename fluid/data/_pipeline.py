@@ -24,6 +24,7 @@ import grain
 import jax
 import numpy as np
 
+from .._errors import UserError
 from ..text import CaptionTokenizer
 from ._files import BadRecord, SkippedRecordWarning
 
@@ -41,10 +42,12 @@ class RandomAccessSource(Protocol):
 _ARRAYS = ("image", "tokens", "text_hidden")
 
 
-_ON_CHANGE = ("error", "restart")
+# What a loader does with a saved state from another data stream (`Loader(on_change=...)`,
+# `data.on_change`): refuse it, or start the new stream from its beginning.
+ON_CHANGE = ("error", "restart")
 
 
-class DataStreamChangedError(ValueError):
+class DataStreamChangedError(UserError, ValueError):
     """A saved loader state is from a different data stream than the loader's: another
     number of records, seed, shuffle, flip, epoch count or shard. Its position would name
     other records, so resuming from it would not continue the saved run's order. The message
@@ -351,8 +354,8 @@ class Loader:
 
 
 def _check_on_change(on_change: str) -> str:
-    if on_change not in _ON_CHANGE:
-        raise ValueError(f"on_change must be 'error' or 'restart', got {on_change!r}.")
+    if on_change not in ON_CHANGE:
+        raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
     return on_change
 
 

@@ -36,7 +36,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from .._errors import UserError
-from ._integrity import file_digest
+from ._integrity import brief_error, describe_array, file_digest
 from ._rules import named_leaves, path_name
 
 # Config keys that may differ between a checkpoint and the run resuming from it, as
@@ -166,16 +166,6 @@ def _key_impl(like: Any) -> Any:
     found = []
     jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), like)
     return found[0]
-
-
-def _describe(shape: Any, dtype: Any) -> str:
-    return f"{np.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
-
-
-def _brief(error: Exception) -> str:
-    # Tensorstore appends its whole JSON spec; the chained exception keeps the full text.
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _sharding_lookup(shardings: Any, like: dict[str, Any]) -> dict[str, jax.sharding.Sharding]:
@@ -478,7 +468,7 @@ class CheckpointManager:
         except Exception as e:
             # Damage the file sizes did not reveal (checksums, unreadable metadata).
             raise CheckpointCorruptError(
-                self._corrupt_message(step, f"reading it failed ({_brief(e)})")
+                self._corrupt_message(step, f"reading it failed ({brief_error(e)})")
             ) from e
 
     def _check_structure(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
@@ -487,13 +477,13 @@ class CheckpointManager:
             saved = dict(getattr(metadata, "tree", metadata))
         except Exception as e:
             raise CheckpointCorruptError(
-                self._corrupt_message(step, f"reading its metadata failed ({_brief(e)})")
+                self._corrupt_message(step, f"reading its metadata failed ({brief_error(e)})")
             ) from e
         where = f"checkpoint {self.step_directory(step)} does not fit this state"
         for name, want in target.items():
             if name not in saved:
                 raise CheckpointMismatchError(
-                    f"{where}: it has no {name} ({_describe(want.shape, want.dtype)} here); "
+                    f"{where}: it has no {name} ({describe_array(want.shape, want.dtype)} here); "
                     "was it made with another model or optimiser?"
                 )
             got = saved[name]
@@ -501,8 +491,8 @@ class CheckpointManager:
                 want.dtype
             ):
                 raise CheckpointMismatchError(
-                    f"{where}: {name} is {_describe(got.shape, got.dtype)} in the checkpoint "
-                    f"and {_describe(want.shape, want.dtype)} here; was it made with another "
+                    f"{where}: {name} is {describe_array(got.shape, got.dtype)} in the checkpoint "
+                    f"and {describe_array(want.shape, want.dtype)} here; was it made with another "
                     "model config?"
                 )
         extra = sorted(name for name in saved if name not in target)

@@ -78,12 +78,15 @@ def _advice(path: Path) -> str:
     return f"save the model again from training (Trainer.save), or {elsewhere}"
 
 
-def _brief(error: BaseException) -> str:
+def brief_error(error: BaseException) -> str:
+    """An exception in one line of at most 300 characters, for a message that names a file.
+    (Tensorstore appends its whole JSON spec; the chained exception keeps the full text.)"""
     text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 200 else text[:200] + "..."
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
-def _describe(shape: Any, dtype: Any) -> str:
+def describe_array(shape: Any, dtype: Any) -> str:
+    """`float32[4,8]`: an array's dtype and shape, as error messages print them."""
     return f"{np.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
 
 
@@ -260,13 +263,13 @@ def load_model_file(path: str | os.PathLike, skeleton: Any) -> Any:
         try:
             leaf = eqx.default_deserialise_filter_spec(f, like)
         except Exception as e:
-            raise _LeafProblem(f"reading {name} failed ({_brief(e)})", fits=True) from e
+            raise _LeafProblem(f"reading {name} failed ({brief_error(e)})", fits=True) from e
         if isinstance(like, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) and (
             leaf.shape != like.shape or leaf.dtype != like.dtype
         ):
             raise _LeafProblem(
-                f"{name} is {_describe(leaf.shape, leaf.dtype)} in the file and "
-                f"{_describe(like.shape, like.dtype)} here",
+                f"{name} is {describe_array(leaf.shape, leaf.dtype)} in the file and "
+                f"{describe_array(like.shape, like.dtype)} here",
                 fits=False,
             )
         return leaf
@@ -281,7 +284,7 @@ def load_model_file(path: str | os.PathLike, skeleton: Any) -> Any:
             trailing = f.read(1)
         except Exception as e:
             problem = _find_problem(e)
-            detail = str(problem) if problem is not None else _brief(e)
+            detail = str(problem) if problem is not None else brief_error(e)
             if problem is not None and not problem.fits:
                 cause = other_config
             elif info is not None:

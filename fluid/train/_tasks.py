@@ -20,7 +20,7 @@ from ..build import abstract_model, build_model, build_objective
 from ..config import TrainConfig
 from ..text import CaptionTokenizer
 from ..tokenizers import psnr
-from ._data import fit_images
+from ._data import caption_tokenizer, fit_images
 from ._integrity import save_model_file
 
 if TYPE_CHECKING:
@@ -50,8 +50,10 @@ class Task(abc.ABC):
         under `jax.jit`, or on the host when pretrained weights are read from files)."""
 
     @abc.abstractmethod
-    def abstract_model(self, config: TrainConfig) -> eqx.Module:
-        """The model's structure with `jax.ShapeDtypeStruct` leaves (`fluid presets`)."""
+    def abstract_model(self, config: TrainConfig, *, source=None) -> eqx.Module:
+        """The model's structure with `jax.ShapeDtypeStruct` leaves (`fluid presets`,
+        `--dry-run`). With the run's data `source`, parts sized by the data are sized as the
+        run would size them (the caption vocabulary of the tokenizer it would read with)."""
 
     def compute_dtype(self, config: TrainConfig) -> jnp.dtype | None:
         """The dtype the backbone computes in, or None when nothing is cast."""
@@ -90,8 +92,11 @@ class GenerateTask(Task):
         return functools.partial(build_model, config.model, text_tokenizer=text_tokenizer,
                                  key=key, fit_images=images)
 
-    def abstract_model(self, config):
-        return abstract_model(config.model)
+    def abstract_model(self, config, *, source=None):
+        if source is None:
+            return abstract_model(config.model)
+        vocab = caption_tokenizer(source, config.model).vocab_size
+        return abstract_model(config.model, text_vocab_size=vocab)
 
     def compute_dtype(self, config):
         from ._trainer import resolve_precision
@@ -137,7 +142,8 @@ class TokenizerTask(Task):
             build_objective, config.model.tokenizer, config.tokenizer_loss, key=key
         )
 
-    def abstract_model(self, config):
+    def abstract_model(self, config, *, source=None):
+        del source
         return eqx.filter_eval_shape(
             build_objective, config.model.tokenizer, config.tokenizer_loss, key=jr.key(0)
         )

@@ -227,7 +227,6 @@ class Trainer:
             donate_argnums=(0,),
         )
         self.history: list[dict[str, float | int]] = []
-        self.skipped = 0
         self._held_out: jax.Array | None = None
 
         data_state = self._restore() if resuming else None
@@ -293,6 +292,11 @@ class Trainer:
     def step(self) -> int:
         return int(self.state.step)
 
+    @property
+    def skipped(self) -> int:
+        """Records the loader could not read so far (each warned about once)."""
+        return self.loader.skipped
+
     # -- loop -----------------------------------------------------------------------------
     def run(
         self,
@@ -340,7 +344,6 @@ class Trainer:
                     # of this state must hold.
                     self._data_state = self.loader.get_state()
                     now = time.perf_counter()
-                    self.skipped = self.loader.skipped
                     record = {
                         "step": self.step,
                         **metrics,
