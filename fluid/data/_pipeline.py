@@ -355,7 +355,8 @@ class Loader:
 
 def _check_on_change(on_change: str) -> str:
     if on_change not in ON_CHANGE:
-        raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
+        choices = " or ".join(repr(c) for c in ON_CHANGE)
+        raise ValueError(f"on_change must be {choices}, got {on_change!r}.")
     return on_change
 
 
