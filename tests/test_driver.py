@@ -21,10 +21,10 @@ import pytest
 
 from fluid.backbones import AbstractCausalBackbone, CausalTransformer
 from fluid.build import build_model
+from fluid.data.shapes import ShapesDataset
 from fluid.heads import AbstractOutputHead
 from fluid.orders import AbstractGenerationOrder, TrainingPositions
 from fluid.presets import tiny
-from fluid.data.shapes import ShapesDataset
 from fluid.train import make_text_tokenizer
 
 SEQ = 16  # the tiny presets' tokens
@@ -34,11 +34,12 @@ PERM = np.array([5, 0, 11, 2, 15, 7, 1, 12, 3, 9, 14, 4, 8, 13, 6, 10], np.int32
 
 @typing.final
 class FixedOrder(AbstractGenerationOrder):
-    """A fixed permutation, one position per sampling step."""
+    """A fixed permutation, `per_step` positions per sampling step."""
 
     supported_attention: typing.ClassVar[frozenset[str]] = frozenset({"causal", "bidirectional"})
     random_permutation: typing.ClassVar[bool] = False
     perm: tuple[int, ...] = eqx.field(static=True, converter=lambda p: tuple(map(int, p)))
+    per_step: int = eqx.field(static=True, default=1)
 
     def permutation(self, n, *, key):
         del key
@@ -49,7 +50,7 @@ class FixedOrder(AbstractGenerationOrder):
 
     def step_counts(self, n, steps):
         del steps
-        return (1,) * n
+        return (self.per_step,) * (n // self.per_step)
 
 
 @typing.final
@@ -158,14 +159,13 @@ def test_causal_sampling_produces_the_permutations_positions_in_order(parts):
             total = total + np.asarray(embed(tokens[b, p]))
 
 
-def test_causal_backbone_refuses_an_order_of_several_positions_per_step(parts):
+def test_a_causal_model_refuses_an_order_of_several_positions_per_step(parts):
     model, ids, mask = parts
-    spied = with_spies(model, FixedOrder(PERM))
-    backbone = spied.backbone
-    state = backbone.init_decode(jnp.zeros((1, 4, backbone.dim)), jnp.ones((1, 4), bool))
-    with pytest.raises(ValueError, match="one position per step"):
-        backbone.decode(state, jnp.zeros((SEQ, 4)), lambda t: jnp.zeros(backbone.dim),
-                        jnp.arange(2), jnp.zeros((1, 4, backbone.dim)), jnp.ones((1, 4), bool))
+    model = eqx.tree_at(lambda m: m.order, model, FixedOrder(PERM, per_step=2))
+    with pytest.raises(ValueError, match="decodes one position per step, but the order "
+                                         "produces 2 at a step"):
+        model.generate_tokens(ids, mask, key=jr.key(0), steps=8, cfg=1.0,
+                              cfg_schedule="linear", temperature=1.0)
 
 
 def test_a_fixed_order_on_the_real_causal_backbone_decodes_as_it_trains(parts):
