@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-
 from _common import RESULTS, conditions, finish, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +157,7 @@ def main():
                    "train_ratio": med["train_after"] / med["train_before"],
                    "sample_ratio": med["sample_after"] / med["sample_before"]}
             info["presets"][name] = row
-            print(f"{name:24} {str(equal):>6} {med['train_before']:13.4f} "
+            print(f"{name:24} {equal!s:>6} {med['train_before']:13.4f} "
                   f"{med['train_after']:8.4f} {row['train_ratio']:6.3f} "
                   f"{med['sample_before']:14.4f} {med['sample_after']:8.4f} "
                   f"{row['sample_ratio']:6.3f}", flush=True)
