@@ -1,5 +1,6 @@
 """`FluidModel`: one tokenizer, text encoder, backbone, head and order, composed and batched."""
 
+import contextlib
 import itertools
 import typing
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int
 
-from ._types import CAUSAL, CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
+from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import HEADS, AbstractOutputHead
 from .nn import dense, vector_products
@@ -149,11 +150,6 @@ class FluidModel(eqx.Module):
                 f"order: {', '.join(backs) or 'none'}; orders that fit this backbone: "
                 f"{', '.join(orders) or 'none'}."
             )
-        if backbone.attention == CAUSAL and not isinstance(backbone, AbstractCausalBackbone):
-            raise IncompatibleComponentsError(
-                f"{type(backbone).__name__} declares causal attention but does not implement "
-                "AbstractCausalBackbone (init_cache, decode_step), which sampling needs."
-            )
         for what, a, b in [
             ("head.cond_dim vs backbone.dim", head.cond_dim, backbone.dim),
             ("backbone.seq_len vs tokenizer.seq_len", backbone.seq_len, tok.seq_len),
@@ -230,12 +226,8 @@ class FluidModel(eqx.Module):
                     "its outputs change as it trains. Cache text only for frozen encoders."
                 )
             null_hidden = jax.lax.stop_gradient(self.text_encoder(self.null_ids, self.null_mask))
-        if num_known is not None and self.backbone.attention == CAUSAL:
-            raise ValueError(
-                "num_known applies to bidirectional backbones; a causal backbone sees every "
-                "earlier position (teacher forcing) and every position is a target."
-            )
         n = self.seq_len
+        attention = self.backbone.attention
         compute = _float_dtype(self.backbone)
 
         def one(tokens, ids, mask, hidden, key, known_count):
@@ -248,25 +240,20 @@ class FluidModel(eqx.Module):
             else:
                 with jax.named_scope("text"):
                     context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
-            if self.backbone.attention == CAUSAL:
-                known = jnp.ones((n,), bool)
-                targets = known
-            else:
-                rank = jnp.argsort(self.order.permutation(n, key=k_perm))
-                # rank[i]: the step at which position i is produced.
-                if known_count is None:
-                    known_count = self.order.num_known(n, key=k_known)
-                known = rank < known_count
-                targets = ~known
+            # The order decides what the backbone reads and what the loss counts.
+            at = self.order.training_positions(
+                n, attention, permutation_key=k_perm, known_key=k_known, num_known=known_count
+            )
             with jax.named_scope("backbone"):
                 x = self.token_embedding(tokens)
-                z = self.backbone(x.astype(compute), known, context.astype(compute), mask)
+                z = self.backbone(x.astype(compute), at.known, context.astype(compute), mask,
+                                  order=at.order)
                 z = z.astype(jnp.float32)
             with jax.named_scope("head"):
                 per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
                     z, tokens, jr.split(k_head, n)
                 )
-            weights = targets.astype(jnp.float32)
+            weights = at.targets.astype(jnp.float32)
             return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
 
         return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
@@ -312,10 +299,10 @@ class FluidModel(eqx.Module):
     def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature):
         """`generate` without the final decoding: the sampled tokens."""
         guided = cfg != 1.0
-        one = self._generate_causal if self.backbone.attention == CAUSAL else self._generate_masked
         keys = jr.split(key, text_ids.shape[0])
         return jax.vmap(
-            lambda i, m, k: one(i, m, k, steps, guided, cfg, cfg_schedule, temperature)
+            lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
+                                               temperature)
         )(text_ids, text_mask, keys)
 
     def _contexts(self, ids, mask, guided):
@@ -348,62 +335,45 @@ class FluidModel(eqx.Module):
             return jnp.zeros((n, self.tokenizer.token_dim), jnp.float32)
         return jnp.zeros((n,), jnp.int32)
 
-    def _generate_masked(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
+    def _generate_one(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
+        """One example: the order's steps, each asking the backbone for the conditions at
+        the positions it produces (`init_decode`/`decode`, the same for every backbone),
+        the head for their tokens, and writing them."""
         n = self.seq_len
-        k_perm, key = jr.split(key)
+        if self.order.random_permutation:
+            k_perm, key = jr.split(key)
+        else:  # a fixed order leaves the whole key to the steps
+            k_perm = key
         perm = self.order.permutation(n, key=k_perm)
         ctx, ctx_mask = self._contexts(ids, mask, guided)
         counts = self.order.step_counts(n, steps)
-        tokens, known = self._empty_tokens(), jnp.zeros((n,), bool)
-        start = 0
-        # Steps that produce the same number of tokens share one scan: shapes stay static
-        # and the head runs on exactly the positions produced at each step.
-        for k, run in itertools.groupby(counts):
-            length = len(list(run))
-
-            def body(carry, i, k=k, start=start):
-                tokens, known, key = carry
-                key, sub = jr.split(key)
-                first = start + i * k
-                idx = jax.lax.dynamic_slice(perm, (first,), (k,))
-                with jax.named_scope("backbone"):
-                    x = self.token_embedding(tokens)
-                    z = jax.vmap(self.backbone.at_positions, in_axes=(None, None, 0, 0, None))(
-                        x, known, ctx, ctx_mask, idx
-                    )
-                cfg_value = self._cfg_at(cfg, schedule, first + k)
-                new = self._sample_head(z, guided, cfg_value, temperature, sub)
-                return (tokens.at[idx].set(new), known.at[idx].set(True), key), None
-
-            (tokens, known, key), _ = jax.lax.scan(
-                body, (tokens, known, key), jnp.arange(length, dtype=jnp.int32)
-            )
-            start += k * length
-        return tokens
-
-    def _generate_causal(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
-        del steps  # causal decoding produces one token per step
-        backbone = typing.cast(AbstractCausalBackbone, self.backbone)
-        ctx, ctx_mask = self._contexts(ids, mask, guided)
+        embed = self.token_embedding.embed_one
         with jax.named_scope("backbone"):
-            caches = jax.vmap(backbone.init_cache)(ctx, ctx_mask)
-        dim = backbone.dim
+            state = self.backbone.init_decode(ctx, ctx_mask)
+        tokens = self._empty_tokens()
+        start = 0
+        # A cached decoder runs each step on one vector: products per vector (see
+        # `vector_products`), here and in the head.
+        per_vector = isinstance(self.backbone, AbstractCausalBackbone)
+        with vector_products() if per_vector else contextlib.nullcontext():
+            # Steps that produce the same number of tokens share one scan: shapes stay
+            # static and the head runs on exactly the positions produced at each step.
+            for k, run in itertools.groupby(counts):
+                length = len(list(run))
 
-        def body(carry, t):
-            x_prev, caches, key = carry
-            key, sub = jr.split(key)
-            with jax.named_scope("backbone"):
-                z, caches = jax.vmap(backbone.decode_step, in_axes=(None, None, 0, 0, 0))(
-                    x_prev, t, caches, ctx, ctx_mask
+                def body(carry, i, k=k, start=start):
+                    tokens, state, key = carry
+                    key, sub = jr.split(key)
+                    first = start + i * k
+                    idx = jax.lax.dynamic_slice(perm, (first,), (k,))
+                    with jax.named_scope("backbone"):
+                        z, state = self.backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
+                    cfg_value = self._cfg_at(cfg, schedule, first + k)
+                    new = self._sample_head(z, guided, cfg_value, temperature, sub)
+                    return (tokens.at[idx].set(new), state, key), None
+
+                (tokens, state, key), _ = jax.lax.scan(
+                    body, (tokens, state, key), jnp.arange(length, dtype=jnp.int32)
                 )
-            token = self._sample_head(z[:, None], guided, self._cfg_at(cfg, schedule, t + 1),
-                                      temperature, sub)[0]
-            with jax.named_scope("backbone"):  # the token embedding, as in `loss_terms`
-                x_next = self.token_embedding.embed_one(token)
-            return (x_next, caches, key), token
-
-        init = (jnp.zeros((dim,), jnp.float32), caches, key)
-        # One position per step, 256 steps: products per vector (see `vector_products`).
-        with vector_products():
-            _, tokens = jax.lax.scan(body, init, jnp.arange(self.seq_len, dtype=jnp.int32))
+                start += k * length
         return tokens

@@ -169,11 +169,9 @@ def test_stack_rows_equal_full_output_at_rows(depth, causal):
     chex.assert_trees_all_close(rows, full[ROWS], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls", BACKBONE_CLASSES)
-def test_at_positions_equals_full_output_at_positions(cls):
-    # The bidirectional transformer overrides `at_positions` (its last block on the
-    # positions alone); the causal one inherits the default.
-    backbone = build(cls)
+def test_at_positions_equals_full_output_at_positions():
+    # The bidirectional transformer runs its last block on the positions alone.
+    backbone = build(BidirectionalTransformer)
     x, known, context, ctx_mask = inputs()
     full = call(backbone, x, known, context, ctx_mask)
     at = call(backbone.at_positions, x, known, context, ctx_mask, ROWS)
@@ -226,6 +224,70 @@ def test_causal_output_depends_only_on_earlier_inputs():
         z2 = call(b, bump(x, t), known, context, ctx_mask)
         chex.assert_trees_all_close(z2[: t + 1], z[: t + 1], atol=1e-5, rtol=0)
         assert float(jnp.abs(z2[t + 1 :] - z[t + 1 :]).max()) > 1e-3
+
+
+ORDER = jnp.asarray([5, 0, 11, 2, 15, 7, 1, 12, 3, 9, 14, 4, 8, 13, 6, 10], jnp.int32)
+
+
+def test_causal_output_in_an_order_depends_only_on_earlier_steps():
+    b = build(CausalTransformer)
+    x, _, context, ctx_mask = inputs()
+    known = jnp.ones((SEQ,), bool)
+
+    def in_order(xx):
+        return call(lambda *a: b(*a, order=ORDER), xx, known, context, ctx_mask)
+
+    dep = dependence(in_order, x)  # dep[t, s]: how much z[t] moves with x[s]
+    rank = jnp.argsort(ORDER)
+    later = rank[None, :] >= rank[:, None]  # s produced at or after t
+    assert float(jnp.max(jnp.where(later, dep, 0.0))) == 0.0
+    assert float(jnp.min(jnp.where(later, jnp.inf, dep))) > 0.0
+    # Row-major order is the default.
+    chex.assert_trees_all_close(
+        call(lambda *a: b(*a, order=jnp.arange(SEQ)), x, known, context, ctx_mask),
+        call(b, x, known, context, ctx_mask), atol=1e-6, rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("cls", BACKBONE_CLASSES)
+def test_decoding_equals_the_full_forward_pass_in_any_order(cls):
+    # What sampling asks (`init_decode`, then `decode` step by step, two contexts at once)
+    # against the full pass over what was produced before each step.
+    b = build(cls)
+    x, _, context, ctx_mask = inputs()
+    tokens = jr.normal(jr.key(9), (SEQ, DIM))
+    embed = jnp.tanh  # any per-token embedding
+    contexts = jnp.stack([context, context[::-1]])
+    masks = jnp.stack([ctx_mask, jnp.arange(CTX) < 3])
+    counts = [1] * SEQ if cls is CausalTransformer else [1, 2, 3, 4, 6]
+
+    @eqx.filter_jit
+    def run(b, tokens):
+        state = b.init_decode(contexts, masks)
+        written = jnp.zeros_like(tokens)
+        out, start = [], 0
+        for k in counts:
+            idx = ORDER[start:start + k]
+            z, state = b.decode(state, written, embed, idx, contexts, masks)
+            written = written.at[idx].set(tokens[idx])
+            out.append(z)
+            start += k
+        return out
+
+    @eqx.filter_jit
+    def full(b, known, c, m):
+        return b(jax.vmap(embed)(tokens), known, c, m, order=ORDER)
+
+    start = 0
+    for k, z in zip(counts, run(b, tokens)):
+        chex.assert_shape(z, (2, k, DIM))
+        known = jnp.zeros((SEQ,), bool).at[ORDER[:start]].set(True)
+        if cls is CausalTransformer:
+            known = jnp.ones((SEQ,), bool)  # it reads only earlier steps anyway
+        for c in range(2):
+            want = full(b, known, contexts[c], masks[c])[ORDER[start:start + k]]
+            chex.assert_trees_all_close(z[c], want, atol=1e-5, rtol=1e-5)
+        start += k
 
 
 @pytest.mark.parametrize("cls", BACKBONE_CLASSES)

@@ -2,7 +2,10 @@
 
 from .._registry import Registry
 from ._abstract import AbstractBackbone as AbstractBackbone
+from ._abstract import AbstractBidirectionalBackbone as AbstractBidirectionalBackbone
 from ._abstract import AbstractCausalBackbone as AbstractCausalBackbone
+from ._abstract import CausalDecodeState as CausalDecodeState
+from ._abstract import Embed as Embed
 
 BACKBONES: Registry = Registry("backbone", AbstractBackbone, "fluid.backbones")
 

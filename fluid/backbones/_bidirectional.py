@@ -9,11 +9,11 @@ from jaxtyping import Array, Bool, Float, Int
 from .._types import BIDIRECTIONAL, Context, Key, TextMask
 from ..nn import TransformerStack
 from ..nn._init import embedding, layer_norm
-from ._abstract import AbstractBackbone
+from ._abstract import AbstractBidirectionalBackbone
 
 
 @typing.final
-class BidirectionalTransformer(AbstractBackbone):
+class BidirectionalTransformer(AbstractBidirectionalBackbone):
     """A transformer over all positions at once, for masked (random-order) prediction.
 
     Unknown positions are replaced by a learned mask embedding before anything reads them
@@ -68,7 +68,10 @@ class BidirectionalTransformer(AbstractBackbone):
         known: Bool[Array, " seq"],
         context: Context,
         context_mask: TextMask,
+        *,
+        order: Int[Array, " seq"] | None = None,
     ) -> Float[Array, "seq dim"]:
+        del order  # the known positions are read the same whatever order produced them
         h = self.blocks(self._inputs(x, known), None, context, context_mask)
         return jax.vmap(self.norm)(h) + self.out_pos_embed
 

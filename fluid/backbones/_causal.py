@@ -16,16 +16,19 @@ from ._abstract import AbstractCausalBackbone
 class CausalTransformer(AbstractCausalBackbone):
     """A decoder-only transformer with causal self-attention and cross-attention to text.
 
-    The input is shifted right by one behind a learned start embedding, so `z[t]` is
-    computed from the tokens before `t` only; unknown positions are replaced by a learned
-    mask embedding first. A learned absolute position embedding is added to the input, and
-    a second one to the output (MAR's `diffusion_pos_embed_learned`) so the head sees
-    which position it predicts. Every block has causal self-attention, cross-attention to
-    the context and an MLP; a LayerNorm closes the stack.
+    The tokens are read in generation order (`order`, row-major by default) and shifted
+    right by one behind a learned start embedding, so the condition at step `j` is
+    computed from the tokens produced before it only; unknown positions read as zeros. At
+    step `j` a learned embedding of the position it produces, `order[j]`, is added to the
+    input (a position query, which lets any order drive the same weights; in row-major
+    order it is MAR's absolute position embedding), and a second one to the output (MAR's
+    `diffusion_pos_embed_learned`) so the head sees which position it predicts. Every block
+    has causal self-attention, cross-attention to the context and an MLP; a LayerNorm
+    closes the stack.
 
     Incremental decoding uses a `fluid.nn.KVCache`: self-attention keys and values of
-    shape `[depth, seq_len, heads, head_dim]`, written at position `t` by `decode_step`,
-    and the context's cross-attention keys and values, projected once by `init_cache`.
+    shape `[depth, seq_len, heads, head_dim]`, written at step `t` by `decode_step`, and
+    the context's cross-attention keys and values, projected once by `init_cache`.
 
     **Arguments:**
 
@@ -39,7 +42,6 @@ class CausalTransformer(AbstractCausalBackbone):
 
     attention: typing.ClassVar[str] = CAUSAL
     start_embed: Float[Array, " dim"]
-    mask_embed: Float[Array, " dim"]
     pos_embed: Float[Array, "seq dim"]
     blocks: TransformerStack
     norm: eqx.nn.LayerNorm
@@ -57,11 +59,12 @@ class CausalTransformer(AbstractCausalBackbone):
         *,
         key: Key,
     ):
-        k_start, k_mask, k_pos, k_blocks, k_out = jr.split(key, 5)
+        # Five keys, as when a mask embedding was drawn second: the same key builds the
+        # same weights as before it was dropped (the model never masks a causal input).
+        k_start, _, k_pos, k_blocks, k_out = jr.split(key, 5)
         self.dim = dim
         self.seq_len = seq_len
         self.start_embed = embedding((dim,), key=k_start)
-        self.mask_embed = embedding((dim,), key=k_mask)
         self.pos_embed = embedding((seq_len, dim), key=k_pos)
         self.blocks = TransformerStack(
             depth, dim, num_heads, mlp_ratio, cross_attention=True, key=k_blocks
@@ -75,11 +78,17 @@ class CausalTransformer(AbstractCausalBackbone):
         known: Bool[Array, " seq"],
         context: Context,
         context_mask: TextMask,
+        *,
+        order: Int[Array, " seq"] | None = None,
     ) -> Float[Array, "seq dim"]:
-        h = jnp.where(known[:, None], x, self.mask_embed[None, :])
-        h = jnp.concatenate([self.start_embed[None, :], h[:-1]]) + self.pos_embed
+        h = jnp.where(known[:, None], x, 0.0)
+        pos_embed, out_pos_embed = self.pos_embed, self.out_pos_embed
+        if order is not None:  # into generation order, and back at the end
+            h, pos_embed, out_pos_embed = h[order], pos_embed[order], out_pos_embed[order]
+        h = jnp.concatenate([self.start_embed[None, :], h[:-1]]) + pos_embed
         h = self.blocks(h, attention_mask(self.seq_len, causal=True), context, context_mask)
-        return jax.vmap(self.norm)(h) + self.out_pos_embed
+        z = jax.vmap(self.norm)(h) + out_pos_embed
+        return z if order is None else z[jnp.argsort(order)]
 
     def init_cache(self, context: Context, context_mask: TextMask) -> KVCache:
         del context_mask  # padding is masked at every step instead
@@ -92,10 +101,13 @@ class CausalTransformer(AbstractCausalBackbone):
         cache: KVCache,
         context: Context,
         context_mask: TextMask,
+        *,
+        position: Int[Array, ""] | None = None,
     ) -> tuple[Float[Array, " dim"], KVCache]:
         del context  # its keys and values were projected into the cache by `init_cache`
+        position = t if position is None else position
         h = jnp.where(t == 0, self.start_embed, x_prev)
-        h = h + jax.lax.dynamic_index_in_dim(self.pos_embed, t, keepdims=False)
+        h = h + jax.lax.dynamic_index_in_dim(self.pos_embed, position, keepdims=False)
         h, cache = self.blocks.decode(h, t, cache, context_mask)
-        z = self.norm(h) + jax.lax.dynamic_index_in_dim(self.out_pos_embed, t, keepdims=False)
-        return z, cache
+        out_pos = jax.lax.dynamic_index_in_dim(self.out_pos_embed, position, keepdims=False)
+        return self.norm(h) + out_pos, cache

@@ -2,6 +2,7 @@
 
 from .._registry import Registry
 from ._abstract import AbstractGenerationOrder as AbstractGenerationOrder
+from ._abstract import TrainingPositions as TrainingPositions
 
 ORDERS: Registry = Registry("generation order", AbstractGenerationOrder, "fluid.orders")
 

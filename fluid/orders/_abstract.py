@@ -1,28 +1,50 @@
 import abc
+from typing import NamedTuple
 
 import equinox as eqx
-from jaxtyping import Array, Int
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
-from .._types import Key
+from .._types import CAUSAL, Key
+
+
+class TrainingPositions(NamedTuple):
+    """What one training example's backbone reads and what its loss counts.
+
+    - `order`: the permutation in which positions are produced (`order[j]` is produced at
+      step `j`).
+    - `known`: the positions the backbone may read.
+    - `targets`: the positions whose tokens the loss counts.
+    """
+
+    order: Int[Array, " n"]
+    known: Bool[Array, " n"]
+    targets: Bool[Array, " n"]
 
 
 class AbstractGenerationOrder(eqx.Module):
-    """Which positions are known and which are produced, in training and in sampling.
+    """Which positions are known and which are produced, in training and in sampling, for
+    every backbone.
 
     An order works on ONE example of `n` token positions (row-major over the token grid).
     `supported_attention` is the set of backbone attentions it can drive (`"causal"`,
     `"bidirectional"`); `FluidModel` refuses other pairings.
 
-    Training: `permutation` orders the positions; the first `num_known` of the permuted
-    positions are given to the backbone, the rest are the targets. A causal backbone always
-    sees every earlier position (teacher forcing), so with causal attention the model uses
-    the permutation only and every position is a target.
+    Training (`training_positions`): `permutation` orders the positions. A bidirectional
+    backbone is given the first `num_known` of the permuted positions and predicts the rest.
+    A causal backbone reads, for each position, every position before it in the permutation
+    (teacher forcing), so every position is a target and `num_known` is not drawn.
 
     Sampling: `step_counts(n, steps)` says how many positions are produced at each step, in
     permutation order. It depends only on `(n, steps)`, so it is static under `jax.jit`.
+
+    `random_permutation` says whether `permutation` reads its key: sampling splits a key off
+    for the permutation only when it does, so a fixed order leaves the sampling key to the
+    steps.
     """
 
     supported_attention: eqx.AbstractClassVar[frozenset[str]]
+    random_permutation: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def permutation(self, n: int, *, key: Key) -> Int[Array, " n"]:
@@ -30,10 +52,13 @@ class AbstractGenerationOrder(eqx.Module):
 
     @abc.abstractmethod
     def num_known(self, n: int, *, key: Key) -> Int[Array, ""]:
-        """For training, how many positions (a prefix of the permutation) are known.
+        """For training a bidirectional backbone, how many positions (a prefix of the
+        permutation) are known.
 
-        Values lie in `[0, n - 1]`, so at least one position is a target. The model draws
-        it once per batch, as MAR does, so every example in a batch masks the same count.
+        Values lie in `[0, n - 1]`, so at least one position is a target. `FluidModel` draws
+        it per example, from that example's key (MAR draws one count per batch): a batch
+        split into micro-batches then gives the same sums, and a batch sees a spread of
+        mask ratios.
         """
 
     @abc.abstractmethod
@@ -43,3 +68,37 @@ class AbstractGenerationOrder(eqx.Module):
         `steps` is a request; an order may fix its own count (raster produces one token per
         step, so `len(result) == n` whatever `steps` is).
         """
+
+    def training_positions(
+        self,
+        n: int,
+        attention: str,
+        *,
+        permutation_key: Key,
+        known_key: Key,
+        num_known: Int[Array, ""] | None = None,
+    ) -> TrainingPositions:
+        """The positions a training example reads and predicts, for a backbone of the given
+        attention (the rule of the class docstring, in one place).
+
+        **Arguments:**
+
+        - `n`: positions.
+        - `attention`: the backbone's, `"causal"` or `"bidirectional"`.
+        - `permutation_key`, `known_key`: the keys of `permutation` and `num_known`.
+        - `num_known`: a known count in place of the order's draw (bidirectional only).
+        """
+        order = self.permutation(n, key=permutation_key)
+        if attention == CAUSAL:
+            if num_known is not None:
+                raise ValueError(
+                    "num_known applies to bidirectional backbones; a causal backbone sees every "
+                    "earlier position (teacher forcing) and every position is a target."
+                )
+            every = jnp.ones((n,), bool)
+            return TrainingPositions(order, every, every)
+        rank = jnp.argsort(order)  # rank[i]: the step at which position i is produced
+        if num_known is None:
+            num_known = self.num_known(n, key=known_key)
+        known = rank < num_known
+        return TrainingPositions(order, known, ~known)

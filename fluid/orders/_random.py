@@ -50,6 +50,7 @@ class RandomOrder(AbstractGenerationOrder):
     """
 
     supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL})
+    random_permutation: typing.ClassVar[bool] = True
     mask_schedule: str = eqx.field(static=True, default="mar")
 
     def __check_init__(self):

@@ -18,6 +18,7 @@ class RasterOrder(AbstractGenerationOrder):
     """
 
     supported_attention: typing.ClassVar[frozenset[str]] = frozenset({CAUSAL, BIDIRECTIONAL})
+    random_permutation: typing.ClassVar[bool] = False
 
     def permutation(self, n: int, *, key: Key) -> Int[Array, " n"]:
         del key
