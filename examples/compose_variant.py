@@ -11,13 +11,10 @@ flow-matching head when it is installed and MAR's diffusion head otherwise.
 import jax.random as jr
 import numpy as np
 
-from fluid.backbones import BACKBONES
+from fluid import BACKBONES, CONTINUOUS, HEADS, ORDERS, TEXT_ENCODERS, TOKENIZERS, FluidModel
 from fluid.data.shapes import ShapesDataset
-from fluid.heads import HEADS
-from fluid.model import FluidModel, TokenEmbedding
-from fluid.orders import ORDERS
-from fluid.text import TEXT_ENCODERS, TextAligner
-from fluid.tokenizers import TOKENIZERS
+from fluid.model import TokenEmbedding
+from fluid.text import TextAligner
 from fluid.train import make_text_tokenizer
 
 keys = jr.split(jr.key(0), 6)
@@ -36,7 +33,7 @@ model = FluidModel(
     tokenizer=tokenizer,
     text_encoder=text_encoder,
     aligner=TextAligner(text_encoder.dim, width, 1, 4, key=keys[2]),
-    token_embedding=TokenEmbedding("continuous", tokenizer.token_dim, None, width, key=keys[3]),
+    token_embedding=TokenEmbedding(CONTINUOUS, tokenizer.token_dim, None, width, key=keys[3]),
     backbone=BACKBONES.build("bidirectional", dim=width, depth=2, num_heads=4,
                              seq_len=tokenizer.seq_len, key=keys[4]),
     head=head,

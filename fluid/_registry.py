@@ -4,16 +4,23 @@ A registry maps a short name (`"diffusion"`) to a final `eqx.Module` class. Buil
 registered when their package is imported. Third-party packages declare an entry point in the
 kind's group (for heads, `[project.entry-points."fluid.heads"] flow = "my_pkg:FlowHead"`);
 listing names reads only package metadata, and `get(name)` imports just that plug-in.
+
+`SLOTS` is the one table of a model's plug-in slots: for each, the registry its
+`ComponentSpec` names a class of, and the constructor arguments the builder derives from the
+other parts (a spec holds only the part's own hyperparameters). The configuration checks
+specs through it, the builder builds through it, and the tests read it.
 """
 
 import dataclasses
 import difflib
+import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from ._errors import UserError
+from ._errors import ConfigTypeError, UserError
 
 BUILTIN_SOURCE = "fluid-jax (built-in)"
 
@@ -186,6 +193,23 @@ class Registry(Generic[T]):
         self._classes[name] = cls
         return cls  # type: ignore[return-value]
 
+    def name_of(self, cls: type) -> str:
+        """The name `cls` is registered under, a built-in's or a plug-in's.
+
+        Besides the classes loaded so far, it loads only entry points that name a class of
+        the same name (`"pkg:Tokenizer"` for `pkg._impl.Tokenizer`, re-exported).
+        """
+        for name, known in self._classes.items():
+            if known is cls:
+                return name
+        for name, ep in self._discover().items():
+            if ep.attr == cls.__qualname__ and self.get(name) is cls:
+                return name
+        raise InvalidComponentError(
+            f"{_qualname(cls)} is not a registered {self.kind}; register it with "
+            f"`register(name, cls)` or a {self.group!r} entry point."
+        )
+
     def build(self, name: str, /, *, key: Any = None, **kwargs: Any) -> Any:
         """Instantiate `name` with `kwargs` (and `key`, when the class takes one)."""
         cls = self.get(name)
@@ -220,3 +244,83 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComponentSpec:
+    """A registry name and the keyword arguments of its constructor."""
+
+    name: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __hash__(self):
+        return hash((self.name, json.dumps(self.kwargs, sort_keys=True)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Slot:
+    """One plug-in slot of a model: the registry its spec names a class of, and the
+    constructor arguments the builder derives from the other parts.
+
+    **Arguments:**
+
+    - `name`: the field of `fluid.config.ModelConfig` that holds the slot's spec.
+    - `registry_path`: where the kind's registry lives, `"package:ATTRIBUTE"` (read through
+      `registry`); imported on first use, so that the configuration, which checks specs
+      through it, imports no component when it is imported.
+    - `derived`: the arguments the builder fills in (a class takes those it names in its
+      signature); a spec that gives one is refused.
+    """
+
+    name: str
+    registry_path: str
+    derived: frozenset[str] = frozenset()
+
+    @property
+    def registry(self) -> Registry:
+        """The kind's registry (importing its package, and with it the built-ins)."""
+        module, attribute = self.registry_path.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def check(self, spec: ComponentSpec) -> None:
+        """Raise if `spec.name` is unknown (`UnknownComponentError`), if it gives a derived
+        argument (`ConfigTypeError`) or if its kwargs do not fit the class (`TypeError`,
+        naming the valid ones)."""
+        cls = self.registry.get(spec.name)
+        clash = sorted(self.derived & set(spec.kwargs))
+        if clash:
+            raise ConfigTypeError(
+                f"{self.name} {spec.name!r}: {clash} are derived from the other parts; remove "
+                "them from the spec."
+            )
+        params = inspect.signature(cls).parameters
+        filled = {k: None for k in self.derived if k in params}
+        check_kwargs(cls, {**spec.kwargs, **filled}, what=f"{self.name} {spec.name!r}")
+
+    def build(self, spec: ComponentSpec, derived: Mapping[str, Any], *, key: Any = None) -> Any:
+        """Instantiate `spec`'s class with its kwargs and, of `derived` (a value for every
+        argument this slot derives), those its signature takes."""
+        if set(derived) != self.derived:
+            raise ValueError(
+                f"the {self.name} slot derives {sorted(self.derived)}; got values for "
+                f"{sorted(derived)}."
+            )
+        params = inspect.signature(self.registry.get(spec.name)).parameters
+        extra = {k: v for k, v in derived.items() if k in params}
+        return self.registry.build(spec.name, key=key, **spec.kwargs, **extra)
+
+
+# In the order of `fluid.config.ModelConfig`'s fields (and of `fluid components`).
+SLOTS: dict[str, Slot] = {
+    slot.name: slot
+    for slot in (
+        Slot(name="tokenizer", registry_path="fluid.tokenizers:TOKENIZERS"),
+        Slot(name="head", registry_path="fluid.heads:HEADS",
+             derived=frozenset({"cond_dim", "token_dim", "vocab_size"})),
+        Slot(name="order", registry_path="fluid.orders:ORDERS"),
+        Slot(name="backbone", registry_path="fluid.backbones:BACKBONES",
+             derived=frozenset({"dim", "seq_len"})),
+        Slot(name="text_encoder", registry_path="fluid.text:TEXT_ENCODERS",
+             derived=frozenset({"vocab_size", "max_len"})),
+    )
+}

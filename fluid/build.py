@@ -1,7 +1,6 @@
 """From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry."""
 
 import dataclasses
-import inspect
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -10,18 +9,17 @@ import jax.random as jr
 import numpy as np
 from jax.typing import ArrayLike
 
+from ._registry import SLOTS
 from ._types import DISCRETE, Key
-from .config import ComponentSpec, ModelConfig, TokenizerLossConfig, _registries
+from .config import ComponentSpec, ModelConfig, TokenizerLossConfig
 from .model import FluidModel, TokenEmbedding
 from .text import CaptionTokenizer, TextAligner
 from .tokenizers import AutoencoderObjective
 
 
-def _build(slot: str, spec, derived: dict, key: Key):
-    registry = _registries()[slot]
-    params = inspect.signature(registry.get(spec.name)).parameters
-    extra = {k: v for k, v in derived.items() if k in params}
-    return registry.build(spec.name, key=key, **spec.kwargs, **extra)
+def _build(slot: str, spec: ComponentSpec, derived: dict, key: Key):
+    # `derived`: a value for each argument `SLOTS[slot].derived` names (checked there).
+    return SLOTS[slot].build(spec, derived, key=key)
 
 
 def _pretrained(spec) -> bool:

@@ -28,9 +28,11 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_components(args) -> int:
-    from .config import _registries
+    from ._registry import SLOTS
+    from .text import CAPTION_TOKENIZERS
 
-    for kind, registry in _registries().items():
+    registries = {name: slot.registry for name, slot in SLOTS.items()}
+    for kind, registry in {**registries, "caption_tokenizer": CAPTION_TOKENIZERS}.items():
         print(f"{kind} ({registry.group}):")
         for entry in registry.entries():
             print(f"  {entry.name:<16} {entry.source:<24} {entry.target}")

@@ -3,7 +3,11 @@
 import io
 from pathlib import Path
 
+import equinox as eqx
+import jax
 import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
 import sentencepiece as spm
 
 
@@ -26,3 +30,38 @@ def write_tiny_t5_folder(folder: Path) -> Path:
     )
     (folder / "spiece.model").write_bytes(proto.getvalue())
     return folder
+
+
+def perturbed(module, key, scale=0.3):
+    """`module` with every float leaf moved off its initial value (zero-initialised gates
+    would otherwise block gradients to the layers before them, and make outputs trivial)."""
+    leaves, treedef = jtu.tree_flatten(module)
+    keys = jr.split(key, len(leaves))
+    out = [
+        x + scale * jr.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
+        for x, k in zip(leaves, keys)
+    ]
+    return jtu.tree_unflatten(treedef, out)
+
+
+def arrays(tree):
+    """The array leaves of `tree` (`None` elsewhere), to compare two models' weights."""
+    return eqx.filter(tree, eqx.is_array)
+
+
+def trainer_params(trainer):
+    """A trainer's trainable parameters, on the host."""
+    return jax.device_get(eqx.filter(trainer.state.params, eqx.is_array))
+
+
+def losses(history) -> np.ndarray:
+    """The losses of a trainer's history (what `Trainer.run` returns)."""
+    return np.array([r["loss"] for r in history])
+
+
+def flip_middle(f: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of `f`, keeping its size."""
+    data = bytearray(f.read_bytes())
+    start = len(data) // 2 - count // 2
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    f.write_bytes(bytes(data))

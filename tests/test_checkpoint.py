@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import optax
 import pytest
+from helpers import flip_middle
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,14 +120,6 @@ def largest_state_file(step_dir: Path) -> Path:
     # Any file under `state/`, wherever Orbax put it; with `WIDE` arrays it holds array data.
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
     return max(files, key=lambda p: p.stat().st_size)
-
-
-def flip_middle(f: Path, count: int = 64) -> None:
-    """Invert `count` bytes in the middle of `f`, keeping its size."""
-    data = bytearray(f.read_bytes())
-    start = len(data) // 2 - count // 2
-    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
-    f.write_bytes(bytes(data))
 
 
 def strip_digests(step_dir: Path) -> None:

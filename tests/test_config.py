@@ -4,12 +4,19 @@ field further down, and values out of range are refused naming the key and the r
 
 import dataclasses
 import re
+import subprocess
+import sys
+import typing
 
 import pytest
 
 from fluid.config import (
+    LAYOUTS,
+    ON_CHANGE,
+    TRAINABLE_TOKENIZERS,
     ComponentSpec,
     DataConfig,
+    ModelConfig,
     TrainConfig,
     apply_overrides,
     override,
@@ -210,3 +217,42 @@ def test_the_edges_of_each_range_are_accepted():
     assert config.optim.ema_decay == 0.0 and config.sample_temperature == 0.0
     assert DataConfig().on_change == "error"
 
+
+
+# -- plain data -----------------------------------------------------------------------------
+def test_importing_the_config_imports_no_component_and_no_jax():
+    code = (
+        "import sys\n"
+        "import fluid.config as c\n"
+        "c.DataConfig(); c.OptimConfig(); c.MeshConfig(); c.TokenizerLossConfig()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fluid') or m == 'jax'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert eval(out) == ["fluid", "fluid._errors", "fluid._overrides", "fluid._registry",
+                         "fluid.config"]
+
+
+def test_the_config_checks_against_the_values_the_data_code_takes():
+    from fluid.data import ON_CHANGE as LOADER_ON_CHANGE
+    from fluid.data.shapes import LAYOUTS as SHAPES_LAYOUTS
+
+    assert ON_CHANGE == LOADER_ON_CHANGE and LAYOUTS == SHAPES_LAYOUTS
+
+
+def test_the_model_config_holds_one_spec_per_slot():
+    from fluid import SLOTS
+
+    hints = typing.get_type_hints(ModelConfig)
+    specs = [f.name for f in dataclasses.fields(ModelConfig) if hints[f.name] is ComponentSpec]
+    assert specs == list(SLOTS)
+
+
+def test_the_trainable_tokenizers_are_those_the_autoencoder_objective_trains():
+    from fluid import TOKENIZERS
+    from fluid.tokenizers import AutoencoderObjective
+
+    trained = typing.get_args(typing.get_type_hints(AutoencoderObjective)["autoencoder"])
+    assert trained and {
+        name for name in TOKENIZERS.names() if TOKENIZERS.get(name) in trained
+    } == set(TRAINABLE_TOKENIZERS)

@@ -13,12 +13,21 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import perturbed
 
-from fluid.backbones import BACKBONES, AbstractCausalBackbone
-from fluid.heads import HEADS
-from fluid.orders import ORDERS
-from fluid.text import TEXT_ENCODERS
-from fluid.tokenizers import TOKENIZERS
+from fluid import (
+    BACKBONES,
+    BIDIRECTIONAL,
+    CAUSAL,
+    CONTINUOUS,
+    HEADS,
+    ORDERS,
+    SLOTS,
+    TEXT_ENCODERS,
+    TOKENIZERS,
+    AbstractCausalBackbone,
+    ComponentSpec,
+)
 
 DIM, SEQ, CTX, TOKEN_DIM, VOCAB, TEXT_VOCAB = 16, 8, 6, 6, 10, 20
 
@@ -44,16 +53,11 @@ def _tiny(slot, name):
     return TINY.get(slot, {}).get(name, {})
 
 
-def perturbed(module, key, scale=0.3):
-    """`module` with every float leaf moved off its initial value (zero-initialised gates
-    would otherwise block gradients to the layers before them, and make outputs trivial)."""
-    leaves, treedef = jtu.tree_flatten(module)
-    keys = jr.split(key, len(leaves))
-    out = [
-        x + scale * jr.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
-        for x, k in zip(leaves, keys)
-    ]
-    return jtu.tree_unflatten(treedef, out)
+def build(slot, name, derived):
+    """`name` of `slot` from its tiny spec, with the arguments the builder would derive (a
+    value for each one `SLOTS[slot].derived` names; the class takes those it declares)."""
+    return SLOTS[slot].build(ComponentSpec(name=name, kwargs=_tiny(slot, name)), derived,
+                             key=jr.key(0))
 
 
 def assert_every_leaf_gets_gradient(grads, what):
@@ -65,14 +69,10 @@ def assert_every_leaf_gets_gradient(grads, what):
 
 # -- heads ----------------------------------------------------------------------------------
 def build_head(name):
-    cls = HEADS.get(name)
-    kind = cls.token_kind
-    derived = {"cond_dim": DIM}
-    derived.update({"token_dim": TOKEN_DIM} if kind == "continuous" else {"vocab_size": VOCAB})
-    head = HEADS.build(name, key=jr.key(0), **derived, **_tiny("head", name))
+    head = build("head", name, {"cond_dim": DIM, "token_dim": TOKEN_DIM, "vocab_size": VOCAB})
     target = (
         jr.normal(jr.key(1), (TOKEN_DIM,))
-        if kind == "continuous"
+        if head.token_kind == CONTINUOUS
         else jnp.asarray(3, jnp.int32)
     )
     return head, target
@@ -126,13 +126,13 @@ def test_head_guidance_at_scale_one_equals_conditional(name):
 # -- tokenizers -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", TOKENIZERS.names())
 def test_tokenizer_contract(name):
-    tok = TOKENIZERS.build(name, key=jr.key(0), **_tiny("tokenizer", name))
+    tok = build("tokenizer", name, {})
     size = tok.image_size
     images = jr.uniform(jr.key(1), (16, size, size, 3), minval=-1.0, maxval=1.0)
     tok = tok.fit(np.asarray(images), key=jr.key(2))
     assert type(tok) is TOKENIZERS.get(name)
     tokens = tok.encode(images[0])
-    if tok.token_kind == "continuous":
+    if tok.token_kind == CONTINUOUS:
         chex.assert_shape(tokens, (tok.seq_len, tok.token_dim))
     else:
         chex.assert_shape(tokens, (tok.seq_len,))
@@ -148,7 +148,7 @@ def test_tokenizer_contract(name):
 # -- orders ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ORDERS.names())
 def test_order_contract(name):
-    order = ORDERS.build(name, key=jr.key(0), **_tiny("order", name))
+    order = build("order", name, {})
     perm = order.permutation(SEQ, key=jr.key(1))
     assert sorted(np.asarray(perm).tolist()) == list(range(SEQ))
     chex.assert_trees_all_equal(perm, jax.jit(lambda k: order.permutation(SEQ, key=k))(jr.key(1)))
@@ -159,7 +159,7 @@ def test_order_contract(name):
         counts = order.step_counts(SEQ, steps)
         assert sum(counts) == SEQ and min(counts) >= 1
         assert all(isinstance(c, int) for c in counts)
-    assert order.supported_attention <= {"causal", "bidirectional"}
+    assert order.supported_attention <= {CAUSAL, BIDIRECTIONAL}
 
 
 # -- backbones ------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def backbone_inputs():
 
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_backbone_contract(name):
-    backbone = BACKBONES.build(name, key=jr.key(0), dim=DIM, seq_len=SEQ, **_tiny("backbone", name))
+    backbone = build("backbone", name, {"dim": DIM, "seq_len": SEQ})
     assert backbone.dim == DIM and backbone.seq_len == SEQ
     args = backbone_inputs()
     z = backbone(*args)
@@ -197,7 +197,7 @@ def test_backbone_contract(name):
 # -- text encoders --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", TEXT_ENCODERS.names())
 def test_text_encoder_contract(name):
-    enc = TEXT_ENCODERS.build(name, key=jr.key(0), vocab_size=TEXT_VOCAB, max_len=CTX, **_tiny("text_encoder", name))
+    enc = build("text_encoder", name, {"vocab_size": TEXT_VOCAB, "max_len": CTX})
     ids = jr.randint(jr.key(1), (CTX,), 0, TEXT_VOCAB)
     mask = jnp.arange(CTX) < 4
     h = enc(ids, mask)

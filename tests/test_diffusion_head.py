@@ -6,6 +6,7 @@ from pathlib import Path
 
 import chex
 import equinox as eqx
+import helpers
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -84,15 +85,7 @@ def np_training_losses(ref, x0, t, noise, out_at):
     return dict(x_t=x_t, mse=mse, vb=vb, loss=mse + vb)
 
 
-@eqx.filter_jit
-def perturbed(module, key, scale=0.3):
-    leaves, treedef = jtu.tree_flatten(module)
-    keys = jr.split(key, len(leaves))
-    out = [
-        x + scale * jr.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
-        for x, k in zip(leaves, keys)
-    ]
-    return jtu.tree_unflatten(treedef, out)
+perturbed = eqx.filter_jit(helpers.perturbed)
 
 
 def test_schedules_match_numpy():

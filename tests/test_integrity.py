@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
+from helpers import arrays, flip_middle
 
 from fluid import MissingInputError, UserError
 from fluid.train._integrity import (
@@ -26,10 +27,6 @@ def mlp(seed: int = 0, width: int = 8, depth: int = 2) -> eqx.nn.MLP:
     return eqx.nn.MLP(3, 2, width, depth, key=jr.key(seed))
 
 
-def arrays(tree):
-    return eqx.filter(tree, eqx.is_array)
-
-
 def assert_one_clear_message(error: BaseException, path: Path) -> str:
     """The message names the file, stands alone on one line and is printed as a user error."""
     message = str(error)
@@ -37,13 +34,6 @@ def assert_one_clear_message(error: BaseException, path: Path) -> str:
     assert "\n" not in message and "Traceback" not in message
     assert isinstance(error, ValueError) and isinstance(error, UserError)
     return message
-
-
-def flip_middle(f: Path, count: int = 64) -> None:
-    data = bytearray(f.read_bytes())
-    start = len(data) // 2 - count // 2
-    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
-    f.write_bytes(bytes(data))
 
 
 # -- round trip -----------------------------------------------------------------------------

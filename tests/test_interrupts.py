@@ -14,10 +14,10 @@ import textwrap
 from pathlib import Path
 
 import chex
-import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from helpers import arrays as _arrays
 
 from fluid.cli import main
 from fluid.data import Loader
@@ -251,10 +251,6 @@ def test_tensorboard_restart_marks_the_resumed_step(tmp_path):
 
 
 # -- which weights a run folder gives ---------------------------------------------------------
-def _arrays(model):
-    return eqx.filter(model, eqx.is_array)
-
-
 def test_a_run_folder_loads_its_newest_weights(tmp_path, capsys):
     config = _config()
     first = Trainer(dataclasses.replace(config, steps=4), out_dir=tmp_path, progress=False)

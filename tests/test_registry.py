@@ -1,32 +1,43 @@
 """The registry: entry-point discovery through fake distributions, lazy loading, errors."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-
 from _plugins import make_distribution
-from fluid._registry import (
-    BUILTIN_SOURCE,
+
+import fluid
+from fluid import (
+    BACKBONES,
+    CAPTION_TOKENIZERS,
+    HEADS,
+    ORDERS,
+    SLOTS,
+    TEXT_ENCODERS,
+    TOKENIZERS,
+    AbstractOutputHead,
+    ComponentSpec,
     DuplicateComponentError,
     InvalidComponentError,
     Registry,
     UnknownComponentError,
 )
-from fluid.heads import HEADS, AbstractOutputHead, DiffusionHead, SoftmaxHead
+from fluid._registry import BUILTIN_SOURCE
+from fluid.heads import DiffusionHead, SoftmaxHead
 
 HEAD_SOURCE = textwrap.dedent(
     """
     import typing
     import jax.numpy as jnp
-    from fluid.heads import AbstractOutputHead
+    from fluid import CONTINUOUS, AbstractOutputHead
 
     LOADED = True
 
     @typing.final
     class {cls}(AbstractOutputHead):
-        token_kind: typing.ClassVar[str] = "continuous"
+        token_kind: typing.ClassVar[str] = CONTINUOUS
         cond_dim: int = 4
 
         def loss(self, z, target, *, key):
@@ -155,6 +166,51 @@ def test_build_checks_kwargs_against_the_signature():
     assert isinstance(head, SoftmaxHead)
 
 
+def test_name_of_finds_a_class_and_loads_only_its_plugin(registry):
+    assert registry.name_of(SoftmaxHead) == "softmax"
+    import plugin_a_mod  # imported as a user would, not through the registry
+
+    assert registry.name_of(plugin_a_mod.AlphaHead) == "alpha"
+    assert "plugin_b_mod" not in sys.modules
+    with pytest.raises(InvalidComponentError, match="not a registered output head"):
+        registry.name_of(DiffusionHead)
+
+
+# -- the slots of a model ---------------------------------------------------------------------
+def test_each_slot_names_its_kinds_registry():
+    assert {name: slot.registry for name, slot in SLOTS.items()} == {
+        "tokenizer": TOKENIZERS, "head": HEADS, "order": ORDERS, "backbone": BACKBONES,
+        "text_encoder": TEXT_ENCODERS,
+    }
+    assert all(slot.name == name for name, slot in SLOTS.items())
+
+
+def test_slot_builds_with_the_derived_arguments_its_class_takes():
+    import jax.random as jr
+
+    head = SLOTS["head"].build(ComponentSpec(name="softmax"),
+                               {"cond_dim": 4, "token_dim": 6, "vocab_size": 3}, key=jr.key(0))
+    assert isinstance(head, SoftmaxHead) and (head.cond_dim, head.vocab_size) == (4, 3)
+    # The builder gives a value for every derived argument, and no other.
+    with pytest.raises(ValueError, match="derives"):
+        SLOTS["head"].build(ComponentSpec(name="softmax"), {"cond_dim": 4, "vocab_size": 3},
+                            key=jr.key(0))
+    with pytest.raises(ValueError, match="derives"):
+        SLOTS["order"].build(ComponentSpec(name="raster"), {"dim": 4})
+
+
+def test_slot_check_refuses_derived_unknown_and_misspelt_arguments():
+    SLOTS["backbone"].check(ComponentSpec(name="causal", kwargs={"depth": 1, "num_heads": 2}))
+    with pytest.raises(TypeError, match=r"\['dim'\] are derived"):
+        SLOTS["backbone"].check(ComponentSpec(name="causal", kwargs={"dim": 8}))
+    with pytest.raises(TypeError, match="Did you mean 'depth'"):
+        SLOTS["backbone"].check(ComponentSpec(name="causal", kwargs={"detph": 1}))
+    with pytest.raises(UnknownComponentError, match="Did you mean 'causal'"):
+        SLOTS["backbone"].check(ComponentSpec(name="casual"))
+    # A required argument the builder derives is not missing (`cond_dim`, `vocab_size`).
+    SLOTS["head"].check(ComponentSpec(name="softmax"))
+
+
 def test_example_plugin_is_found_through_the_real_registry():
     # conftest exposes examples/plugin_head as an installed distribution.
     entries = {e.name: e for e in HEADS.entries()}
@@ -170,7 +226,12 @@ def test_components_command_lists_plugins_with_source(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fluid.cli", "components"],
         capture_output=True, text=True, check=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])},
     ).stdout
     assert "zigzag" in out and "plugin-z" in out  # listed without importing `nowhere`
     assert "diffusion" in out and BUILTIN_SOURCE in out
+    for registry in [slot.registry for slot in SLOTS.values()] + [CAPTION_TOKENIZERS]:
+        assert f"({registry.group}):" in out
+        assert all(f"  {e.name} " in out for e in registry.entries() if e.source == BUILTIN_SOURCE)
+    assert fluid.CAPTION_TOKENIZERS is CAPTION_TOKENIZERS

@@ -19,7 +19,14 @@ import sentencepiece as spm
 
 from fluid._weights import WeightError, write_safetensors
 from fluid.data.shapes import caption_corpus
-from fluid.text import TEXT_ENCODERS, T5CaptionTokenizer, T5TextEncoder, train_text_tokenizer
+from fluid.text import (
+    TEXT_ENCODERS,
+    T5CaptionTokenizer,
+    T5TextEncoder,
+    TextTokenizer,
+    load_caption_tokenizer,
+    train_text_tokenizer,
+)
 from fluid.text._t5 import relative_position_buckets
 
 VOCAB, CTX = 100, 24  # CTX exceeds max distance 20: the clipped, logarithmic buckets are used
@@ -233,6 +240,81 @@ def test_tokenizer_conventions(spiece):
     )
     with pytest.raises(ValueError, match="eos_id=1"):
         T5CaptionTokenizer(train_text_tokenizer(CORPUS[:50], vocab_size=32).to_bytes())
+
+
+def test_a_t5_spec_with_a_folder_brings_its_own_caption_tokenizer(spiece):
+    own = T5TextEncoder.caption_tokenizer({"path": str(spiece), "dtype": "float32"})
+    assert isinstance(own, T5CaptionTokenizer)
+    assert own.to_bytes() == (spiece / "spiece.model").read_bytes()
+    # A random T5 (no folder) reads any vocabulary: fluid trains one on the captions.
+    assert T5TextEncoder.caption_tokenizer({"vocab_size": 64}) is None
+    assert TEXT_ENCODERS.get("learned").caption_tokenizer({"dim": 8}) is None
+
+
+def test_a_saved_t5_tokenizer_loads_back_as_its_class(spiece, tmp_path):
+    tok = T5CaptionTokenizer.from_pretrained(spiece)
+    tok.save(tmp_path / "text_tokenizer.model")
+    assert json.loads((tmp_path / "text_tokenizer.json").read_text()) == {"caption_tokenizer": "t5"}
+    loaded = load_caption_tokenizer(tmp_path / "text_tokenizer.model")
+    assert type(loaded) is T5CaptionTokenizer and loaded.to_bytes() == tok.to_bytes()
+    # The record decides, not the special ids: naming fluid's own class refuses T5's ids.
+    (tmp_path / "text_tokenizer.json").write_text('{"caption_tokenizer": "sentencepiece"}')
+    with pytest.raises(ValueError, match="pad_id=0, bos_id=1, eos_id=2"):
+        load_caption_tokenizer(tmp_path / "text_tokenizer.model")
+
+
+def test_a_run_folder_without_a_record_still_loads_its_t5_tokenizer(spiece, tmp_path):
+    # Run folders written before the record hold the SentencePiece model alone.
+    (tmp_path / "text_tokenizer.model").write_bytes((spiece / "spiece.model").read_bytes())
+    assert type(load_caption_tokenizer(tmp_path / "text_tokenizer.model")) is T5CaptionTokenizer
+    (tmp_path / "own.model").write_bytes(train_text_tokenizer(CORPUS, vocab_size=32).to_bytes())
+    assert type(load_caption_tokenizer(tmp_path / "own.model")) is TextTokenizer
+
+
+PLUGIN_TEXT_ENCODER = """
+import typing
+import jax.numpy as jnp
+from fluid import AbstractTextEncoder
+from fluid.text import T5CaptionTokenizer
+
+@typing.final
+class VocabEncoder(AbstractTextEncoder):
+    vocab_size: int = 8
+    dim: int = 4
+    trainable: bool = False
+
+    def __init__(self, vocab: str, vocab_size: int = 8, max_len: int = 4):
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def caption_tokenizer(cls, kwargs):
+        return T5CaptionTokenizer.from_pretrained(kwargs["vocab"])
+
+    def __call__(self, ids, mask):
+        return jnp.zeros((ids.shape[0], self.dim))
+"""
+
+
+def test_a_text_encoder_plugin_brings_its_caption_tokenizer(spiece, tmp_path, monkeypatch):
+    from _plugins import make_distribution
+
+    from fluid.config import ComponentSpec, ModelConfig
+    from fluid.data.shapes import ShapesDataset
+    from fluid.train import caption_tokenizer
+
+    make_distribution(tmp_path, "vocab-encoder", {"fluid.text_encoders": {
+        "vocab": "vocab_encoder_mod:VocabEncoder"}}, {"vocab_encoder_mod": PLUGIN_TEXT_ENCODER})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    TEXT_ENCODERS.refresh()
+    try:
+        model = ModelConfig(text_encoder=ComponentSpec(name="vocab",
+                                                       kwargs={"vocab": str(spiece)}))
+        tok = caption_tokenizer(ShapesDataset(16), model)
+        assert isinstance(tok, T5CaptionTokenizer)
+        assert tok.to_bytes() == (spiece / "spiece.model").read_bytes()
+    finally:
+        monkeypatch.undo()
+        TEXT_ENCODERS.refresh()
 
 
 # -- against transformers (torch) ---------------------------------------------------------

@@ -1,10 +1,14 @@
 """The host-side SentencePiece caption tokenizer."""
 
+import json
+import typing
+
 import numpy as np
 import pytest
 
+from fluid import CAPTION_TOKENIZERS, AbstractCaptionTokenizer, InvalidComponentError
 from fluid.data.shapes import caption_corpus
-from fluid.text import TextTokenizer, train_text_tokenizer
+from fluid.text import TextTokenizer, load_caption_tokenizer, train_text_tokenizer
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 CORPUS = caption_corpus(500)
@@ -111,3 +115,57 @@ def test_rejects_models_with_other_special_ids():
     )
     with pytest.raises(ValueError, match="pad_id=0"):
         TextTokenizer.from_bytes(model.getvalue())
+
+
+def test_save_records_the_class_and_the_loader_reads_it(tok, tmp_path):
+    path = tmp_path / "text_tokenizer.model"
+    tok.save(path)
+    assert path.read_bytes() == tok.to_bytes()  # the model file stays SentencePiece's own
+    record = json.loads((tmp_path / "text_tokenizer.json").read_text())
+    assert record == {"caption_tokenizer": "sentencepiece"}
+    assert CAPTION_TOKENIZERS.get(record["caption_tokenizer"]) is TextTokenizer
+    loaded = load_caption_tokenizer(path)
+    assert type(loaded) is TextTokenizer and loaded.to_bytes() == tok.to_bytes()
+    (tmp_path / "text_tokenizer.json").write_text('{"caption_tokenizer": "nope"}')
+    with pytest.raises(KeyError, match="unknown caption tokenizer 'nope'"):
+        load_caption_tokenizer(path)
+    with pytest.raises(ValueError, match="must not end in .json"):
+        tok.save(tmp_path / "tokenizer.json")
+
+
+def test_a_tokenizer_file_without_a_record_still_loads(tok, tmp_path):
+    # What run folders held before the record: the SentencePiece model alone.
+    path = tmp_path / "text_tokenizer.model"
+    path.write_bytes(tok.to_bytes())
+    loaded = load_caption_tokenizer(path)
+    assert type(loaded) is TextTokenizer and loaded.to_bytes() == tok.to_bytes()
+
+
+@typing.final
+class _Unregistered(AbstractCaptionTokenizer):
+    vocab_size = 5
+
+    def encode(self, captions, max_len):
+        return np.ones((len(captions), max_len), np.int32), np.ones((len(captions), max_len), bool)
+
+    def decode(self, ids):
+        return ""
+
+    def pieces(self, caption):
+        return []
+
+    def to_bytes(self):
+        return b""
+
+    @classmethod
+    def from_bytes(cls, data):
+        return cls()
+
+
+def test_every_caption_tokenizer_implements_the_interface(tmp_path):
+    for name in CAPTION_TOKENIZERS.names():
+        assert issubclass(CAPTION_TOKENIZERS.get(name), AbstractCaptionTokenizer)
+    # A class the loader could not find again is refused before anything is written.
+    with pytest.raises(InvalidComponentError, match="not a registered caption tokenizer"):
+        _Unregistered().save(tmp_path / "x.model")
+    assert not list(tmp_path.iterdir())

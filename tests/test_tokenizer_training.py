@@ -12,6 +12,8 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from helpers import losses as _losses
+from helpers import trainer_params as _params
 
 from fluid.build import build_objective, count_params
 from fluid.cli import main
@@ -35,16 +37,8 @@ def _small(**overrides):
     })
 
 
-def _losses(history) -> np.ndarray:
-    return np.array([r["loss"] for r in history])
-
-
 def _round_trip(tokenizer, images):
     return jax.vmap(lambda x: tokenizer.decode(tokenizer.encode(x)))(images)
-
-
-def _params(trainer: Trainer):
-    return jax.device_get(eqx.filter(trainer.state.params, eqx.is_array))
 
 
 def _train(kind: str, out):

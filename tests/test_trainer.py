@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import losses as _losses
+from helpers import trainer_params as _params
 
 from fluid.config import MeshConfig, TrainConfig, override
 from fluid.presets import get_config
@@ -32,14 +34,6 @@ def _config(**changes) -> TrainConfig:
 
 def _mesh(data: int, model: int, rules: str = "replicate") -> MeshConfig:
     return MeshConfig(data=data, model=model, rules=rules, min_shard_size=256)
-
-
-def _params(trainer: Trainer):
-    return jax.device_get(eqx.filter(trainer.state.params, eqx.is_array))
-
-
-def _losses(history) -> np.ndarray:
-    return np.array([r["loss"] for r in history])
 
 
 # -- meshes -------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 from .._registry import Registry
 from ._abstract import AbstractTextEncoder as AbstractTextEncoder
+from ._caption_tokenizer import CAPTION_TOKENIZERS as CAPTION_TOKENIZERS
+from ._caption_tokenizer import AbstractCaptionTokenizer as AbstractCaptionTokenizer
 
 TEXT_ENCODERS: Registry = Registry("text encoder", AbstractTextEncoder, "fluid.text_encoders")
 
+# The name the rest of fluid annotates caption tokenizers with.
+CaptionTokenizer = AbstractCaptionTokenizer
+
 from ._aligner import TextAligner as TextAligner
 from ._learned import LearnedTextEncoder as LearnedTextEncoder
-from ._load import CaptionTokenizer as CaptionTokenizer
 from ._load import load_caption_tokenizer as load_caption_tokenizer
 from ._sentencepiece import TextTokenizer as TextTokenizer
 from ._sentencepiece import train_text_tokenizer as train_text_tokenizer
@@ -16,3 +20,5 @@ from ._t5_tokenizer import T5CaptionTokenizer as T5CaptionTokenizer
 
 TEXT_ENCODERS.register("learned", LearnedTextEncoder)
 TEXT_ENCODERS.register("t5", T5TextEncoder)
+CAPTION_TOKENIZERS.register("sentencepiece", TextTokenizer)
+CAPTION_TOKENIZERS.register("t5", T5CaptionTokenizer)

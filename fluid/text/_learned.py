@@ -1,4 +1,6 @@
 import typing
+from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -10,6 +12,7 @@ from .._types import Key, TextIds, TextMask
 from ..nn import TransformerStack, attention_mask
 from ..nn._init import embedding, layer_norm
 from ._abstract import AbstractTextEncoder
+from ._caption_tokenizer import AbstractCaptionTokenizer
 
 
 @typing.final
@@ -61,6 +64,10 @@ class LearnedTextEncoder(AbstractTextEncoder):
         self.pos_embed = embedding((max_len, dim), key=k_pos)
         self.blocks = TransformerStack(depth, dim, num_heads, key=k_blocks)
         self.norm = layer_norm(dim)
+
+    @classmethod
+    def caption_tokenizer(cls, kwargs: Mapping[str, Any]) -> AbstractCaptionTokenizer | None:
+        return None  # any vocabulary: one is trained on the captions
 
     def __call__(self, ids: TextIds, mask: TextMask) -> Float[Array, "ctx text_dim"]:
         ctx = ids.shape[0]

@@ -1,20 +1,27 @@
-"""Reading back a saved caption tokenizer, whichever convention its model file follows."""
+"""Reading back a saved caption tokenizer, as the class recorded beside it."""
 
+import json
 import os
 
 import sentencepiece as spm
 
+from ._caption_tokenizer import CAPTION_TOKENIZERS, AbstractCaptionTokenizer, record_path
 from ._sentencepiece import TextTokenizer
 from ._t5_tokenizer import T5CaptionTokenizer
 
-# Anything that turns captions into fixed-length ids and a mask on the host: fluid's own
-# SentencePiece tokenizer, or a pretrained T5's.
-CaptionTokenizer = TextTokenizer | T5CaptionTokenizer
 
+def load_caption_tokenizer(path: str | os.PathLike) -> AbstractCaptionTokenizer:
+    """The caption tokenizer `AbstractCaptionTokenizer.save` wrote to `path`, as the class
+    its record (`<stem>.json` beside it) names in `CAPTION_TOKENIZERS`.
 
-def load_caption_tokenizer(path: str | os.PathLike) -> CaptionTokenizer:
-    """The caption tokenizer of a SentencePiece model file: `TextTokenizer` for fluid's own
-    (BOS id 1), `T5CaptionTokenizer` for a T5 `spiece.model` (no BOS, EOS id 1)."""
+    A file without a record (run folders written before fluid kept one) is a SentencePiece
+    model read by its special ids: `TextTokenizer` for fluid's own (BOS id 1),
+    `T5CaptionTokenizer` for a T5 `spiece.model` (no BOS, EOS id 1).
+    """
+    record = record_path(path)
+    if record.exists():
+        name = json.loads(record.read_text())["caption_tokenizer"]
+        return CAPTION_TOKENIZERS.get(name).load(path)
     with open(path, "rb") as f:
         proto = f.read()
     processor = spm.SentencePieceProcessor()

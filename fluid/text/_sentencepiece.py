@@ -1,16 +1,19 @@
 """The host-side caption tokenizer: SentencePiece, trained in memory on captions."""
 
 import io
-import os
+import typing
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from ._caption_tokenizer import AbstractCaptionTokenizer
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 
-class TextTokenizer:
+@typing.final
+class TextTokenizer(AbstractCaptionTokenizer):
     """Captions to fixed-length id arrays with a mask, on the host (NumPy, not JAX).
 
     Every caption becomes `BOS, pieces..., EOS`, padded with `PAD` (id 0). The empty caption
@@ -46,19 +49,9 @@ class TextTokenizer:
         return cls(proto)
 
     def to_bytes(self) -> bytes:
-        """The serialised SentencePiece model."""
+        """The serialised SentencePiece model (what `save` writes: a model file that
+        SentencePiece itself reads too)."""
         return self._proto
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the SentencePiece model file (readable by SentencePiece itself too)."""
-        with open(path, "wb") as f:
-            f.write(self._proto)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TextTokenizer":
-        """Read a tokenizer that `save` wrote."""
-        with open(path, "rb") as f:
-            return cls(f.read())
 
     @property
     def vocab_size(self) -> int:

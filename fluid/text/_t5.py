@@ -11,7 +11,8 @@ Face folder (`config.json` and `*.safetensors`) without torch and without unpick
 import math
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -24,6 +25,8 @@ from jaxtyping import Array, Bool, Float
 from .._types import Key, TextIds, TextMask
 from .._weights import StateDict, WeightError, read_config, read_folder_weights
 from ._abstract import AbstractTextEncoder
+from ._caption_tokenizer import AbstractCaptionTokenizer
+from ._t5_tokenizer import T5CaptionTokenizer
 
 # transformers' ACT2FN names; "gated-gelu" means the tanh approximation ("gelu_new"), as
 # T5 v1.1 and Flan-T5 were trained with, while a plain "gelu" is the exact one.
@@ -317,6 +320,14 @@ class T5TextEncoder(AbstractTextEncoder):
         outside `jit`. Raises `WeightError` naming any missing, mis-shaped or unused key.
         """
         return cls(path=folder, dtype=dtype, trainable=trainable)
+
+    @classmethod
+    def caption_tokenizer(cls, kwargs: Mapping[str, Any]) -> AbstractCaptionTokenizer | None:
+        """With `path`, the folder's own `spiece.model` (`T5CaptionTokenizer`): its
+        embeddings are of that vocabulary. A random encoder (no `path`) reads any."""
+        if "path" not in kwargs:
+            return None
+        return T5CaptionTokenizer.from_pretrained(kwargs["path"])
 
     def position_bias(self, ctx: int) -> Float[Array, "heads ctx ctx"]:
         """The relative position bias every layer adds to its attention logits."""

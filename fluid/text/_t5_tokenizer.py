@@ -1,23 +1,27 @@
 """The host-side caption tokenizer of a pretrained T5: its own `spiece.model`."""
 
 import os
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from ._caption_tokenizer import AbstractCaptionTokenizer
 from ._sentencepiece import _check_caption
 
 T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
 
 
-class T5CaptionTokenizer:
+@typing.final
+class T5CaptionTokenizer(AbstractCaptionTokenizer):
     """Captions to T5's ids with a mask, on the host (NumPy, not JAX).
 
     T5's conventions, as `transformers.T5Tokenizer` applies them: no BOS; every caption
     becomes `pieces..., EOS` (EOS is id 1), padded with id 0. The empty caption becomes
-    `EOS` alone, the unconditional input of classifier-free guidance. The same interface as
-    `TextTokenizer`, so the data pipeline, the builder and sampling take either.
+    `EOS` alone, the unconditional input of classifier-free guidance. An
+    `AbstractCaptionTokenizer`, as `TextTokenizer` is, so the data pipeline, the builder and
+    sampling take either.
 
     T5's sentinel ids (`<extra_id_N>`, appended after the pieces for its pre-training) never
     arise from captions, and text that spells a special token (`"</s>"`) is split into
@@ -65,19 +69,8 @@ class T5CaptionTokenizer:
         return cls(proto)
 
     def to_bytes(self) -> bytes:
-        """The serialised SentencePiece model."""
+        """The serialised SentencePiece model (what `save` writes: a `spiece.model`)."""
         return self._proto
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the SentencePiece model file (a `spiece.model`)."""
-        with open(path, "wb") as f:
-            f.write(self._proto)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "T5CaptionTokenizer":
-        """Read a SentencePiece model file."""
-        with open(path, "rb") as f:
-            return cls(f.read())
 
     @property
     def vocab_size(self) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 from ..config import DataConfig, ModelConfig
 from ..data import BadRecord, FolderSource, JsonlSource, Loader
 from ..data.shapes import ShapesDataset
-from ..text import CaptionTokenizer, T5CaptionTokenizer, TextTokenizer, train_text_tokenizer
+from ..text import TEXT_ENCODERS, CaptionTokenizer, TextTokenizer, train_text_tokenizer
 
 # Data-fitted parts (the palette codebook) see images from the far end of the built-in data
 # set's index space, disjoint from what training reads.
@@ -49,11 +49,12 @@ def source_captions(source: Any, n: int) -> list[str]:
 
 
 def caption_tokenizer(source: Any, model: ModelConfig) -> CaptionTokenizer:
-    """The caption tokenizer `model` needs: a pretrained T5's own (`spiece.model` in its
-    folder), or one trained on the source's captions (`make_text_tokenizer`)."""
-    if model.text_encoder.name == "t5" and "path" in model.text_encoder.kwargs:
-        return T5CaptionTokenizer.from_pretrained(model.text_encoder.kwargs["path"])
-    return make_text_tokenizer(source, model.text_vocab_size)
+    """The caption tokenizer `model` needs: the one its text encoder comes with
+    (`AbstractTextEncoder.caption_tokenizer`: a pretrained T5's `spiece.model`), or else one
+    trained on the source's captions (`make_text_tokenizer`)."""
+    spec = model.text_encoder
+    own = TEXT_ENCODERS.get(spec.name).caption_tokenizer(spec.kwargs)
+    return make_text_tokenizer(source, model.text_vocab_size) if own is None else own
 
 
 def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextTokenizer:

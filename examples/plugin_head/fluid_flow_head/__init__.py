@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fluid.heads import AbstractOutputHead
+from fluid import CONTINUOUS, AbstractOutputHead
 
 
 def _time_embedding(t: Float[Array, ""], dim: int) -> Float[Array, " time"]:
@@ -31,7 +31,7 @@ class FlowMatchingHead(AbstractOutputHead):
     - `key`: initialisation key.
     """
 
-    token_kind: typing.ClassVar[str] = "continuous"
+    token_kind: typing.ClassVar[str] = CONTINUOUS
     net: eqx.nn.MLP
     cond_dim: int = eqx.field(static=True)
     token_dim: int = eqx.field(static=True)
