@@ -220,14 +220,15 @@ class Registry(Generic[T]):
 
 
 def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
-    """Raise `TypeError` when `kwargs` do not fit `cls`'s constructor, naming valid ones."""
+    """Raise `ConfigTypeError` (a `TypeError`, and a `UserError` the command line prints as
+    one line) when `kwargs` do not fit `cls`'s constructor, naming the valid ones."""
     params = inspect.signature(cls).parameters
     valid = [p for p in params if p != "key" and p != "self"]
     for k in kwargs:
         if k not in valid:
             close = difflib.get_close_matches(k, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
+            raise ConfigTypeError(
                 f"{what} takes no argument {k!r}.{hint} Valid arguments: {', '.join(valid)}."
             )
     missing = [
@@ -239,7 +240,7 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], what: str) -> None:
         and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if missing:
-        raise TypeError(f"{what} needs argument(s) {', '.join(missing)}.")
+        raise ConfigTypeError(f"{what} needs argument(s) {', '.join(missing)}.")
 
 
 def _qualname(cls: type) -> str:

@@ -117,9 +117,11 @@ class ModelConfig:
 
 
 DATASETS = ("shapes", "folder", "jsonl")
-# The values `fluid.data` accepts (`Loader(on_change=...)`, `ShapesDataset(layout=...)`),
-# here so that checking a config imports no data code; a test holds the two equal.
+# What a resumed loader does with a saved state from another data stream (`data.on_change`,
+# `fluid.data.Loader(on_change=...)`): refuse it, or start the new stream from its beginning.
 ON_CHANGE = ("error", "restart")
+# Where the built-in data set places its objects (`data.layout`, `ShapesDataset(layout=...)`).
+# Both live here, the lowest layer, so that checking a config imports no data code.
 LAYOUTS = ("random", "slots")
 
 

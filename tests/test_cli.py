@@ -79,6 +79,7 @@ def test_override_typo_stops_with_the_closest_key(tmp_path, capsys, monkeypatch)
         (["train", "tiny-fluid", "optim.learning_rate=-1"], "optim.learning_rate must be > 0"),
         (["train", "tiny-fluid", "--dry-run", "grad_accum=3"], "grad_accum=3"),
         (["train", "no-such-preset"], "unknown preset"),
+        (["train", "tiny-fluid", "model.head.kwargs.widht=8"], "Did you mean 'width'"),
         (["sample", "RUN", "--prompt", "x", "--out", "grid.txt"], "must end in one of"),
     ],
 )

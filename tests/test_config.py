@@ -11,8 +11,6 @@ import typing
 import pytest
 
 from fluid.config import (
-    LAYOUTS,
-    ON_CHANGE,
     TRAINABLE_TOKENIZERS,
     ComponentSpec,
     DataConfig,
@@ -231,13 +229,6 @@ def test_importing_the_config_imports_no_component_and_no_jax():
                          check=True).stdout
     assert eval(out) == ["fluid", "fluid._errors", "fluid._overrides", "fluid._registry",
                          "fluid.config"]
-
-
-def test_the_config_checks_against_the_values_the_data_code_takes():
-    from fluid.data import ON_CHANGE as LOADER_ON_CHANGE
-    from fluid.data.shapes import LAYOUTS as SHAPES_LAYOUTS
-
-    assert ON_CHANGE == LOADER_ON_CHANGE and LAYOUTS == SHAPES_LAYOUTS
 
 
 def test_the_model_config_holds_one_spec_per_slot():

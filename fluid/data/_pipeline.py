@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from .._errors import UserError
+from ..config import ON_CHANGE
 from ..text import CaptionTokenizer
 from ._files import BadRecord, SkippedRecordWarning
 
@@ -42,9 +43,6 @@ class RandomAccessSource(Protocol):
 _ARRAYS = ("image", "tokens", "text_hidden")
 
 
-# What a loader does with a saved state from another data stream (`Loader(on_change=...)`,
-# `data.on_change`): refuse it, or start the new stream from its beginning.
-ON_CHANGE = ("error", "restart")
 
 
 class DataStreamChangedError(UserError, ValueError):

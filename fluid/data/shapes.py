@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..config import LAYOUTS
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Hues far apart in RGB, so that a nearest-colour check of a generated pixel is unambiguous.
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -68,7 +70,6 @@ _SIZE_RANGE: dict[int, tuple[float, float]] = {
 _MAX_SIZE: dict[int, float] = {1: 0.8, 2: 0.46, 3: 0.4, 4: 0.4}
 _MAX_TRIES = 1000
 _OBJECT_TRIES = 50
-LAYOUTS: tuple[str, ...] = ("random", "slots")
 # `slots` layout: object centres as fractions of the image side, by object count, and the
 # jitter around them (a fraction of the side, either way).
 _SLOTS: dict[int, tuple[tuple[float, float], ...]] = {
