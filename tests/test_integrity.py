@@ -13,7 +13,7 @@ import jax.random as jr
 import pytest
 
 from fluid import MissingInputError, UserError
-from fluid.train._integrity import (
+from fluid.run import (
     CorruptModelError,
     file_digest,
     load_model_file,
