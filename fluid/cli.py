@@ -55,10 +55,12 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
     import jax.random as jr
 
     from .data.shapes import DEMO_PROMPTS
+    from .run import RunFolder, read_metrics
     from .sample import sample_images
     from .train import Trainer
     from .viz import save_grid, save_loss_curve
 
+    folder = RunFolder(out)
     t0 = time.perf_counter()
     trainer = Trainer(config, out_dir=out, resume=resume)
     print(f"training {config.steps} steps of batch {config.batch_size}; writing to {out}/")
@@ -73,11 +75,11 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
         steps=config.sample_steps, cfg=config.sample_cfg, temperature=config.sample_temperature,
     )
     sample_time = time.perf_counter() - t1
-    grid = save_grid(images, out / "samples.png", captions=prompts, cols=4)
+    grid = save_grid(images, folder.samples, captions=prompts, cols=4)
     # The whole run's curve, steps before a resume included.
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(folder.metrics)
     curve = save_loss_curve(
-        [r["step"] for r in logged], [r["loss"] for r in logged], out / "loss.png"
+        [r["step"] for r in logged], [r["loss"] for r in logged], folder.loss_curve
     )
     summary = {
         "steps": trainer.step,
@@ -88,9 +90,9 @@ def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resu
         "sample_seconds": sample_time,
         "samples": str(grid),
         "loss_curve": str(curve),
-        "model": str(out / "model.eqx"),
+        "model": str(folder.model),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    folder.summary.write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -111,14 +113,15 @@ def _plan(config, out: Path, what: str) -> int:
 
 def cmd_demo(args) -> int:
     from .presets import get_config
+    from .run import RunFolder
 
     config = get_config("demo", **_overrides(args.override))
     out = Path(args.out)
     if args.dry_run:
         return _plan(config, out, "fluid demo would train the Fluid variant")
     # The demo always trains from scratch: earlier checkpoints in its folder are replaced.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(RunFolder(out).checkpoints, ignore_errors=True)
+    RunFolder(out).metrics.unlink(missing_ok=True)
     summary = _train_and_report(config, out, time_budget=args.time_budget, resume=False)
     print(f"\ndone in {summary['train_seconds'] + summary['sample_seconds']:.0f} s "
           f"({summary['steps']} steps, final loss {summary['final_loss_mean_of_last_50']:.4f})")
@@ -163,9 +166,11 @@ def cmd_train(args) -> int:
 
 
 def _train_tokenizer(config, out: Path) -> int:
+    from .run import RunFolder, read_metrics
     from .train import Trainer
     from .viz import save_loss_curve
 
+    folder = RunFolder(out)
     t0 = time.perf_counter()
     trainer = Trainer(config, out_dir=out)
     name = config.model.tokenizer.name
@@ -178,9 +183,9 @@ def _train_tokenizer(config, out: Path) -> int:
     grid = trainer.sample_grid()
     if not trainer.is_main:
         return 0
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(folder.metrics)
     curve = save_loss_curve(
-        [r["step"] for r in logged], [r["loss"] for r in logged], out / "loss.png"
+        [r["step"] for r in logged], [r["loss"] for r in logged], folder.loss_curve
     )
     last = history[-50:]
     summary = {
@@ -190,13 +195,13 @@ def _train_tokenizer(config, out: Path) -> int:
         "train_seconds": train_time,
         "reconstructions": str(grid),
         "loss_curve": str(curve),
-        "tokenizer": str(out / "tokenizer"),
+        "tokenizer": str(folder.tokenizer),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    folder.summary.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"\nPSNR {psnr:.2f} dB on held-out images after {trainer.step} steps")
-    print(f"tokenizer: {out / 'tokenizer'} (diffusers format; use it as "
-          f'model.tokenizer=\'{{"name": "{name}", "kwargs": {{"path": "{out / "tokenizer"}", '
+    print(f"tokenizer: {folder.tokenizer} (diffusers format; use it as "
+          f'model.tokenizer=\'{{"name": "{name}", "kwargs": {{"path": "{folder.tokenizer}", '
           f'"image_size": {config.data.image_size}}}}}\')')
     return 0
 
@@ -220,8 +225,8 @@ def cmd_train_tokenizer(args) -> int:
 def cmd_sample(args) -> int:
     import jax.random as jr
 
+    from .run import find_weights, load_model
     from .sample import sample_images
-    from .train import find_weights, load_model
     from .viz import check_figure_path, save_grid
 
     # Everything that can be refused is refused before the model is loaded or sampled.
@@ -247,6 +252,7 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import evaluate_checkpoint
+    from .run import EvalReport
 
     result = evaluate_checkpoint(
         args.checkpoint, out=args.out, raw=args.raw, verbose=True, samples=args.samples,
@@ -258,12 +264,12 @@ def cmd_eval(args) -> int:
     print(f"ShapesEval overall {result['shapes_eval']['overall']:.3f}")
     print(f"Frechet distance {fd['distance']:.3f} ({fd['samples']} samples"
           f"{', rough' if fd['rough'] else ''})")
-    print(f"report: {Path(result['out']) / 'eval.md'}")
+    print(f"report: {EvalReport(result['out']).markdown}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from .eval import run_sweep
 
     out = Path(args.out or f"runs/sweep-{args.scale}")
     if args.dry_run:
@@ -314,7 +320,7 @@ def _one_line_warnings():
 
 def _plan_sweep(args, out: Path) -> int:
     from .build import count_params
-    from .sweep import SCALES, sweep_config
+    from .eval import SCALES, sweep_config
     from .train import get_task
 
     scale = SCALES[args.scale]
@@ -435,8 +441,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_eval)
 
+    from .eval import SCALES
     from .presets import VARIANTS
-    from .sweep import SCALES
 
     p = sub.add_parser(
         "sweep", help="train the four variants at several sizes, fit loss against parameters",

@@ -22,15 +22,16 @@ from jax.sharding import PartitionSpec as P
 
 from fluid import UserError
 from fluid.config import TrainConfig, override, to_dict
-from fluid.train import TrainState
-from fluid.train._checkpoint import (
+from fluid.run import (
     COMMIT_FILE,
     RESUMABLE_CONFIG_KEYS,
     CheckpointCorruptError,
     CheckpointManager,
     CheckpointMismatchError,
     check_config,
+    named_leaves,
 )
+from fluid.train import TrainState
 
 
 class Proj(eqx.Module):
@@ -471,3 +472,56 @@ def test_missing_and_extra_leaves_are_named(tmp_path):
     as_float = eqx.tree_at(lambda s: s.step, like, jax.ShapeDtypeStruct((), jnp.float32))
     with pytest.raises(CheckpointMismatchError, match=r"step is int32\[\] in the checkpoint"):
         manager.restore(as_float)
+
+
+# -- reading some leaves --------------------------------------------------------------------
+def test_saved_leaves_lists_every_array_by_name(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    state = save(manager, 1)
+    saved = manager.saved_leaves(1)
+    names = [n for n, leaf in named_leaves(state) if eqx.is_array(leaf)]
+    assert sorted(saved) == sorted(names)
+    assert saved["ema.proj.weight"] == jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    # A typed key is stored, and listed, as its raw key data.
+    assert saved["key"].shape == jr.key_data(state.key).shape
+
+
+def test_restore_leaves_reads_the_named_leaves_only(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    state = save(manager, 1)
+    like = abstract_state()
+    arrays, step = manager.restore_leaves(
+        {"ema.proj.weight": like.ema["proj"].weight, "key": like.key,
+         # One of several names: the one the checkpoint holds is read.
+         ("frozen.proj.bias", "params.proj.bias"): like.params["proj"].bias},
+    )
+    assert step == 1
+    assert set(arrays) == {"ema.proj.weight", "key", ("frozen.proj.bias", "params.proj.bias")}
+    chex.assert_trees_all_equal(arrays["ema.proj.weight"], state.ema["proj"].weight)
+    chex.assert_trees_all_equal(
+        arrays[("frozen.proj.bias", "params.proj.bias")], state.params["proj"].bias
+    )
+    chex.assert_trees_all_equal(jr.key_data(arrays["key"]), jr.key_data(state.key))
+    device = SingleDeviceSharding(jax.devices()[1])
+    arrays, _ = manager.restore_leaves({"ema.proj.weight": like.ema["proj"].weight},
+                                       sharding=device)
+    assert arrays["ema.proj.weight"].sharding == device
+
+
+def test_restore_leaves_checks_names_shapes_and_digests(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 1)
+    wrong = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    with pytest.raises(CheckpointMismatchError, match=r"ema\.proj\.weight is float32\[8,4\]"):
+        manager.restore_leaves({"ema.proj.weight": wrong})
+    # Below a `complete` prefix, every saved array must be asked for.
+    with pytest.raises(CheckpointMismatchError, match=r"it has ema\.proj\.bias, which this"):
+        manager.restore_leaves({"ema.proj.weight": abstract_state().ema["proj"].weight},
+                               complete=("ema",))
+    # None of the names held: reported under the first.
+    with pytest.raises(CheckpointMismatchError, match=r"it has no frozen\.w \(float32\[8,8\]"):
+        manager.restore_leaves({("frozen.w", "ema.w"): wrong})
+    f = largest_state_file(tmp_path / "1")
+    flip_middle(f)
+    with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+        manager.restore_leaves({"step": jax.ShapeDtypeStruct((), jnp.int32)})

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fluid.cli import main
+from fluid.run import RunFolder
 from fluid.train import load_model
 
 TINY = ["model.backbone.depth=1", "data.fit_images=16", "checkpoint_every=2", "sample_steps=2"]
@@ -23,6 +24,15 @@ def test_train_resume_and_sample(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    # Every file `fluid train` wrote is one its run folder's layout names.
+    folder = RunFolder(run)
+    assert set(run.iterdir()) == {
+        folder.config, folder.text_tokenizer, folder.metrics, folder.tensorboard,
+        folder.checkpoints, folder.model, folder.model_info, folder.samples, folder.loss_curve,
+        folder.summary,
+    }
+    summary = json.loads(folder.summary.read_text())
+    assert (summary["samples"], summary["model"]) == (str(folder.samples), str(folder.model))
 
     # The saved final model and the last checkpoint's EMA weights are the same arrays.
     saved, _, config = load_model(run)

@@ -14,7 +14,7 @@ import pytest
 from helpers import arrays, flip_middle
 
 from fluid import MissingInputError, UserError
-from fluid.train._integrity import (
+from fluid.run import (
     CorruptModelError,
     file_digest,
     load_model_file,

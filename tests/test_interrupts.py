@@ -22,6 +22,7 @@ from helpers import arrays as _arrays
 from fluid.cli import main
 from fluid.data import Loader
 from fluid.presets import get_config
+from fluid.run import read_metrics
 from fluid.train import (
     CheckpointManager,
     Trainer,
@@ -29,7 +30,6 @@ from fluid.train import (
     find_weights,
     load_model,
 )
-from fluid.train._metrics import read_metrics
 
 STEPS = 6
 

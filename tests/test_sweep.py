@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-import fluid.eval
+import fluid.eval._sweep
 import fluid.train
 from fluid.build import abstract_model, non_embedding_params
 from fluid.cli import main
-from fluid.sweep import (
+from fluid.eval import (
     SCALES,
     fit_power_law,
     fit_power_law_with_floor,
@@ -97,7 +97,7 @@ def test_sweep_runs_end_to_end_and_reuses_finished_runs(tmp_path, monkeypatch, c
         raise AssertionError("a finished run was trained or evaluated again")
 
     monkeypatch.setattr(fluid.train.Trainer, "__init__", refuse)
-    monkeypatch.setattr(fluid.eval, "evaluate_checkpoint", refuse)
+    monkeypatch.setattr(fluid.eval._sweep, "evaluate_checkpoint", refuse)
     capsys.readouterr()
     assert main([*SWEEP, "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("finished earlier") == 4

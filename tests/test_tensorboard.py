@@ -2,8 +2,8 @@
 
 import struct
 
+from fluid.run._tensorboard import crc32c
 from fluid.train import SummaryWriter
-from fluid.train._tensorboard import crc32c
 
 
 def _masked(crc: int) -> int:

@@ -365,6 +365,19 @@ class ShapesDataset:
         return [self.describe(start + i)["caption"] for i in range(n)]
 
 
+def shapes_options(config: Any) -> dict[str, Any]:
+    """The `ShapesDataset` options a `fluid.config.DataConfig` sets besides image size, seed
+    and size: object scale, layout and (when given) categories. Training data, held-out data
+    and reference statistics (`fluid.eval`) are built with the same ones.
+
+    (`config` is not annotated as a `DataConfig`: `fluid.config` checks its values against
+    this module's `LAYOUTS` and `CATEGORIES`, so this module cannot import it.)"""
+    options: dict[str, Any] = {"object_scale": config.object_scale, "layout": config.layout}
+    if config.categories is not None:
+        options["categories"] = tuple(config.categories)
+    return options
+
+
 def caption_corpus(n: int = 4096, seed: int = 0) -> list[str]:
     """Captions for training a text tokenizer: `n` drawn from every category, plus the demo
     prompts, so every word of the data set's vocabulary occurs."""

@@ -1,7 +1,12 @@
 """Evaluation: a GenEval-style judge of `shapes` images (`ShapesEval`), the Frechet
 distance between feature statistics with a pluggable feature extractor (`ShapesFeatures`
 for `shapes`, `InceptionFeatures` for FID with a user-supplied network), the validation
-loss measured alike for every variant, and `fluid eval` (`evaluate_checkpoint`)."""
+loss measured alike for every variant, `fluid eval` (`evaluate_checkpoint`) and `fluid sweep`
+(`run_sweep`: the four variants trained at several sizes, loss against parameters fitted as
+a power law).
+
+Runs are read through `fluid.run`; only the sweep, which trains, imports `fluid.train`, so
+this package sits above the trainer and the trainer never imports it."""
 
 from ._abstract import AbstractFeatureExtractor as AbstractFeatureExtractor
 from ._evaluate import DEFAULT_SAMPLES as DEFAULT_SAMPLES
@@ -23,6 +28,14 @@ from ._shapes_eval import ShapesEval as ShapesEval
 from ._shapes_eval import all_prompts as all_prompts
 from ._shapes_eval import label_components as label_components
 from ._shapes_features import ShapesFeatures as ShapesFeatures
+from ._sweep import SCALES as SCALES
+from ._sweep import SweepScale as SweepScale
+from ._sweep import fit_power_law as fit_power_law
+from ._sweep import fit_power_law_with_floor as fit_power_law_with_floor
+from ._sweep import parse_size as parse_size
+from ._sweep import run_one as run_one
+from ._sweep import run_sweep as run_sweep
+from ._sweep import sweep_config as sweep_config
 from ._validation import MASK_RATIOS as MASK_RATIOS
 from ._validation import NOISE_DRAWS as NOISE_DRAWS
 from ._validation import VALIDATION_SEED_OFFSET as VALIDATION_SEED_OFFSET

@@ -1,7 +1,7 @@
 """`fluid eval`: the validation loss, ShapesEval scores and Frechet distance of one model.
 
 The same code evaluates a checkpoint from the command line and every run of a sweep
-(`fluid.sweep`), so their numbers compare.
+(`run_sweep`), so their numbers compare.
 """
 
 import json
@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._types import CAUSAL, DISCRETE
+from ..run import EvalReport, RunFolder, find_weights, load_model
 from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
 from ._shapes_eval import ShapesEval
 from ._shapes_features import ShapesFeatures
@@ -124,7 +125,7 @@ def evaluate(
 
     **Arguments:**
 
-    - `model`, `text_tokenizer`, `config`: as `fluid.train.load_model` returns them.
+    - `model`, `text_tokenizer`, `config`: as `fluid.run.load_model` returns them.
     - `samples`: images to generate, rounded up to a whole number per category. The
       Frechet distance needs at least 192 (one more than the 191 features).
     - `seed`: seed of the prompts, the generation and the validation keys.
@@ -141,7 +142,7 @@ def evaluate(
     and their prompts.
     """
     from ..build import count_params, non_embedding_params
-    from ..train._data import shapes_options
+    from ..data.shapes import shapes_options
 
     data = config.data
     if data.dataset != "shapes":
@@ -236,21 +237,21 @@ def write_report(
     result: dict[str, Any], images: np.ndarray, prompts: Sequence[str], out: str | Path
 ) -> Path:
     """Write `eval.json`, a sample grid `samples.png` (one row per category) and a short
-    `eval.md` into the directory `out`; returns the path of `eval.json`."""
+    `eval.md` into the directory `out` (`fluid.run.EvalReport`); returns the path of
+    `eval.json`."""
     from ..viz import save_grid
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = EvalReport(out)
+    report.root.mkdir(parents=True, exist_ok=True)
     picked = _grid_indices(prompts, GRID_PER_CATEGORY)
-    save_grid(images[picked], out / "samples.png", captions=[prompts[i] for i in picked],
+    save_grid(images[picked], report.samples, captions=[prompts[i] for i in picked],
               cols=GRID_PER_CATEGORY)
-    path = out / "eval.json"
-    path.write_text(json.dumps(result, indent=1))
-    (out / "eval.md").write_text(_markdown(result))
-    return path
+    report.result.write_text(json.dumps(result, indent=1))
+    report.markdown.write_text(_markdown(result, samples=report.samples.name))
+    return report.result
 
 
-def _markdown(result: dict[str, Any]) -> str:
+def _markdown(result: dict[str, Any], *, samples: str) -> str:
     model, val, shapes, fd = (result[k] for k in ("model", "validation", "shapes_eval", "frechet"))
     title = result.get("checkpoint", "a model")
     lines = [
@@ -285,7 +286,7 @@ def _markdown(result: dict[str, Any]) -> str:
         + ("" if val["by_mask_ratio"] is None else ", at each mask ratio") + ". "
         "Continuous and discrete losses are in different units and do not compare.",
         "",
-        "![samples](samples.png)",
+        f"![samples]({samples})",
         "",
     ]
     return "\n".join(lines)
@@ -294,10 +295,11 @@ def _markdown(result: dict[str, Any]) -> str:
 def default_out_dir(path: str | Path) -> Path:
     """Where `fluid eval <path>` writes by default: `<run>/eval` for a run, a saved model's
     directory, or `<run>/eval/step_<n>` for a checkpoint `<run>/checkpoints/<n>`."""
-    path = Path(path)
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return path.parent.parent / "eval" / f"step_{int(path.name):07d}"
-    return path / "eval"
+    checkpoint = RunFolder.of_checkpoint(path)
+    if checkpoint is not None:
+        run, step = checkpoint
+        return run.eval_of(step)
+    return RunFolder(path).eval
 
 
 def evaluate_checkpoint(
@@ -309,7 +311,7 @@ def evaluate_checkpoint(
 
     **Arguments:**
 
-    - `path`: as for `fluid.train.load_model`.
+    - `path`: as for `fluid.run.load_model`.
     - `out`: the report's directory (`default_out_dir(path)` when `None`).
     - `raw`: evaluate the raw weights instead of the EMA ones.
     - `verbose`: print which weights (step, file) are evaluated.
@@ -319,8 +321,6 @@ def evaluate_checkpoint(
 
     The result dict, as written to `eval.json` (with `checkpoint` and `out` added).
     """
-    from ..train import find_weights, load_model
-
     weights = find_weights(path, ema=not raw)
     if verbose:
         print(f"evaluating {weights.describe()}")

@@ -56,8 +56,7 @@ def validation_batches(
     Raises `ValueError` for a run on other data: pass its own held-out batches to
     `validation_loss`.
     """
-    from ..data.shapes import ShapesDataset
-    from ..train._data import shapes_options
+    from ..data.shapes import ShapesDataset, shapes_options
 
     if data_config.dataset != "shapes":
         raise ValueError(

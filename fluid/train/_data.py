@@ -7,22 +7,12 @@ import numpy as np
 
 from ..config import DataConfig, ModelConfig
 from ..data import BadRecord, FolderSource, JsonlSource, Loader
-from ..data.shapes import ShapesDataset
+from ..data.shapes import ShapesDataset, shapes_options
 from ..text import TEXT_ENCODERS, CaptionTokenizer, TextTokenizer, train_text_tokenizer
 
 # Data-fitted parts (the palette codebook) see images from the far end of the built-in data
 # set's index space, disjoint from what training reads.
 _FIT_OFFSET = 1 << 30
-
-
-def shapes_options(config: DataConfig) -> dict[str, Any]:
-    """The `ShapesDataset` options a `DataConfig` sets besides image size, seed and size:
-    object scale, layout and (when given) categories. Held-out data and reference
-    statistics are built with the same ones (`fluid.eval`)."""
-    options: dict[str, Any] = {"object_scale": config.object_scale, "layout": config.layout}
-    if config.categories is not None:
-        options["categories"] = tuple(config.categories)
-    return options
 
 
 def make_source(config: DataConfig) -> Any:

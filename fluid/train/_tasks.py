@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .._errors import ConfigError
 from .._types import Key
 from ..build import abstract_model, build_model, build_objective
 from ..config import TrainConfig
+from ..run import RunFolder, save_model_file
 from ..text import CaptionTokenizer
 from ..tokenizers import psnr
 from ._data import caption_tokenizer, fit_images
-from ._integrity import save_model_file
 
 if TYPE_CHECKING:
     from ._trainer import Trainer
@@ -73,11 +72,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def save(self, trainer: "Trainer", model: eqx.Module, directory: Path) -> None:
-        """Write the trained `model` into `directory` (beside the run's `config.json`)."""
-
-    def check_loadable(self, config: TrainConfig, run_dir: Path) -> None:
-        """Raise if `load_model` cannot give a generative model of this run."""
-        del config, run_dir
+        """Write the trained `model` into `directory` (beside the run's `config.json`), at
+        the paths of `fluid.run.RunFolder(directory)`."""
 
 
 class GenerateTask(Task):
@@ -122,9 +118,10 @@ class GenerateTask(Task):
         return save_grid(images, path, captions=prompts, cols=4)
 
     def save(self, trainer, model, directory):
-        trainer.text_tokenizer.save(directory / "text_tokenizer.model")
+        folder = RunFolder(directory)
+        trainer.text_tokenizer.save(folder.text_tokenizer)
         # With its step and checksum beside it (`model.json`), verified by `load_model`.
-        save_model_file(directory / "model.eqx", model, step=trainer.step)
+        save_model_file(folder.model, model, step=trainer.step)
 
 
 class TokenizerTask(Task):
@@ -167,14 +164,8 @@ class TokenizerTask(Task):
 
     def save(self, trainer, model, directory):
         del trainer
-        model.autoencoder.save_pretrained(directory / "tokenizer")
-
-    def check_loadable(self, config, run_dir):
-        raise ConfigError(
-            f"{run_dir} trained an image tokenizer, not a generative model: it is the "
-            f"diffusers folder {run_dir / 'tokenizer'} (a {config.model.tokenizer.name!r} "
-            "tokenizer spec's `path`)."
-        )
+        # `fluid.run.load_model` refuses this run, naming this folder instead.
+        model.autoencoder.save_pretrained(RunFolder(directory).tokenizer)
 
 
 # `fluid.config.TASKS` lists these names for validating a config (tests keep the two equal).

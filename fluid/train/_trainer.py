@@ -1,6 +1,5 @@
 """The one training loop of fluid: a jitted step over trainable parameters, AdamW, EMA."""
 
-import dataclasses
 import functools
 import json
 import time
@@ -20,24 +19,20 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
-from .._errors import MissingInputError, TrainingDiverged
+from .._errors import TrainingDiverged
 from .._types import Key
-from ..build import build_model
 from ..config import TrainConfig, to_dict
 from ..data import SkippedRecordWarning
 from ..model import FluidModel
+from ..run import CheckpointManager, MetricsLog, RunFolder, SummaryWriter, truncate_metrics
 from ..text import CaptionTokenizer, load_caption_tokenizer
 from ..tokenizers import AutoencoderObjective
 from ._cache import cache_fingerprint, cached_source
-from ._checkpoint import CheckpointManager
 from ._data import caption_tokenizer, fit_images, make_loader, make_source
-from ._integrity import load_model_file, read_model_info
 from ._interrupt import DeferredInterrupt, TrainingInterrupted
-from ._metrics import MetricsLog, truncate_metrics
 from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
 from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
 from ._tasks import get_task
-from ._tensorboard import SummaryWriter
 
 # Held-out images of a tokenizer run's PSNR: a steady estimate for the cost of a forward
 # pass over a few training batches.
@@ -173,6 +168,8 @@ class Trainer:
     ):
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # Every path under `out_dir` (`fluid.run.RunFolder`).
+        self.folder = RunFolder(self.out_dir) if self.out_dir is not None else None
         # On several hosts every process computes, process 0 alone writes files and prints
         # (orbax coordinates the checkpoint writes itself).
         self.is_main = jax.process_index() == 0
@@ -182,7 +179,7 @@ class Trainer:
         self.checkpoints = None
         if self.out_dir is not None:
             self.checkpoints = CheckpointManager(
-                self.out_dir / "checkpoints", keep=config.keep_checkpoints
+                self.folder.checkpoints, keep=config.keep_checkpoints
             )
         resuming = resume and self.checkpoints is not None and (
             self.checkpoints.latest_step() is not None
@@ -250,11 +247,11 @@ class Trainer:
         if self.out_dir is not None and self.is_main:
             # Lines of steps after the restored one were logged by a run that died before
             # its next checkpoint; those steps are trained again.
-            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.folder.metrics, self.step)
 
     def _text_tokenizer(self, reuse: bool) -> CaptionTokenizer:
         # A resumed run must read captions exactly as before: reuse the saved tokenizer.
-        saved = self.out_dir / "text_tokenizer.model" if self.out_dir is not None else None
+        saved = self.folder.text_tokenizer if self.folder is not None else None
         if reuse and saved is not None and saved.exists():
             return load_caption_tokenizer(saved)
         tokenizer = caption_tokenizer(self.source, self.config.model)
@@ -321,9 +318,9 @@ class Trainer:
         log = writer = None
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
-            log = MetricsLog(self.out_dir / "metrics.jsonl")
-            writer = SummaryWriter(self.out_dir / "tensorboard")
+            self.folder.config.write_text(json.dumps(to_dict(config), indent=1))
+            log = MetricsLog(self.folder.metrics)
+            writer = SummaryWriter(self.folder.tensorboard)
             if self.step > 0:
                 writer.restart_at(self.step + 1)
         start = time.perf_counter()
@@ -423,6 +420,8 @@ class Trainer:
         if self.checkpoints is None:
             return None
         if self.step not in self.checkpoints.all_steps():
+            # `fluid.run.load_model` reads a model back from these names, `state.ema.<path>`
+            # (or `state.params.<path>`) and `frozen.<path>`.
             self.checkpoints.save(
                 self.step,
                 {"state": self.state, "frozen": self.frozen},
@@ -436,8 +435,7 @@ class Trainer:
         tokenizer run, 8 held-out images above their reconstructions."""
         if self.out_dir is None:
             return None
-        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
-        return self.task.sample_grid(self, path, prompts)
+        return self.task.sample_grid(self, self.folder.sample_grid(self.step), prompts)
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the EMA model, the config and the text tokenizer (see `load_model`); in a
@@ -454,128 +452,6 @@ class Trainer:
         if not self.is_main:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
+        RunFolder(directory).config.write_text(json.dumps(to_dict(self.config), indent=1))
         self.task.save(self, model, directory)
         return directory
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedWeights:
-    """Which weights `load_model(path)` reads.
-
-    - `kind`: `"model"` (a saved `model.eqx`, EMA weights only) or `"checkpoint"`.
-    - `path`: the `model.eqx` file or the checkpoint's directory.
-    - `run_dir`: the folder holding the run's `config.json` / `checkpoints/` /
-      `text_tokenizer.model`.
-    - `step`: the training step of the weights (`None` for a model saved without its step,
-      by an older fluid).
-    """
-
-    kind: str
-    path: Path
-    run_dir: Path
-    step: int | None
-
-    def describe(self) -> str:
-        what = "saved model" if self.kind == "model" else "checkpoint"
-        at = f"step {self.step}" if self.step is not None else "an unknown step"
-        return f"{at} from the {what} {self.path}"
-
-
-def find_weights(path: str | Path, *, ema: bool = True) -> SavedWeights:
-    """The newest weights under `path`, as `load_model` and `fluid sample`/`eval` read them.
-
-    **Arguments:**
-
-    - `path`: a run's output directory (the newer of its saved `model.eqx` and its latest
-      complete checkpoint; on a tie the saved model, which holds the same EMA weights); one
-      checkpoint, `<run>/checkpoints/<step>`; or a directory `Trainer.save` wrote.
-    - `ema`: `False` asks for the raw weights, which only checkpoints hold.
-
-    **Returns:**
-
-    A `SavedWeights`. Raises `FileNotFoundError` naming what `path` should hold.
-    """
-    path = Path(path)
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return SavedWeights("checkpoint", path, path.parent.parent, int(path.name))
-    found = []
-    if (path / "model.eqx").exists():
-        info = read_model_info(path / "model.eqx")
-        step = info.get("step") if info else None
-        found.append(SavedWeights("model", path / "model.eqx", path, step))
-    if (path / "checkpoints").is_dir():
-        with CheckpointManager(path / "checkpoints", keep=None) as manager:
-            step = manager.latest_step()
-            if step is not None:
-                found.append(SavedWeights(
-                    "checkpoint", Path(str(manager.step_directory(step))), path, step
-                ))
-    if not ema:
-        saved = [w for w in found if w.kind == "model"]
-        found = [w for w in found if w.kind == "checkpoint"]
-        if not found and saved:
-            raise MissingInputError(
-                f"{saved[0].path} holds only the EMA weights, and {path} has no complete "
-                "checkpoint with the raw ones; drop --raw (ema=False) to load the EMA weights."
-            )
-    if not found:
-        raise MissingInputError(
-            f"{path} holds neither a saved model (model.eqx) nor a complete checkpoint; pass a "
-            "run's output directory, one of its checkpoints/<step>, or a directory "
-            "Trainer.save wrote."
-        )
-    if len(found) == 1:
-        return found[0]
-    model, checkpoint = found
-    if model.step is None:  # saved by an older fluid: the newer file wins
-        newer = (model.path.stat().st_mtime
-                 >= (checkpoint.path / "fluid_commit.json").stat().st_mtime)
-        return model if newer else checkpoint
-    return model if model.step >= checkpoint.step else checkpoint
-
-
-def load_model(
-    path: "str | Path | SavedWeights", *, ema: bool = True
-) -> tuple[FluidModel, CaptionTokenizer, TrainConfig]:
-    """A trained model, its text tokenizer and its config, from what training wrote.
-
-    **Arguments:**
-
-    - `path`: a directory `Trainer.save` wrote (`model.eqx` + `config.json`); or a run's
-      output directory (the newer of its saved model and its latest complete checkpoint,
-      see `find_weights`); or one checkpoint, `<run>/checkpoints/<step>`; or what
-      `find_weights` returned.
-    - `ema`: the EMA weights (as evaluation uses) or the raw ones (from a checkpoint only).
-
-    The arrays land on the default device, whatever mesh the run used. A saved model is
-    verified against the checksum written with it (`CorruptModelError` if it changed).
-    """
-    from ..config import from_dict
-
-    weights = path if isinstance(path, SavedWeights) else find_weights(path, ema=ema)
-    run_dir = weights.run_dir
-    if weights.kind == "model":
-        config = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-        get_task(config.task).check_loadable(config, run_dir)
-        text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
-        skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-        return load_model_file(weights.path, skeleton), text_tokenizer, config
-    with CheckpointManager(run_dir / "checkpoints", keep=None) as manager:
-        step = weights.step
-        config = from_dict(TrainConfig, manager.saved_config(step))
-        get_task(config.task).check_loadable(config, run_dir)
-        text_tokenizer = load_caption_tokenizer(run_dir / "text_tokenizer.model")
-        skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-        params, rest = eqx.partition(skeleton, trainable_mask(skeleton))
-        frozen, static = eqx.partition(rest, eqx.is_array)
-        optimizer = make_optimizer(config.optim, config.steps)
-        state = eqx.filter_eval_shape(
-            functools.partial(_init_state, optimizer=optimizer), params, jr.key(0)
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restored, _, _ = manager.restore({"state": state, "frozen": frozen}, step=step,
-                                         shardings=device)
-    state, frozen = restored["state"], restored["frozen"]
-    model = eqx.combine(state.ema if ema else state.params, frozen, static)
-    return model, text_tokenizer, config

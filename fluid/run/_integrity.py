@@ -13,7 +13,7 @@ file cut short, bytes changed in place, a file of another model config) ends in 
 `CorruptModelError` whose message names the file and says what to do. A model saved before
 sidecars existed still loads, unverified.
 
-`file_digest` is also what checkpoints (`fluid.train._checkpoint`) record per file.
+`file_digest` is also what checkpoints (`fluid.run.CheckpointManager`) record per file.
 """
 
 import hashlib
@@ -30,7 +30,8 @@ import numpy as np
 from etils import epath
 
 from .._errors import MissingInputError, UserError
-from ._rules import path_name
+from ._layout import RunFolder, model_info_path
+from ._names import path_name
 
 MODEL_INFO_FORMAT = 1
 
@@ -61,15 +62,8 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _info_path(path: Path) -> Path:
-    if path.suffix == ".json":
-        # The sidecar would be the model file itself.
-        raise ValueError(f"a model file cannot end in .json, got {path}.")
-    return path.with_suffix(".json")
-
-
 def _advice(path: Path) -> str:
-    checkpoints = path.parent / "checkpoints"
+    checkpoints = RunFolder(path.parent).checkpoints
     elsewhere = (
         f"load a checkpoint from {checkpoints}/ instead"
         if checkpoints.is_dir()
@@ -110,7 +104,7 @@ def save_model_file(path: str | os.PathLike, model: Any, *, step: int) -> None:
     Nothing.
     """
     path = Path(path)
-    info_path = _info_path(path)
+    info_path = model_info_path(path)
     step = operator.index(step)
     # The process id keeps two writers to one directory off each other's temporary files.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -155,7 +149,7 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any] | None:
     `CorruptModelError` if the sidecar exists but cannot be read.
     """
     path = Path(path)
-    info_path = _info_path(path)
+    info_path = model_info_path(path)
     try:
         text = info_path.read_text()
     except FileNotFoundError:
@@ -238,7 +232,7 @@ def load_model_file(path: str | os.PathLike, skeleton: Any) -> Any:
         if info is None:
             raise MissingInputError(f"no saved model at {path}.")
         raise CorruptModelError(
-            f"{path} is missing, though {_info_path(path).name} beside it records it; "
+            f"{path} is missing, though {model_info_path(path).name} beside it records it; "
             f"{advice}."
         )
     if info is not None:
@@ -251,7 +245,7 @@ def load_model_file(path: str | os.PathLike, skeleton: Any) -> Any:
         if file_digest(path) != info["sha256"]:
             raise CorruptModelError(
                 f"{path} is damaged: its contents changed since it was saved (checksum "
-                f"mismatch with {_info_path(path).name}); {advice}."
+                f"mismatch with {model_info_path(path).name}); {advice}."
             )
 
     names = iter(path_name(p) for p, _ in jtu.tree_flatten_with_path(skeleton)[0])
@@ -293,7 +287,7 @@ def load_model_file(path: str | os.PathLike, skeleton: Any) -> Any:
             else:
                 cause = (
                     "it is cut short or damaged, or was saved from another model config (it "
-                    f"has no {_info_path(path).name} to tell which); {advice}"
+                    f"has no {model_info_path(path).name} to tell which); {advice}"
                 )
             raise CorruptModelError(
                 f"{path} does not load into this model: {detail}; {cause}."

@@ -2,10 +2,13 @@
 and validation loss against parameters fitted as a power law per variant.
 
 Every run is a `fluid.train.Trainer` run in `<out>/<variant>-<size>/` and is evaluated by
-`fluid.eval.evaluate_checkpoint`, the code of `fluid eval`, into its `eval/`. A run whose
+`evaluate_checkpoint`, the code of `fluid eval`, into its `eval/`. A run whose
 `eval/eval.json` is there for the same step budget and evaluation settings is not trained
 or evaluated again; an interrupted one resumes from its checkpoint. So running the same
 command again finishes a sweep, and adding a size or variant trains only the new runs.
+
+The sweep trains, so it sits above the trainer (`fluid.train`), as `fluid eval` does not need
+to: the rest of `fluid.eval` reads run folders through `fluid.run` alone.
 
 Sizes are named by width and depth, `w<width>d<depth>` (`w128d4`); attention heads have
 32 channels (one head below 64). Parameters are counted by `fluid.build.non_embedding_params`
@@ -23,8 +26,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .config import TrainConfig, override
-from .presets import VARIANTS, shapes
+from ..build import abstract_model, count_params, non_embedding_params
+from ..config import TrainConfig, override
+from ..presets import VARIANTS, shapes
+from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
+from ..train import Trainer
+from ._evaluate import evaluate_checkpoint
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,8 +254,6 @@ def fit_power_law_with_floor(
 
 
 def _model_size(config: TrainConfig) -> dict[str, int]:
-    from .build import abstract_model, count_params, non_embedding_params
-
     model = abstract_model(config.model)
     return {
         "parameters": count_params(model),
@@ -256,8 +261,8 @@ def _model_size(config: TrainConfig) -> dict[str, int]:
     }
 
 
-def _finished(run: Path, steps: int, settings: dict[str, Any]) -> dict[str, Any] | None:
-    path = run / "eval" / "eval.json"
+def _finished(run: RunFolder, steps: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+    path = EvalReport(run.eval).result
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -265,21 +270,16 @@ def _finished(run: Path, steps: int, settings: dict[str, Any]) -> dict[str, Any]
     return result if same else None
 
 
-def _complete_steps(run: Path) -> list[int]:
-    if not (run / "checkpoints").is_dir():
+def _complete_steps(run: RunFolder) -> list[int]:
+    if not run.checkpoints.is_dir():
         return []
-    from .train import CheckpointManager
-
-    with CheckpointManager(run / "checkpoints", keep=None) as manager:
+    with CheckpointManager(run.checkpoints, keep=None) as manager:
         return manager.all_steps()
 
 
-def _step_times(run: Path) -> dict[str, float]:
+def _step_times(run: RunFolder) -> dict[str, float]:
     """Median step time of a run's log (the first step, which compiles, left out)."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    times = [json.loads(line)["step_time"] for line in path.read_text().splitlines()]
+    times = [record["step_time"] for record in read_metrics(run.metrics)]
     return {"median_step_seconds": float(np.median(times[1:] or times))} if times else {}
 
 
@@ -299,11 +299,9 @@ def run_one(
 
     Its `eval.json` dict, with `variant`, `size`, `settings` and step times added.
     """
-    from .eval import evaluate_checkpoint
-    from .train import Trainer
-
     config = sweep_config(variant, size, scale, steps=steps)
-    run = Path(out) / f"{variant}-{size}"
+    run = RunFolder(Path(out) / f"{variant}-{size}")
+    report = EvalReport(run.eval)
     settings = {
         "samples": scale.samples if samples is None else samples,
         "validation_examples": scale.validation_examples,
@@ -312,26 +310,26 @@ def run_one(
     done = _finished(run, config.steps, settings)
     if done is not None:
         if progress:
-            print(f"{run.name}: finished earlier, reusing {run / 'eval' / 'eval.json'}")
+            print(f"{run.root.name}: finished earlier, reusing {report.result}")
         return done
-    checkpoint = run / "checkpoints" / str(config.steps)
+    checkpoint = run.checkpoint(config.steps)
     t0 = time.perf_counter()
     if config.steps not in _complete_steps(run):
         if progress:
-            print(f"{run.name}: training {config.steps} steps")
-        trainer = Trainer(config, out_dir=run, progress=progress)
+            print(f"{run.root.name}: training {config.steps} steps")
+        trainer = Trainer(config, out_dir=run.root, progress=progress)
         if trainer.step > config.steps:
             raise ValueError(
-                f"{run} holds a run past {config.steps} steps (at {trainer.step}); sweep into "
+                f"{run.root} holds a run past {config.steps} steps (at {trainer.step}); sweep into "
                 "another --out or use --steps of at least that."
             )
         trainer.run()
         del trainer
     t1 = time.perf_counter()
     if progress:
-        print(f"{run.name}: evaluating {checkpoint}")
+        print(f"{run.root.name}: evaluating {checkpoint}")
     result = evaluate_checkpoint(
-        checkpoint, out=run / "eval", samples=settings["samples"],
+        checkpoint, out=report.root, samples=settings["samples"],
         validation_examples=settings["validation_examples"], min_count=settings["min_count"],
         progress=progress,
     )
@@ -339,7 +337,7 @@ def run_one(
         variant=variant, size=size, settings=settings,
         train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1, **_step_times(run),
     )
-    (run / "eval" / "eval.json").write_text(json.dumps(result, indent=1))
+    report.result.write_text(json.dumps(result, indent=1))
     return result
 
 

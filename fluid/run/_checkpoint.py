@@ -3,7 +3,7 @@
 One checkpoint is a directory `<directory>/<step>/` holding three Orbax items:
 
 - `state/`: every array leaf of the state, keyed by its dotted path name
-  (`params.backbone.blocks.attn.qkv.weight`, as in `fluid.train._rules`); a typed PRNG key is
+  (`params.backbone.blocks.attn.qkv.weight`, `fluid.run.path_name`); a typed PRNG key is
   stored as its raw key data.
 - `config/`: the resolved run config as JSON.
 - `data_state/`: the data iterator's position as JSON.
@@ -13,18 +13,18 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 save leaves no step directory at all; the commit file also covers a crash between Orbax's rename
 and our own bookkeeping, and lets `latest_step` notice files cut short or deleted afterwards (a
 full disk, a partial copy) without reading any array. The digests catch what sizes cannot,
-bytes changed in place; checking them is a pass over the checkpoint, so only `restore` (every
-file) and `saved_config` (the config's files) do. A commit file written before digests existed
-(no `"sha256"` key) is checked by size alone.
+bytes changed in place; checking them is a pass over the checkpoint, so only `restore` and
+`restore_leaves` (every file) and `saved_config` (the config's files) do. A commit file
+written before digests existed (no `"sha256"` key) is checked by size alone.
 
-Only this module knows Orbax; the trainer sees `CheckpointManager`, `check_config` and the two
-error types.
+Only this module knows Orbax; the trainer and `load_model` see `CheckpointManager`,
+`check_config` and the two error types.
 """
 
-import fnmatch
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -36,105 +36,20 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from .._errors import UserError
+from ._compat import CheckpointMismatchError, check_config
 from ._integrity import brief_error, describe_array, file_digest
-from ._rules import named_leaves, path_name
-
-# Config keys that may differ between a checkpoint and the run resuming from it, as
-# `fnmatch` patterns over the full dotted key (so `steps` is the top-level field only, not
-# `optim.warmup_steps`):
-# - `steps`: resuming to train for longer (or shorter) is the point of resuming;
-# - `*_every`: logging, sampling, evaluation and checkpoint cadence do not change the state;
-# - `sample_*`: how preview samples are drawn (steps, guidance, temperature);
-# - `mesh*`: the device mesh; checkpoints restore onto a mesh of any shape;
-# - `keep_checkpoints`, `data.workers`: how many checkpoints to keep, how many processes
-#   decode images (the batches do not depend on it);
-# - `data.on_change`: what to do if the data changed, asked when resuming.
-RESUMABLE_CONFIG_KEYS: tuple[str, ...] = (
-    "steps", "*_every", "sample_*", "mesh*", "keep_checkpoints", "data.workers",
-    "data.on_change",
-)
+from ._names import named_leaves, path_name
 
 COMMIT_FILE = "fluid_commit.json"
 
 _ITEMS = ("state", "config", "data_state")
 # Orbax's temporary step directories end in this suffix plus a timestamp.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
-_ABSENT = object()
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """A checkpoint was made with another config, or holds arrays that do not fit the state."""
 
 
 class CheckpointCorruptError(UserError, OSError):
     """A checkpoint's files are missing, cut short, changed since they were saved, or cannot be
     read."""
-
-
-# -- config ---------------------------------------------------------------------------------
-def _flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        # An empty dict stays a value, so `kwargs={}` still differs from `kwargs={"a": 1}`.
-        if isinstance(value, dict) and value:
-            out.update(_flatten_config(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def _json_value(value: Any) -> Any:
-    # A saved config went through JSON (tuples became lists); compare the current one alike.
-    if isinstance(value, (tuple, list)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    return value
-
-
-def _show(key: str, value: Any) -> str:
-    if value is _ABSENT:
-        return f"no {key}"
-    return f"{key}={json.dumps(value)}"
-
-
-def check_config(
-    saved: dict[str, Any], current: dict[str, Any], *, source: str = "the checkpoint"
-) -> None:
-    """Raise if a checkpoint's config differs from this run's in a key that matters.
-
-    Nested dicts are compared key by key under dotted names (`model.head.kwargs.width`);
-    keys matching a pattern of `RESUMABLE_CONFIG_KEYS` are skipped.
-
-    **Arguments:**
-
-    - `saved`: the config stored with the checkpoint (`CheckpointManager.saved_config`).
-    - `current`: this run's config as a dict (`fluid.config.to_dict(config)`).
-    - `source`: how the message names the checkpoint, e.g. its directory.
-
-    **Returns:**
-
-    Nothing.
-
-    **Raises:**
-
-    `CheckpointMismatchError` naming the first differing key (in the order of `current`, then
-    keys only `saved` has) with both values.
-    """
-    flat_saved = _flatten_config(saved)
-    flat_current = _flatten_config(current)
-    keys = [*flat_current, *(k for k in flat_saved if k not in flat_current)]
-    for key in keys:
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CONFIG_KEYS):
-            continue
-        old = flat_saved.get(key, _ABSENT)
-        new = flat_current.get(key, _ABSENT)
-        if old is _ABSENT or new is _ABSENT or _json_value(old) != _json_value(new):
-            raise CheckpointMismatchError(
-                f"{source} was made with {_show(key, old)}, this run has {_show(key, new)}; "
-                "resume with the same config or start a fresh output directory."
-            )
 
 
 # -- state leaves ---------------------------------------------------------------------------
@@ -166,6 +81,11 @@ def _key_impl(like: Any) -> Any:
     found = []
     jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), like)
     return found[0]
+
+
+def _unwrap(stored: jax.Array, like: Any) -> jax.Array:
+    """A restored array as the leaf `like` holds it (a typed key from its raw key data)."""
+    return jax.random.wrap_key_data(stored, impl=_key_impl(like)) if _is_key(like) else stored
 
 
 def _sharding_lookup(shardings: Any, like: dict[str, Any]) -> dict[str, jax.sharding.Sharding]:
@@ -471,14 +391,26 @@ class CheckpointManager:
                 self._corrupt_message(step, f"reading it failed ({brief_error(e)})")
             ) from e
 
-    def _check_structure(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
+    def _saved_metadata(self, step: int) -> dict[str, Any]:
         try:
             metadata = self._manager.item_metadata(step)["state"]
-            saved = dict(getattr(metadata, "tree", metadata))
+            return dict(getattr(metadata, "tree", metadata))
         except Exception as e:
             raise CheckpointCorruptError(
                 self._corrupt_message(step, f"reading its metadata failed ({brief_error(e)})")
             ) from e
+
+    def _check_structure(
+        self,
+        step: int,
+        target: dict[str, jax.ShapeDtypeStruct],
+        *,
+        saved: dict[str, Any] | None = None,
+        under: tuple[str, ...] | None = None,
+    ) -> None:
+        # `under`: the name prefixes below which `target` must hold every saved leaf (`None`:
+        # everywhere, as when `target` is the whole state); `saved`: the metadata, if read.
+        saved = self._saved_metadata(step) if saved is None else saved
         where = f"checkpoint {self.step_directory(step)} does not fit this state"
         for name, want in target.items():
             if name not in saved:
@@ -495,13 +427,40 @@ class CheckpointManager:
                     f"and {describe_array(want.shape, want.dtype)} here; was it made with another "
                     "model config?"
                 )
-        extra = sorted(name for name in saved if name not in target)
+        extra = sorted(
+            name for name in saved
+            if name not in target
+            and (under is None or any(name.startswith(f"{prefix}.") for prefix in under))
+        )
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointMismatchError(
                 f"{where}: it has {extra[0]}{more}, which this state lacks; was it made with "
                 "another model or optimiser?"
             )
+
+    def saved_leaves(self, step: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """The dotted names, shapes and dtypes of the arrays a checkpoint holds (of the
+        latest step by default), read from its metadata; no array is read. A typed PRNG key
+        is listed as its raw key data."""
+        step = self._resolve_step(step)
+        return {
+            name: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(meta.dtype))
+            for name, meta in self._saved_metadata(step).items()
+        }
+
+    @staticmethod
+    def _targets(
+        like: dict[str, Any], placement: dict[str, jax.sharding.Sharding]
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        # What Orbax reads for each leaf: a typed key is stored as its raw key data.
+        target = {}
+        for name, leaf in like.items():
+            stored = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+            target[name] = jax.ShapeDtypeStruct(
+                stored.shape, stored.dtype, sharding=placement[name]
+            )
+        return target
 
     def restore(
         self,
@@ -550,13 +509,7 @@ class CheckpointManager:
             saved = self._read(step, config=ocp.args.JsonRestore())["config"]
             check_config(saved, config, source=f"checkpoint {self.step_directory(step)}")
         like = _array_leaves(state_like)
-        placement = _sharding_lookup(shardings, like)
-        target = {}
-        for name, leaf in like.items():
-            stored = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
-            target[name] = jax.ShapeDtypeStruct(
-                stored.shape, stored.dtype, sharding=placement[name]
-            )
+        target = self._targets(like, _sharding_lookup(shardings, like))
         self._check_structure(step, target)
         restored = self._read(
             step, state=ocp.args.StandardRestore(target), data_state=ocp.args.JsonRestore()
@@ -568,11 +521,71 @@ class CheckpointManager:
             name = path_name(path)
             if name not in like:
                 leaves.append(leaf)
-            elif _is_key(leaf):
-                leaves.append(jax.random.wrap_key_data(arrays[name], impl=_key_impl(leaf)))
             else:
-                leaves.append(arrays[name])
+                leaves.append(_unwrap(arrays[name], leaf))
         return jtu.tree_unflatten(treedef, leaves), restored["data_state"], step
+
+    def restore_leaves(
+        self,
+        like: Mapping[str | tuple[str, ...], Any],
+        *,
+        step: int | None = None,
+        sharding: jax.sharding.Sharding | None = None,
+        complete: tuple[str, ...] = (),
+    ) -> tuple[dict[str | tuple[str, ...], Any], int]:
+        """Read some arrays of a checkpoint by name, leaving the others unread: a model's
+        weights without the optimiser state, say (`fluid.run.load_model`).
+
+        **Arguments:**
+
+        - `like`: `{name: array or jax.ShapeDtypeStruct}` for the leaves to read, each
+          saying which shape and dtype to expect; names as in `saved_leaves`. A key may be a
+          tuple of names, of which the checkpoint holds one (a model's leaf is under its
+          trained or its frozen name); a tuple none of which it holds is reported under
+          its first name.
+        - `step`: which checkpoint; by default `latest_step()`.
+        - `sharding`: where to place every array; `None`: each leaf's own sharding where it
+          has one, otherwise the first device.
+        - `complete`: dotted prefixes (`"state.ema"`) below which `like` must name every
+          array the checkpoint holds (what is read there is a whole subtree).
+
+        Every file of the checkpoint is checked against its SHA-256 first, as `restore` does
+        (the arrays of a checkpoint share files, so the unread ones cannot be told apart).
+
+        **Returns:**
+
+        `(arrays, step)`: an array for each key of `like`, and the step read.
+
+        **Raises:**
+
+        As `restore`, except that arrays the checkpoint holds beyond `like` are allowed
+        outside the `complete` prefixes.
+        """
+        step = self._resolve_step(step)
+        self._verify(step, _ITEMS)
+        saved = self._saved_metadata(step)
+        names = {}
+        for key in like:
+            options = (key,) if isinstance(key, str) else tuple(key)
+            names[key] = next((n for n in options if n in saved), options[0])
+        by_name = {names[key]: leaf for key, leaf in like.items()}
+        target = self._targets(by_name, _sharding_lookup(sharding, by_name))
+        self._check_structure(step, target, saved=saved, under=complete)
+        # The manager's handler restores whole trees only; a tree handler of the same format
+        # reads the `state` item partially (Orbax reads only the requested arrays).
+        restore = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        try:
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+                arrays = reader.restore(self.step_directory(step) / "state", args=restore)
+        except Exception as e:
+            raise CheckpointCorruptError(
+                self._corrupt_message(step, f"reading it failed ({brief_error(e)})")
+            ) from e
+        return {key: _unwrap(arrays[names[key]], leaf) for key, leaf in like.items()}, step
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
