@@ -56,8 +56,6 @@ def test_import_fluid_loads_no_jax():
 KNOWN = {
     ("fluid/backbones/_bidirectional.py", "fluid.nn._init"),
     ("fluid/backbones/_causal.py", "fluid.nn._init"),
-    ("fluid/eval/_evaluate.py", "fluid.train._data"),
-    ("fluid/eval/_validation.py", "fluid.train._data"),
     ("fluid/text/_aligner.py", "fluid.nn._init"),
     ("fluid/text/_learned.py", "fluid.nn._init"),
 }

@@ -27,9 +27,9 @@ def test_train_resume_and_sample(tmp_path, capsys):
     # Every file `fluid train` wrote is one its run folder's layout names.
     folder = RunFolder(run)
     assert set(run.iterdir()) == {
-        folder.config, folder.text_tokenizer, folder.metrics, folder.tensorboard,
-        folder.checkpoints, folder.model, folder.model_info, folder.samples, folder.loss_curve,
-        folder.summary,
+        folder.config, folder.text_tokenizer, folder.text_tokenizer_record, folder.metrics,
+        folder.tensorboard, folder.checkpoints, folder.model, folder.model_info, folder.samples,
+        folder.loss_curve, folder.summary,
     }
     summary = json.loads(folder.summary.read_text())
     assert (summary["samples"], summary["model"]) == (str(folder.samples), str(folder.model))

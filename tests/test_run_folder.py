@@ -138,7 +138,8 @@ def test_training_writes_the_layout(trained):
     folder = RunFolder(out)
     assert trainer.folder == folder
     written = {
-        folder.config, folder.text_tokenizer, folder.metrics, folder.tensorboard,
+        folder.config, folder.text_tokenizer, folder.text_tokenizer_record, folder.metrics,
+        folder.tensorboard,
         folder.checkpoints, folder.sample_grids, folder.model, folder.model_info,
     }
     assert set(out.iterdir()) == written

@@ -5,6 +5,7 @@
 <run>/
   config.json           the resolved TrainConfig (written when training starts, and by save)
   text_tokenizer.model  the caption tokenizer of a generative run (fitted when it starts)
+  text_tokenizer.json   which caption tokenizer class it is
   metrics.jsonl         one JSON record per step (MetricsLog)
   tensorboard/          TensorBoard event files (SummaryWriter)
   checkpoints/<step>/   resumable checkpoints of the training state (CheckpointManager)
@@ -57,6 +58,13 @@ class RunFolder:
     def text_tokenizer(self) -> Path:
         """The caption tokenizer's SentencePiece model (`fluid.text.load_caption_tokenizer`)."""
         return self.root / "text_tokenizer.model"
+
+    @property
+    def text_tokenizer_record(self) -> Path:
+        """Which caption tokenizer class `text_tokenizer` is (written beside it by `save`)."""
+        from ..text import caption_tokenizer_record
+
+        return caption_tokenizer_record(self.text_tokenizer)
 
     @property
     def metrics(self) -> Path:
