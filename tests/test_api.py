@@ -79,15 +79,10 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-def private_imports(root: Path) -> set[tuple[str, str]]:
-    """`(file, what)` for every import under `root` (a `fluid` package folder) of another
-    package's private module, or of a private name of a public module."""
-
-    def is_module(name: str) -> bool:
-        path = root.parent.joinpath(*name.split("."))
-        return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
-
-    found = set()
+def imports(root: Path):
+    """`(file, module, source, name)` for every import of fluid in the package folder `root`,
+    resolved to absolute names (`from ..nn import dense` in `fluid/backbones/_causal.py`:
+    `("fluid/backbones/_causal.py", "fluid.backbones._causal", "fluid.nn", "dense")`)."""
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root.parent)
         parts = list(rel.with_suffix("").parts)
@@ -109,16 +104,69 @@ def private_imports(root: Path) -> set[tuple[str, str]]:
             else:
                 continue
             for source, name in targets:
-                if not _within(source, "fluid"):
-                    continue
-                if name is not None and is_module(f"{source}.{name}"):
-                    source, name = f"{source}.{name}", None
-                owner = _owner(source)
-                if owner is not None and not _within(module, owner):
-                    found.add((rel.as_posix(), source))
-                elif name is not None and _private(name) and owner is None:
-                    found.add((rel.as_posix(), f"{source}.{name}"))
+                if _within(source, "fluid"):
+                    yield rel.as_posix(), module, source, name
+
+
+def private_imports(root: Path) -> set[tuple[str, str]]:
+    """`(file, what)` for every import under `root` (a `fluid` package folder) of another
+    package's private module, or of a private name of a public module."""
+
+    def is_module(name: str) -> bool:
+        path = root.parent.joinpath(*name.split("."))
+        return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+    found = set()
+    for rel, module, source, name in imports(root):
+        if name is not None and is_module(f"{source}.{name}"):
+            source, name = f"{source}.{name}", None
+        owner = _owner(source)
+        if owner is not None and not _within(module, owner):
+            found.add((rel, source))
+        elif name is not None and _private(name) and owner is None:
+            found.add((rel, f"{source}.{name}"))
     return found
+
+
+# -- layers (docs/architecture.md): a module imports its own layer and those below ---------
+LAYERS = {
+    "foundation": ["fluid._types", "fluid._errors", "fluid._registry", "fluid.config",
+                   "fluid._overrides", "fluid._weights"],
+    "nn": ["fluid.nn"],
+    "components": ["fluid.tokenizers", "fluid.heads", "fluid.orders", "fluid.backbones",
+                   "fluid.text", "fluid.data"],
+    "model": ["fluid.model", "fluid.build", "fluid.presets", "fluid.sample", "fluid.viz"],
+    "run folder": ["fluid.run"],
+    "trainer": ["fluid.train"],
+    "evaluation": ["fluid.eval"],
+    "command line": ["fluid.cli", "fluid.__main__"],
+}
+
+
+def layer_of(module: str) -> int | None:
+    for rank, prefixes in enumerate(LAYERS.values()):
+        if any(_within(module, p) for p in prefixes):
+            return rank
+    return None
+
+
+def upward_imports(root: Path) -> set[tuple[str, str]]:
+    """`(file, module it imports)` wherever a module imports one of a higher layer."""
+    found = set()
+    for rel, module, source, _ in imports(root):
+        mine, theirs = layer_of(module), layer_of(source)
+        if mine is not None and theirs is not None and theirs > mine:
+            found.add((rel, source))
+    return found
+
+
+def test_every_module_has_a_layer():
+    modules = {m for _, m, _, _ in imports(ROOT)} - {"fluid"}
+    assert {m for m in modules if layer_of(m) is None} == set()
+
+
+def test_no_module_imports_a_higher_layer():
+    assert upward_imports(ROOT) == set()
 
 
 def test_no_module_imports_another_packages_private_names():
@@ -144,4 +192,23 @@ def test_the_check_tells_internals_from_reaching_in(tmp_path):
         (tmp_path / "fluid" / name).write_text(text)
     assert private_imports(tmp_path / "fluid") == {
         ("fluid/b/z.py", "fluid.a._x"), ("fluid/b/z.py", "fluid.config._hidden"),
+    }
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    files = {
+        "__init__.py": "",
+        "config.py": "",
+        "nn/__init__.py": "from ..config import X\n",  # down: fine
+        "heads/__init__.py": "from ..nn import dense\n",  # down: fine
+        "model.py": "def lazy():\n    from .train import Trainer\n",  # up, even inside a function
+        "train/__init__.py": "from ..model import FluidModel\nimport fluid.cli\n",  # one up
+        "cli.py": "from .train import Trainer\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "fluid" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fluid" / name).write_text(text)
+    assert upward_imports(tmp_path / "fluid") == {
+        ("fluid/model.py", "fluid.train"),
+        ("fluid/train/__init__.py", "fluid.cli"),
     }
