@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .._types import CONTINUOUS
 from ..build import abstract_model, count_params, non_embedding_params
 from ..config import TrainConfig, override
 from ..presets import VARIANTS, shapes
 from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
+from ..tokenizers import TOKENIZERS
 from ..train import Trainer
 from ._evaluate import evaluate_checkpoint
 
@@ -150,7 +152,8 @@ def sweep_config(
     width, depth, heads = parse_size(size)
     steps = scale.steps if steps is None else steps
     config = shapes(variant)
-    continuous = config.model.tokenizer.name == "patch"
+    # The tokenizer's declared token kind says which head's settings the scale fills in.
+    continuous = TOKENIZERS.get(config.model.tokenizer.name).token_kind == CONTINUOUS
     values: dict[str, Any] = {
         "model.tokenizer.image_size": scale.image_size,
         "model.tokenizer.patch_size": scale.patch_size,
