@@ -5,6 +5,7 @@ Every figure is a median over timed runs after warm-up, and every JSON records t
 the jax version, the load average at the start and the end, and the settings.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -52,6 +54,32 @@ def median_time(fn: Callable[[], object], *, warmup: int, runs: int) -> tuple[fl
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def replace_fields(tree: Any, cls: type | tuple[type, ...], **changes: Any) -> Any:
+    """`tree` with every module of type `cls` in it (at any depth, in any tree of modules:
+    a model, a partition of one, a training state) given the field values `changes`,
+    static fields included: `replace_fields(model, (TransformerStack, DiffusionHead),
+    remat=None)` is the model built with `remat=None` everywhere.
+
+    The modules are rebuilt as Equinox unflattens them (`object.__new__`, then every field
+    set), so no constructor and no `__check_init__` runs: give only values the constructor
+    would have accepted.
+    """
+    def replace(module):
+        new = object.__new__(type(module))
+        for field in dataclasses.fields(module):
+            if field.name in changes:
+                value = changes[field.name]
+            else:  # a `cls` module may hold more of them
+                value = replace_fields(getattr(module, field.name), cls, **changes)
+            object.__setattr__(new, field.name, value)
+        return new
+
+    def is_target(x):
+        return isinstance(x, cls)
+
+    return jax.tree.map(lambda x: replace(x) if is_target(x) else x, tree, is_leaf=is_target)
 
 
 def write_json(path: str | Path, data: dict) -> Path:

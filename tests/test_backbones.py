@@ -23,7 +23,6 @@ from fluid.nn import (
     attention_mask,
     dot_product_attention,
 )
-from fluid.nn import _attention as nn_attention
 from fluid.text import LearnedTextEncoder, TextAligner
 
 DIM, DEPTH, HEADS, SEQ, CTX, VOCAB, TEXT_DIM = 32, 2, 4, 16, 8, 50, 24
@@ -88,30 +87,28 @@ def assert_every_leaf_gets_gradient(grads, what):
 # Several queries take the heads-first layout, one query (cached decoding) the strided
 # one; raising the threshold (as `benchmarks/remat.py` does) gives several queries the latter.
 @pytest.mark.parametrize("num_queries,heads_first_from", [(5, None), (1, None), (5, 10**9)])
-def test_attention_matches_jax_reference(num_queries, heads_first_from, monkeypatch):
-    if heads_first_from is not None:
-        monkeypatch.setattr(nn_attention, "HEADS_FIRST_MIN_QUERIES", heads_first_from)
+def test_attention_matches_jax_reference(num_queries, heads_first_from):
+    layout = {} if heads_first_from is None else {"heads_first_min_queries": heads_first_from}
     k_q, k_k, k_v, k_m = jr.split(jr.key(0), 4)
     q = jr.normal(k_q, (num_queries, HEADS, 8))
     k = jr.normal(k_k, (7, HEADS, 8))
     v = jr.normal(k_v, (7, HEADS, 8))
     mask = jr.bernoulli(k_m, 0.6, (num_queries, 7)).at[:, 0].set(True)
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask[None], implementation="xla")
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask, **layout)
     chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_layout_threshold_switches_the_program(monkeypatch):
+def test_attention_layout_threshold_switches_the_program():
     # `benchmarks/remat.py --policies strided-attention` times one form against the other:
     # the threshold must really change what is traced.
     q = jnp.ones((5, HEADS, 8))
 
-    def jaxpr():  # a new function each time: traces are cached per function, not per global
-        return str(jax.make_jaxpr(lambda *a: dot_product_attention(*a))(q, q, q))
+    def jaxpr(**layout):
+        return str(jax.make_jaxpr(lambda *a: dot_product_attention(*a, **layout))(q, q, q))
 
     heads_first = jaxpr()
-    monkeypatch.setattr(nn_attention, "HEADS_FIRST_MIN_QUERIES", 10**9)
-    assert jaxpr() != heads_first
+    assert jaxpr(heads_first_min_queries=10**9) != heads_first
 
 
 def test_attention_mask():

@@ -1,5 +1,6 @@
-"""Shared layers of `fluid.nn`: the exact GELU against float64, and `scan_layers`, whose
-rematerialisation changes what the backward pass keeps, never the values or gradients."""
+"""Shared layers of `fluid.nn`: the exact GELU against float64, `dense`, `scan_layers`, whose
+rematerialisation changes what the backward pass keeps, never the values or gradients, and
+the declaration of stacked layers (`stacked_field`, `stacked_paths`)."""
 
 import re
 
@@ -8,12 +9,21 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import numpy as np
+import pytest
 from jax.ad_checkpoint import print_saved_residuals
 from scipy.special import erf
 
 from fluid.heads._diffusion import DiffusionHead
-from fluid.nn import TransformerStack, _scan
+from fluid.nn import (
+    DEFAULT_REMAT_POLICY,
+    PerVectorLinear,
+    TransformerStack,
+    stacked_field,
+    stacked_paths,
+)
+from fluid.nn import per_vector as wrap_per_vector
 from fluid.nn._init import dense, vector_products
 from fluid.nn._mlp import gelu
 
@@ -50,6 +60,14 @@ def test_dense_is_the_linear_layer_on_the_last_axis():
     with vector_products():
         per_vector = jax.jit(lambda m, v: dense(m, v))(layer, x)
     chex.assert_trees_all_close(per_vector, dense(layer, x), atol=1e-6, rtol=1e-6)
+    # ... and for the layers `per_vector` wraps, the same program as inside the context
+    wrapped = wrap_per_vector({"a": layer, "b": [no_bias]})
+    assert isinstance(wrapped["a"], PerVectorLinear) and wrapped["b"][0].weight is no_bias.weight
+    per_vector_jaxpr = str(jax.make_jaxpr(lambda m, v: dense(m, v))(wrapped["a"], x))
+    chex.assert_trees_all_close(dense(wrapped["a"], x), dense(layer, x), atol=1e-6, rtol=1e-6)
+    with vector_products():
+        assert str(jax.make_jaxpr(lambda m, v: dense(m, v))(layer, x)) == per_vector_jaxpr
+    assert str(jax.make_jaxpr(lambda m, v: dense(m, v))(layer, x)) != per_vector_jaxpr
     # under vmap too, with gradients
     x = jr.normal(jr.key(3), (4, 5))
     g_dense = jax.grad(lambda m: jnp.sum(jax.vmap(lambda v: dense(m, v))(x) ** 2))(layer)
@@ -67,40 +85,43 @@ def head_loss(params, static, z, target, key):
     return jnp.mean(jax.vmap(head.loss)(z, target, key=keys))
 
 
-def stack_and_input():
-    stack = TransformerStack(DEPTH, DIM, 4, key=jr.key(0))
+def stack_and_input(remat=DEFAULT_REMAT_POLICY):
+    stack = TransformerStack(DEPTH, DIM, 4, remat=remat, key=jr.key(0))
     return *eqx.partition(stack, eqx.is_array), jr.normal(jr.key(1), (SEQ, DIM))
 
 
-def head_and_input():
-    head = DiffusionHead(DIM, 6, width=24, depth=3, batch_mul=2, key=jr.key(2))
+def head_and_input(remat=DEFAULT_REMAT_POLICY):
+    head = DiffusionHead(DIM, 6, width=24, depth=3, batch_mul=2, remat=remat, key=jr.key(2))
     z = jr.normal(jr.key(3), (5, DIM))
     target = jr.normal(jr.key(4), (5, 6))
     return *eqx.partition(head, eqx.is_array), z, target, jr.key(5)
 
 
-def value_and_grads():
-    params, static, x = stack_and_input()
+def value_and_grads(remat=DEFAULT_REMAT_POLICY):
+    params, static, x = stack_and_input(remat)
     stack = jax.jit(jax.value_and_grad(stack_loss), static_argnums=1)(params, static, x)
-    hparams, hstatic, *rest = head_and_input()
+    hparams, hstatic, *rest = head_and_input(remat)
     head = jax.jit(jax.value_and_grad(head_loss), static_argnums=1)(hparams, hstatic, *rest)
     return stack, head
 
 
-def test_remat_keeps_values_and_gradients(monkeypatch):
-    assert _scan.REMAT_POLICY is not None
+def test_remat_keeps_values_and_gradients():
+    assert DEFAULT_REMAT_POLICY is not None
+    assert stack_and_input()[1].remat is DEFAULT_REMAT_POLICY
+    assert head_and_input()[1].remat is DEFAULT_REMAT_POLICY
     with_remat = value_and_grads()
-    monkeypatch.setattr(_scan, "REMAT_POLICY", None)
-    plain = value_and_grads()
-    chex.assert_trees_all_close(with_remat, plain, atol=1e-6, rtol=1e-5)
+    plain = value_and_grads(remat=None)
+    # (the two trees differ only in their static `remat`)
+    chex.assert_trees_all_close(jax.tree.leaves(with_remat), jax.tree.leaves(plain),
+                                atol=1e-6, rtol=1e-5)
     # and the gradients are not trivially equal: every block contributes
     (_, grads), _ = plain
     assert float(jnp.min(jnp.abs(grads.layers.mlp.fc1.weight).sum(axis=(1, 2)))) > 0
 
 
-def saved_per_layer(capsys) -> int:
+def saved_per_layer(capsys, remat=DEFAULT_REMAT_POLICY) -> int:
     """Elements per layer the backward pass keeps from the scanned layers' forward pass."""
-    params, static, x = stack_and_input()
+    params, static, x = stack_and_input(remat)
     print_saved_residuals(stack_loss, params, static, x)
     total = 0
     for line in capsys.readouterr().out.splitlines():
@@ -111,9 +132,84 @@ def saved_per_layer(capsys) -> int:
     return total
 
 
-def test_remat_keeps_only_the_linear_outputs(capsys, monkeypatch):
+def test_remat_keeps_only_the_linear_outputs(capsys):
     # qkv (3 d), the attention projection (d), fc1 (4 d) and fc2 (d) at every position
     assert saved_per_layer(capsys) == SEQ * (3 + 1 + 4 + 1) * DIM
-    monkeypatch.setattr(_scan, "REMAT_POLICY", None)
     # a plain scan also keeps normalisations, attention weights and activations
-    assert saved_per_layer(capsys) > SEQ * (3 + 1 + 4 + 1) * DIM + SEQ * SEQ * 4
+    assert saved_per_layer(capsys, remat=None) > SEQ * (3 + 1 + 4 + 1) * DIM + SEQ * SEQ * 4
+
+
+def _names(paths) -> set[str]:
+    return {jtu.keystr(p) for p in paths}
+
+
+def test_stacked_paths_are_the_declared_fields_leaves():
+    stack = TransformerStack(DEPTH, DIM, 4, key=jr.key(0))
+    head = DiffusionHead(DIM, 6, width=24, depth=3, key=jr.key(2))
+    tree = {"stack": stack, "head": [head]}
+    expected = {jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(tree)[0]
+                if ".layers" in jtu.keystr(p) or ".block_" in jtu.keystr(p)}
+    assert len(expected) > 10
+    found = _names(stacked_paths(tree))
+    assert found == expected
+    # every one of them has the leading depth axis
+    leaves = {jtu.keystr(p): x for p, x in jtu.tree_flatten_with_path(tree)[0]}
+    assert {leaves[name].shape[0] for name in found} == {DEPTH, 3}
+    # the declaration lives on the classes: partitions and shapes carry it
+    params, _ = eqx.partition(tree, eqx.is_inexact_array)
+    assert _names(stacked_paths(params)) == found
+    assert _names(stacked_paths(jax.eval_shape(lambda: tree))) == found
+    assert _names(stacked_paths(eqx.filter(tree, lambda x: x.ndim == 3))) < found
+
+
+def test_stacked_field_marks_only_its_own_field():
+    class Inner(eqx.Module):
+        a: jax.Array
+        b: jax.Array = stacked_field()
+
+    class Outer(eqx.Module):
+        inner: Inner
+        stack: Inner = stacked_field()
+
+    x = jnp.zeros((2, 3))
+    tree = Outer(Inner(x, x), Inner(x, x))
+    assert _names(stacked_paths(tree)) == {".inner.b", ".stack.a", ".stack.b"}
+    with pytest.raises(ValueError, match="cannot be static"):
+        stacked_field(static=True)
+
+
+def test_per_vector_is_what_the_decoding_context_did():
+    # `fluid.model`'s causal sampler traces its loop inside `vector_products()`; `per_vector`
+    # of the modules it calls gives the same program (so it can replace the context), and
+    # `TransformerStack.decode` already computes per vector by itself.
+    head = DiffusionHead(DIM, 6, width=24, depth=2, sampling_steps=3, key=jr.key(2))
+    z, zu = jr.normal(jr.key(3), (2, DIM))
+
+    def program(fn, *args):
+        # Traces are cached by their arguments, and the context is not one of them.
+        jax.clear_caches()
+        return str(jax.make_jaxpr(fn)(*args))
+
+    def sample(h):
+        return jax.vmap(lambda c, u, k: h.sample(c, u, 2.0, 1.0, key=k))(
+            jnp.stack([z, z]), jnp.stack([zu, zu]), jr.split(jr.key(4), 2))
+
+    with vector_products():
+        in_context = program(sample, head)
+    assert program(sample, wrap_per_vector(head)) == in_context
+    assert program(sample, head) != in_context
+
+    stack = TransformerStack(DEPTH, DIM, 4, cross_attention=True, key=jr.key(0))
+    ctx = jr.normal(jr.key(5), (3, DIM))
+    ctx_mask = jnp.ones((3,), bool)
+    cache = stack.init_cache(SEQ, ctx)
+    x, t = jr.normal(jr.key(6), (DIM,)), jnp.asarray(2, jnp.int32)
+
+    def decode(s):
+        return s.decode(x, t, cache, ctx_mask)
+
+    with vector_products():
+        in_context = program(decode, stack)
+    assert program(decode, stack) == in_context
+    assert program(decode, eqx.tree_at(lambda s: s.layers, stack, wrap_per_vector(stack.layers))
+                   ) == in_context

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fluid.build import abstract_model, build_model
 from fluid.model import FluidModel
+from fluid.nn import stacked_field
 from fluid.presets import get_config
 from fluid.train import make_optimizer
 from fluid.train._data import fit_images, make_source, make_text_tokenizer
@@ -144,6 +146,61 @@ def test_depth_axis_of_stacked_blocks_is_never_split():
     assert specs["backbone.blocks.layers.odd"] == P()  # replicated, not split by depth
     assert specs["flat"] == P("data", None, None)  # an unstacked array: largest dimension
     assert specs["mlp.layers.0"] == P("data", None, None)
+
+
+class _Tower(eqx.Module):
+    """A plug-in's block: its arrays stacked along a leading depth axis of 64."""
+
+    w: jax.Array
+    b: jax.Array
+
+
+class _DeclaredHead(eqx.Module):
+    towers: _Tower = stacked_field()  # a name no rule knows
+    proj: jax.Array
+
+
+class _UndeclaredHead(eqx.Module):
+    towers: _Tower
+    proj: jax.Array
+
+
+def _plugin(cls, leaf):
+    # Depth 64 is the largest dimension and divides over 8 devices: plain fsdp splits it.
+    return {"head": cls(_Tower(leaf((64, 16, 12)), leaf((64, 16))), leaf((64, 16, 12)))}
+
+
+def test_a_declared_stack_keeps_its_depth_axis_whatever_its_name():
+    mesh = make_mesh()  # 8 CPU devices on "data"
+    assert mesh.shape["data"] == 8
+
+    def sds(shape):
+        return SDS(shape, jnp.float32)
+
+    for rules in ("fsdp", ((r".*", "fsdp"),)):
+        tree = _plugin(_DeclaredHead, sds)
+        declared = _specs(tree, param_shardings(tree, mesh, rules, min_size=1))
+        assert declared["head.towers.w"] == P(None, "data", None)  # as "fsdp_stacked"
+        assert declared["head.towers.b"] == P(None, "data")
+        assert declared["head.proj"] == P("data", None, None)  # not in the stack
+        tree = _plugin(_UndeclaredHead, sds)
+        undeclared = _specs(tree, param_shardings(tree, mesh, rules, min_size=1))
+        assert undeclared["head.towers.w"] == P("data", None, None)  # plain fsdp
+        assert undeclared["head.towers.b"] == P("data", None)
+    # The declaration follows the parameters into a partition and Adam's moments.
+    params = _plugin(_DeclaredHead, sds)
+    state = jax.eval_shape(optax.adam(1e-3).init, params)
+    specs = _specs(state, state_shardings(state, mesh, "fsdp", min_size=1))
+    assert specs["0.mu.head.towers.w"] == P(None, "data", None)
+    assert specs["0.nu.head.proj"] == P("data", None, None)
+    partial = eqx.filter(params, lambda x: x.ndim == 3)
+    specs = _specs(partial, param_shardings(partial, mesh, "fsdp", min_size=1))
+    assert specs == {"head.towers.w": P(None, "data", None), "head.proj": P("data", None, None)}
+    # Placed: every device holds all 64 layers of its slice.
+    arrays = _plugin(_DeclaredHead, lambda shape: jnp.ones(shape, jnp.float32))
+    placed = put_sharded(arrays, mesh, "fsdp", min_size=1)
+    shards = placed["head"].towers.w.addressable_shards
+    assert len(shards) == 8 and {shard.data.shape for shard in shards} == {(64, 2, 12)}
 
 
 def test_no_divisible_dimension_replicates_and_one_device_axis_replicates():

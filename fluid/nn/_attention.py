@@ -9,9 +9,8 @@ from jaxtyping import Array, Bool, Float, Int
 from .._types import Key
 from ._init import dense, linear
 
-# From how many queries `dot_product_attention` moves the heads in front of the sequence.
-# `benchmarks/remat.py --policies strided-attention` raises it while tracing, to time the
-# strided form against it.
+# The default of `heads_first_min_queries`: from how many queries `dot_product_attention`
+# moves the heads in front of the sequence (see there).
 HEADS_FIRST_MIN_QUERIES = 2
 
 
@@ -41,11 +40,18 @@ def dot_product_attention(
     k: Float[Array, "k heads head_dim"],
     v: Float[Array, "k heads head_dim"],
     mask: Bool[Array, "q k"] | None = None,
+    *,
+    heads_first_min_queries: int = HEADS_FIRST_MIN_QUERIES,
 ) -> Float[Array, "q heads head_dim"]:
     """Scaled dot-product attention with a boolean mask (True = may attend).
 
     The softmax runs in float32 whatever the input dtype, so low-precision compute keeps
     well-normalised weights. A fully masked row attends uniformly rather than giving NaN.
+
+    `heads_first_min_queries` (static) chooses how the products are laid out, never their
+    values: from that many queries on, the heads move in front of the sequence first (see
+    below); a larger value keeps the strided `qhd,khd->hqk` form for more queries, which
+    `benchmarks/remat.py --policies strided-attention` times.
     """
     # The scale on the queries, as timm does: fewer multiplications than on the logits.
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -56,7 +62,7 @@ def dot_product_attention(
     # takes 0.93x the time (`benchmarks/remat.py --policies strided-attention default`).
     # One query (cached decoding) skips them: they would copy the whole key/value cache at
     # every step.
-    heads_first = q.shape[-3] >= HEADS_FIRST_MIN_QUERIES
+    heads_first = q.shape[-3] >= heads_first_min_queries
     if heads_first:
         q, k, v = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))
         logits = jnp.einsum("hqd,hkd->hqk", q, k)
@@ -85,20 +91,31 @@ class SelfAttention(eqx.Module):
 
     - `dim`: width; must be divisible by `num_heads`.
     - `num_heads`: number of attention heads.
+    - `heads_first_min_queries`: as `dot_product_attention`'s (the layout of the products,
+      not their values).
     - `key`: initialisation key.
     """
 
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
+    heads_first_min_queries: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_heads: int, *, key: Key):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        heads_first_min_queries: int = HEADS_FIRST_MIN_QUERIES,
+        *,
+        key: Key,
+    ):
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}.")
         k_qkv, k_proj = jr.split(key)
         self.qkv = linear(dim, 3 * dim, key=k_qkv)
         self.proj = linear(dim, dim, key=k_proj)
         self.num_heads = num_heads
+        self.heads_first_min_queries = heads_first_min_queries
 
     def _split(self, qkv: Array) -> tuple[Array, Array, Array]:
         # (..., 3, heads, head_dim) order, as timm reshapes its fused projection.
@@ -120,7 +137,9 @@ class SelfAttention(eqx.Module):
         if rows is not None:
             q = q[rows]
             mask = None if mask is None else mask[rows]
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(
+            q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries
+        )
         return dense(self.proj, out.reshape(q.shape[0], x.shape[-1]))
 
     def decode(
@@ -147,5 +166,8 @@ class SelfAttention(eqx.Module):
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
         visible = jnp.arange(k_cache.shape[0]) <= t
-        out = dot_product_attention(q[None], k_cache, v_cache, visible[None])
+        out = dot_product_attention(
+            q[None], k_cache, v_cache, visible[None],
+            heads_first_min_queries=self.heads_first_min_queries,
+        )
         return dense(self.proj, out.reshape(x.shape)), k_cache, v_cache

@@ -6,7 +6,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float
 
 from .._types import Key
-from ._attention import dot_product_attention
+from ._attention import HEADS_FIRST_MIN_QUERIES, dot_product_attention
 from ._init import dense, linear
 
 
@@ -22,6 +22,8 @@ class CrossAttention(eqx.Module):
     - `dim`: width of the queries and of the output; divisible by `num_heads`.
     - `context_dim`: width of the context.
     - `num_heads`: number of attention heads.
+    - `heads_first_min_queries`: as `dot_product_attention`'s (the layout of the products,
+      not their values).
     - `key`: initialisation key.
     """
 
@@ -29,8 +31,17 @@ class CrossAttention(eqx.Module):
     kv: eqx.nn.Linear
     proj: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
+    heads_first_min_queries: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, *, key: Key):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_heads: int,
+        heads_first_min_queries: int = HEADS_FIRST_MIN_QUERIES,
+        *,
+        key: Key,
+    ):
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}.")
         k_q, k_kv, k_proj = jr.split(key, 3)
@@ -38,6 +49,7 @@ class CrossAttention(eqx.Module):
         self.kv = linear(context_dim, 2 * dim, key=k_kv)
         self.proj = linear(dim, dim, key=k_proj)
         self.num_heads = num_heads
+        self.heads_first_min_queries = heads_first_min_queries
 
     def project_context(
         self, context: Float[Array, "ctx context_dim"]
@@ -56,7 +68,9 @@ class CrossAttention(eqx.Module):
         """Attend `x` to precomputed context keys and values, skipping padding."""
         q = dense(self.q, x).reshape(x.shape[0], self.num_heads, -1)
         mask = jnp.broadcast_to(context_mask[None, :], (x.shape[0], k.shape[0]))
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(
+            q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries
+        )
         return dense(self.proj, out.reshape(x.shape))
 
     def __call__(

@@ -2,7 +2,9 @@
 
 import contextlib
 import contextvars
+import typing
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -27,40 +29,86 @@ def linear(in_features: int, out_features: int, *, key: Key) -> eqx.nn.Linear:
     )
 
 
-_ROWS_FIRST = contextvars.ContextVar("fluid_dense_rows_first", default=True)
+@typing.final
+class PerVectorLinear(eqx.Module):
+    """A linear layer that `dense` applies per vector, `weight @ x` (as `eqx.nn.Linear`
+    computes it), instead of `x @ weight.T`; made by `per_vector`.
+
+    **Arguments:**
+
+    - `linear`: the layer; its `weight` and `bias` are this one's.
+    """
+
+    linear: eqx.nn.Linear
+
+    @property
+    def weight(self) -> Float[Array, "out in"]:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> Float[Array, " out"] | None:
+        return self.linear.bias
+
+    def __call__(self, x: Float[Array, " in"]) -> Float[Array, " out"]:
+        return self.linear(x)
+
+
+def _is_linear(x) -> bool:
+    return isinstance(x, eqx.nn.Linear)
+
+
+def _is_linear_or_wrapped(x) -> bool:  # a tree already wrapped is left as it is
+    return isinstance(x, eqx.nn.Linear | PerVectorLinear)
+
+
+def per_vector(tree: Any) -> Any:
+    """`tree` with every `eqx.nn.Linear` in it wrapped in a `PerVectorLinear`: the same
+    values, with the products that `dense` computes per vector.
+
+    For loops that apply the same layers to a few rows many times, such as cached decoding
+    (`TransformerStack.decode`) and the causal sampler: there `x @ weight.T` has XLA:CPU
+    copy each weight transposed on every iteration (`mar256` raster sampling, 4 images:
+    20.3 s against 12.0 s). Apply it to the modules, inside the traced function, where the
+    loop is written; the stored model keeps its `eqx.nn.Linear`s.
+    """
+    return jax.tree.map(lambda x: PerVectorLinear(x) if _is_linear(x) else x, tree,
+                        is_leaf=_is_linear_or_wrapped)
+
+
+# Set only by `vector_products()`, for a caller not yet written with `per_vector`.
+_PER_VECTOR = contextvars.ContextVar("fluid_dense_per_vector", default=False)
 
 
 @contextlib.contextmanager
 def vector_products():
-    """While tracing inside this context, `dense` calls linear layers as `eqx.nn.Linear`
-    does, `W @ x` per vector.
+    """While tracing inside this context, `dense` calls every linear layer per vector, as
+    `per_vector` makes it call those of a tree.
 
-    For loops that apply the same layers to a few rows many times, such as cached raster
-    decoding: there `x @ W.T` has XLA:CPU copy each weight transposed on every iteration
-    (`mar256` raster sampling, 4 images: 20.3 s against 12.0 s).
+    Kept for `fluid.model`'s causal sampler; write `per_vector(module)` where the loop is
+    instead, which says which layers it concerns and leaves no state behind.
     """
-    token = _ROWS_FIRST.set(False)
+    token = _PER_VECTOR.set(True)
     try:
         yield
     finally:
-        _ROWS_FIRST.reset(token)
+        _PER_VECTOR.reset(token)
 
 
 def dense(
     layer: eqx.nn.Linear | Callable[[Array], Array], x: Float[Array, "... in"]
 ) -> Float[Array, "... out"]:
     """`layer` applied along the last axis of `x`: for an `eqx.nn.Linear`, as
-    `x @ weight.T + bias`; any other module that stands in for one (a wrapper, an adapter)
-    is called on each vector.
+    `x @ weight.T + bias`; any other module that stands in for one (a wrapper, an adapter,
+    a `PerVectorLinear`) is called on each vector.
 
     Equal to `layer(x)` (or `jax.vmap(layer)(x)`), but the product keeps the rows of `x`
     leading: `eqx.nn.Linear` computes `weight @ x`, and under `vmap` XLA:CPU then lays out
     the product as `[out, rows...]` and transposes it inside the elementwise fusions that
     read it, at a stride. Calling every linear layer of the train step this way makes the
-    `mar512` step about 0.82x the time (`benchmarks/README.md`). Inside
-    `vector_products()` it calls `layer` per vector instead.
+    `mar512` step about 0.82x the time (`benchmarks/README.md`). Where per-vector products
+    are faster (a decoding loop), `per_vector` wraps the layers.
     """
-    if not (isinstance(layer, eqx.nn.Linear) and _ROWS_FIRST.get()):
+    if not isinstance(layer, eqx.nn.Linear) or _PER_VECTOR.get():
         for _ in range(x.ndim - 1):
             layer = jax.vmap(layer)
         return layer(x)

@@ -8,8 +8,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._types import Key
 from ._cache import KVCache
-from ._init import vector_products
-from ._scan import scan_layers
+from ._init import per_vector
+from ._scan import DEFAULT_REMAT_POLICY, RematPolicy, scan_layers
+from ._stacked import stacked_field
 from ._transformer import TransformerBlock
 
 
@@ -25,23 +26,28 @@ def _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key):
 
 @typing.final
 class TransformerStack(eqx.Module):
-    """`depth` transformer blocks stored stacked and run with `jax.lax.scan` (rematerialised
-    in the backward pass as `fluid.nn.scan_layers` says).
+    """`depth` transformer blocks stored stacked and run with `jax.lax.scan`
+    (`fluid.nn.scan_layers`, rematerialised in the backward pass by `remat`).
 
     Every array leaf of `layers` has a leading `depth` axis (the blocks are built by
-    `eqx.filter_vmap` over keys), so the stack compiles one block, not `depth` of them.
+    `eqx.filter_vmap` over keys), so the stack compiles one block, not `depth` of them;
+    the field is a `fluid.nn.stacked_field`, so sharding never splits that axis.
 
     **Arguments:**
 
     - `depth`: number of blocks (may be 0: the stack is then the identity).
     - `dim`, `num_heads`, `mlp_ratio`, `cross_attention`: as `TransformerBlock`.
+    - `remat`: what the backward pass keeps from each block (`scan_layers`' `remat`);
+      `DEFAULT_REMAT_POLICY` by default, `None` for a plain scan. It changes memory and
+      speed, never values or gradients.
     - `key`: initialisation key.
     """
 
-    layers: TransformerBlock
+    layers: TransformerBlock = stacked_field()
     depth: int = eqx.field(static=True)
     dim: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
+    remat: RematPolicy = eqx.field(static=True)
 
     def __init__(
         self,
@@ -50,6 +56,7 @@ class TransformerStack(eqx.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         cross_attention: bool = False,
+        remat: RematPolicy = DEFAULT_REMAT_POLICY,
         *,
         key: Key,
     ):
@@ -57,6 +64,7 @@ class TransformerStack(eqx.Module):
         self.depth = depth
         self.dim = dim
         self.num_heads = num_heads
+        self.remat = remat
 
     @property
     def cross_attention(self) -> bool:
@@ -82,10 +90,10 @@ class TransformerStack(eqx.Module):
             return eqx.combine(p, static)(h, mask, context, context_mask)
 
         if rows is None:
-            return scan_layers(layer, x, params)
+            return scan_layers(layer, x, params, remat=self.remat)
         if self.depth == 0:
             return x[rows]
-        x = scan_layers(layer, x, jax.tree.map(lambda a: a[:-1], params))
+        x = scan_layers(layer, x, jax.tree.map(lambda a: a[:-1], params), remat=self.remat)
         last = eqx.combine(jax.tree.map(lambda a: a[-1], params), static)
         return last(x, mask, context, context_mask, rows)
 
@@ -115,7 +123,8 @@ class TransformerStack(eqx.Module):
 
         The output at `t` and `cache` with position `t` written in every block.
         """
-        params, static = eqx.partition(self.layers, eqx.is_array)
+        # One position per block and step: products per vector (see `per_vector`).
+        params, static = eqx.partition(per_vector(self.layers), eqx.is_array)
 
         def body(h, xs):
             p, k, v, ck, cv = xs
@@ -123,6 +132,5 @@ class TransformerStack(eqx.Module):
             return h, (k, v)
 
         xs = (params, cache.k, cache.v, cache.context_k, cache.context_v)
-        with vector_products():  # one position: products per vector (see `vector_products`)
-            x, (k, v) = jax.lax.scan(body, x, xs)
+        x, (k, v) = jax.lax.scan(body, x, xs)
         return x, KVCache(k=k, v=v, context_k=cache.context_k, context_v=cache.context_v)

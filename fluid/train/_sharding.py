@@ -12,23 +12,31 @@ Tactics (see `TACTICS`):
   state live 1/N per data-parallel device and are all-gathered where used). The dimension is
   the largest one divisible by the size of `"data"`, the leading-most on ties; if none
   divides, the array is replicated. The `"model"` axis is left to model parallelism, so
-  with a `"model"` axis larger than 1 these arrays are replicated across it.
-- `"fsdp_stacked"`: `"fsdp"` that never splits the leading axis, for the stacked blocks that
-  `jax.lax.scan` runs (`TransformerStack.layers`, the diffusion head's `block_*`). Splitting
-  the depth axis looks harmless (each scan step needs one layer anyway), but XLA's
-  partitioner does not slice a sharded axis at a loop index: the compiled step all-gathers
-  the whole `[depth, ...]` stack before the loop, in the forward and again in the backward
-  pass, so every device holds every layer at once and FSDP saves nothing. Split inside a
-  layer, the all-gather is of one layer, at each step, inside the loop. If no other
-  dimension divides, the stack is replicated.
+  with a `"model"` axis larger than 1 these arrays are replicated across it. A stacked leaf
+  (below) never has its leading axis split.
+- `"fsdp_stacked"`: `"fsdp"` that never splits the leading axis, whether or not the leaf is
+  declared stacked.
 
-`RULES["fsdp"]` replicates the image tokenizer, splits stacked blocks with `"fsdp_stacked"`
-and everything else with `"fsdp"`.
+Stacked leaves are the layers a `jax.lax.scan` runs over, stored along a leading depth axis:
+every leaf under a field declared with `fluid.nn.stacked_field` (`TransformerStack.layers`,
+the diffusion head's `block_*`, a plug-in's own), found in the tree itself
+(`fluid.nn.stacked_paths`), whatever the field is called. Splitting the depth axis looks
+harmless (each scan step needs one layer anyway), but XLA's partitioner does not slice a
+sharded axis at a loop index: the compiled step all-gathers the whole `[depth, ...]` stack
+before the loop, in the forward and again in the backward pass, so every device holds every
+layer at once and FSDP saves nothing. Split inside a layer, the all-gather is of one layer,
+at each step, inside the loop. If no other dimension divides, the stack is replicated.
+
+`RULES["fsdp"]` replicates the image tokenizer and splits everything else with `"fsdp"`.
+It also gives `"fsdp_stacked"` to paths that look like stacks by name (a `layers.` not
+followed by an index, a `head.block_*`), for trees that carry no declaration: plain dicts,
+and modules not yet declaring their stacks (the T5 encoder's `layers`).
 
 Optimiser state and EMA mirror the parameters (optax's Adam `mu` and `nu` have the params'
 structure), and their paths end with the parameter's path (`opt_state.1.0.mu.backbone...`).
 Since rules are matched with `re.search`, rules written for parameters place them too; write
-rules without a `^` anchor (use `(^|\\.)` for "starts a path component").
+rules without a `^` anchor (use `(^|\\.)` for "starts a path component"). The moments are
+trees of the same modules, so their stacked leaves are found as the parameters' are.
 """
 
 import re
@@ -42,6 +50,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ..nn import stacked_paths
 from ._rules import first_match, named_leaves, path_name
 
 AXES = ("data", "model")
@@ -52,9 +61,9 @@ DEFAULT_MIN_SIZE = 2**14
 
 Rules = Sequence[tuple[str, str]]
 
-# The leading (depth) axis of stacked, scanned blocks; see `"fsdp_stacked"` above.
+# Stacks recognised by name, in trees that do not declare them (see the module docstring).
 # (`layers.0.weight` is a Python list of layers, not a stack.)
-_STACKED = r"(^|\.)layers\.(?!\d)|(^|\.)head\.block_[a-z0-9_]+\."
+_NAMED_STACKS = r"(^|\.)layers\.(?!\d)|(^|\.)head\.block_[a-z0-9_]+\."
 
 RULES: Mapping[str, Rules] = MappingProxyType(
     {
@@ -66,7 +75,7 @@ RULES: Mapping[str, Rules] = MappingProxyType(
             # comes out bit for bit as an unsharded build: a sharded output makes XLA split
             # the fit too, which reorders its sums and moves near-tied codewords.
             (r"(^|\.)tokenizer\.", "replicate"),
-            (_STACKED, "fsdp_stacked"),
+            (_NAMED_STACKS, "fsdp_stacked"),
             (r".*", "fsdp"),
         ),
     }
@@ -86,22 +95,27 @@ def _fsdp_spec(shape: tuple[int, ...], size: int, min_size: int, skip_leading: b
     return PartitionSpec()
 
 
-def _replicate(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> PartitionSpec:
-    del shape, mesh, min_size
+def _replicate(shape: tuple[int, ...], mesh: Mesh, min_size: int, stacked: bool):
+    del shape, mesh, min_size, stacked
     return PartitionSpec()
 
 
-def _fsdp(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> PartitionSpec:
-    return _fsdp_spec(shape, mesh.shape[DATA_AXIS], min_size, skip_leading=False)
+def _fsdp(shape: tuple[int, ...], mesh: Mesh, min_size: int, stacked: bool) -> PartitionSpec:
+    return _fsdp_spec(shape, mesh.shape[DATA_AXIS], min_size, skip_leading=stacked)
 
 
-def _fsdp_stacked(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> PartitionSpec:
+def _fsdp_stacked(
+    shape: tuple[int, ...], mesh: Mesh, min_size: int, stacked: bool
+) -> PartitionSpec:
+    del stacked
     return _fsdp_spec(shape, mesh.shape[DATA_AXIS], min_size, skip_leading=True)
 
 
-TACTICS: Mapping[str, Callable[[tuple[int, ...], Mesh, int], PartitionSpec]] = MappingProxyType(
-    {"replicate": _replicate, "fsdp": _fsdp, "fsdp_stacked": _fsdp_stacked}
-)
+# A tactic: `(shape, mesh, min_size, stacked) -> PartitionSpec`, `stacked` saying whether
+# the leaf is declared stacked (its leading axis a depth).
+TACTICS: Mapping[
+    str, Callable[[tuple[int, ...], Mesh, int, bool], PartitionSpec]
+] = MappingProxyType({"replicate": _replicate, "fsdp": _fsdp, "fsdp_stacked": _fsdp_stacked})
 
 
 def make_mesh(
@@ -191,7 +205,9 @@ def param_shardings(
     - `mesh`: from `make_mesh`.
     - `rules`: a rule-set name from `RULES` or a sequence of `(regex, tactic)` pairs, the
       regex `re.search`ed against the dotted path and the tactic a name from `TACTICS`. A
-      leaf that no rule matches is replicated.
+      leaf that no rule matches is replicated. The tactics also see whether the leaf is
+      declared stacked (`fluid.nn.stacked_field`): the fsdp ones never split a stacked
+      leaf's leading axis.
     - `min_size`: arrays with fewer elements are replicated by the fsdp tactics.
 
     **Returns:**
@@ -200,12 +216,14 @@ def param_shardings(
     leaf (`None` leaves of `tree` stay `None`).
     """
     rules = _resolve(rules)
+    stacked = stacked_paths(tree)
 
     def one(path, leaf):
         if not _is_shaped(leaf):
             return None
         tactic = first_match(path_name(path), rules, "replicate")
-        return NamedSharding(mesh, TACTICS[tactic](tuple(leaf.shape), mesh, min_size))
+        spec = TACTICS[tactic](tuple(leaf.shape), mesh, min_size, tuple(path) in stacked)
+        return NamedSharding(mesh, spec)
 
     return jtu.tree_map_with_path(one, tree)
 
