@@ -1,6 +1,5 @@
 """`FluidModel`: one tokenizer, text encoder, backbone, head and order, composed and batched."""
 
-import contextlib
 import itertools
 import typing
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import HEADS, AbstractOutputHead
-from .nn import dense, vector_products
+from .nn import dense, per_vector
 from .orders import ORDERS, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
@@ -317,16 +316,17 @@ class FluidModel(eqx.Module):
             return jnp.asarray(cfg, jnp.float32)
         return 1.0 + (cfg - 1.0) * produced.astype(jnp.float32) / self.seq_len
 
-    def _sample_head(self, z, guided, cfg_value, temperature, key):
+    @staticmethod
+    def _sample_head(head, z, guided, cfg_value, temperature, key):
         """Sample tokens at the `k` positions given by `z`: `[1 or 2, k, dim]`."""
         keys = jr.split(key, z.shape[1])
         with jax.named_scope("head"):
             if guided:
                 return jax.vmap(
-                    lambda c, u, k: self.head.sample(c, u, cfg_value, temperature, key=k)
+                    lambda c, u, k: head.sample(c, u, cfg_value, temperature, key=k)
                 )(z[0], z[1], keys)
             return jax.vmap(
-                lambda c, k: self.head.sample(c, None, 1.0, temperature, key=k)
+                lambda c, k: head.sample(c, None, 1.0, temperature, key=k)
             )(z[0], keys)
 
     def _empty_tokens(self):
@@ -347,33 +347,34 @@ class FluidModel(eqx.Module):
         perm = self.order.permutation(n, key=k_perm)
         ctx, ctx_mask = self._contexts(ids, mask, guided)
         counts = self.order.step_counts(n, steps)
-        embed = self.token_embedding.embed_one
         with jax.named_scope("backbone"):
             state = self.backbone.init_decode(ctx, ctx_mask)
+        head, token_embedding, backbone = self.head, self.token_embedding, self.backbone
+        if isinstance(backbone, AbstractCausalBackbone):
+            # A cached decoder runs each step on one vector: products per vector, in the
+            # loop's every layer (`fluid.nn.per_vector`).
+            head, token_embedding, backbone = per_vector((head, token_embedding, backbone))
+        embed = token_embedding.embed_one
         tokens = self._empty_tokens()
         start = 0
-        # A cached decoder runs each step on one vector: products per vector (see
-        # `vector_products`), here and in the head.
-        per_vector = isinstance(self.backbone, AbstractCausalBackbone)
-        with vector_products() if per_vector else contextlib.nullcontext():
-            # Steps that produce the same number of tokens share one scan: shapes stay
-            # static and the head runs on exactly the positions produced at each step.
-            for k, run in itertools.groupby(counts):
-                length = len(list(run))
+        # Steps that produce the same number of tokens share one scan: shapes stay static
+        # and the head runs on exactly the positions produced at each step.
+        for k, run in itertools.groupby(counts):
+            length = len(list(run))
 
-                def body(carry, i, k=k, start=start):
-                    tokens, state, key = carry
-                    key, sub = jr.split(key)
-                    first = start + i * k
-                    idx = jax.lax.dynamic_slice(perm, (first,), (k,))
-                    with jax.named_scope("backbone"):
-                        z, state = self.backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
-                    cfg_value = self._cfg_at(cfg, schedule, first + k)
-                    new = self._sample_head(z, guided, cfg_value, temperature, sub)
-                    return (tokens.at[idx].set(new), state, key), None
+            def body(carry, i, k=k, start=start):
+                tokens, state, key = carry
+                key, sub = jr.split(key)
+                first = start + i * k
+                idx = jax.lax.dynamic_slice(perm, (first,), (k,))
+                with jax.named_scope("backbone"):
+                    z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
+                cfg_value = self._cfg_at(cfg, schedule, first + k)
+                new = self._sample_head(head, z, guided, cfg_value, temperature, sub)
+                return (tokens.at[idx].set(new), state, key), None
 
-                (tokens, state, key), _ = jax.lax.scan(
-                    body, (tokens, state, key), jnp.arange(length, dtype=jnp.int32)
-                )
-                start += k * length
+            (tokens, state, key), _ = jax.lax.scan(
+                body, (tokens, state, key), jnp.arange(length, dtype=jnp.int32)
+            )
+            start += k * length
         return tokens

@@ -51,16 +51,6 @@ def test_import_fluid_loads_no_jax():
 
 
 # -- private modules and names stay inside their package ----------------------------------
-# Entries in files outside this change, to be emptied as their owners fix them (the text
-# encoders' need `fluid.nn` to export `embedding`, `layer_norm` and `linear`).
-KNOWN = {
-    ("fluid/backbones/_bidirectional.py", "fluid.nn._init"),
-    ("fluid/backbones/_causal.py", "fluid.nn._init"),
-    ("fluid/text/_aligner.py", "fluid.nn._init"),
-    ("fluid/text/_learned.py", "fluid.nn._init"),
-}
-
-
 def _private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
 
@@ -170,9 +160,7 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_no_module_imports_another_packages_private_names():
-    found = private_imports(ROOT)
-    assert not found - KNOWN, "imports of another package's private modules or names"
-    assert not KNOWN - found, "fixed: remove these entries from KNOWN"
+    assert private_imports(ROOT) == set(), "imports of another package's private names"
 
 
 def test_the_check_tells_internals_from_reaching_in(tmp_path):

@@ -182,8 +182,7 @@ def test_a_checkpoint_loads_without_its_optimiser(trained):
 
 
 def test_checkpoint_names_are_the_rules_names(trained):
-    # Two definitions until `fluid.train._rules` takes `path_name` from `fluid.run`: the names
-    # a checkpoint stores and the names the trainer's rules match must stay the same.
+    # The names a checkpoint stores are the names the trainer's rules match.
     from fluid.run import named_leaves
     from fluid.train import _rules
 

@@ -7,8 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int
 
 from .._types import BIDIRECTIONAL, Context, Key, TextMask
-from ..nn import TransformerStack
-from ..nn._init import embedding, layer_norm
+from ..nn import TransformerStack, embedding, layer_norm
 from ._abstract import AbstractBidirectionalBackbone
 
 

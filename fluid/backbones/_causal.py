@@ -7,8 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int
 
 from .._types import CAUSAL, Context, Key, TextMask
-from ..nn import KVCache, TransformerStack, attention_mask
-from ..nn._init import embedding, layer_norm
+from ..nn import KVCache, TransformerStack, attention_mask, embedding, layer_norm
 from ._abstract import AbstractCausalBackbone
 
 

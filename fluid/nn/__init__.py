@@ -8,8 +8,10 @@ from ._cache import KVCache as KVCache
 from ._cross_attention import CrossAttention as CrossAttention
 from ._init import PerVectorLinear as PerVectorLinear
 from ._init import dense as dense
+from ._init import embedding as embedding
+from ._init import layer_norm as layer_norm
+from ._init import linear as linear
 from ._init import per_vector as per_vector
-from ._init import vector_products as vector_products
 from ._mlp import Mlp as Mlp
 from ._scan import DEFAULT_REMAT_POLICY as DEFAULT_REMAT_POLICY
 from ._scan import RematPolicy as RematPolicy

@@ -1,7 +1,5 @@
 """Initialisers shared by the transformer layers (MAR/ViT's choices), and `dense`."""
 
-import contextlib
-import contextvars
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -75,25 +73,6 @@ def per_vector(tree: Any) -> Any:
                         is_leaf=_is_linear_or_wrapped)
 
 
-# Set only by `vector_products()`, for a caller not yet written with `per_vector`.
-_PER_VECTOR = contextvars.ContextVar("fluid_dense_per_vector", default=False)
-
-
-@contextlib.contextmanager
-def vector_products():
-    """While tracing inside this context, `dense` calls every linear layer per vector, as
-    `per_vector` makes it call those of a tree.
-
-    Kept for `fluid.model`'s causal sampler; write `per_vector(module)` where the loop is
-    instead, which says which layers it concerns and leaves no state behind.
-    """
-    token = _PER_VECTOR.set(True)
-    try:
-        yield
-    finally:
-        _PER_VECTOR.reset(token)
-
-
 def dense(
     layer: eqx.nn.Linear | Callable[[Array], Array], x: Float[Array, "... in"]
 ) -> Float[Array, "... out"]:
@@ -108,7 +87,7 @@ def dense(
     `mar512` step about 0.82x the time (`benchmarks/README.md`). Where per-vector products
     are faster (a decoding loop), `per_vector` wraps the layers.
     """
-    if not isinstance(layer, eqx.nn.Linear) or _PER_VECTOR.get():
+    if not isinstance(layer, eqx.nn.Linear):
         for _ in range(x.ndim - 1):
             layer = jax.vmap(layer)
         return layer(x)

@@ -4,7 +4,7 @@ from .._registry import Registry
 from ._abstract import AbstractTextEncoder as AbstractTextEncoder
 from ._caption_tokenizer import CAPTION_TOKENIZERS as CAPTION_TOKENIZERS
 from ._caption_tokenizer import AbstractCaptionTokenizer as AbstractCaptionTokenizer
-from ._caption_tokenizer import record_path as caption_tokenizer_record
+from ._caption_tokenizer import caption_tokenizer_record as caption_tokenizer_record
 
 TEXT_ENCODERS: Registry = Registry("text encoder", AbstractTextEncoder, "fluid.text_encoders")
 

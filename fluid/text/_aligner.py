@@ -7,8 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float
 
 from .._types import Key
-from ..nn import TransformerStack, attention_mask
-from ..nn._init import dense, layer_norm, linear
+from ..nn import TransformerStack, attention_mask, dense, layer_norm, linear
 
 
 @typing.final

@@ -64,7 +64,7 @@ class AbstractCaptionTokenizer(abc.ABC):
         """Write `to_bytes()` to `path` and, beside it, `<stem>.json` naming the class by its
         name in `CAPTION_TOKENIZERS`, from which `load_caption_tokenizer` reads it back."""
         path = Path(path)
-        record = record_path(path)
+        record = caption_tokenizer_record(path)
         name = CAPTION_TOKENIZERS.name_of(type(self))
         path.write_bytes(self.to_bytes())
         record.write_text(json.dumps({"caption_tokenizer": name}) + "\n")
@@ -80,7 +80,7 @@ CAPTION_TOKENIZERS: Registry = Registry(
 )
 
 
-def record_path(path: str | os.PathLike) -> Path:
+def caption_tokenizer_record(path: str | os.PathLike) -> Path:
     """Where `save` records the class of the tokenizer it writes to `path`."""
     path = Path(path)
     if path.suffix == ".json":

@@ -9,8 +9,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from .._types import Key, TextIds, TextMask
-from ..nn import TransformerStack, attention_mask
-from ..nn._init import embedding, layer_norm
+from ..nn import TransformerStack, attention_mask, embedding, layer_norm
 from ._abstract import AbstractTextEncoder
 from ._caption_tokenizer import AbstractCaptionTokenizer
 

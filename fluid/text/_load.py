@@ -5,7 +5,11 @@ import os
 
 import sentencepiece as spm
 
-from ._caption_tokenizer import CAPTION_TOKENIZERS, AbstractCaptionTokenizer, record_path
+from ._caption_tokenizer import (
+    CAPTION_TOKENIZERS,
+    AbstractCaptionTokenizer,
+    caption_tokenizer_record,
+)
 from ._sentencepiece import TextTokenizer
 from ._t5_tokenizer import T5CaptionTokenizer
 
@@ -18,7 +22,7 @@ def load_caption_tokenizer(path: str | os.PathLike) -> AbstractCaptionTokenizer:
     model read by its special ids: `TextTokenizer` for fluid's own (BOS id 1),
     `T5CaptionTokenizer` for a T5 `spiece.model` (no BOS, EOS id 1).
     """
-    record = record_path(path)
+    record = caption_tokenizer_record(path)
     if record.exists():
         name = json.loads(record.read_text())["caption_tokenizer"]
         return CAPTION_TOKENIZERS.get(name).load(path)

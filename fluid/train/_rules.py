@@ -1,7 +1,7 @@
 """Parameter path names and regex rules over them (first match wins).
 
-The same names drive the trainable mask, the weight-decay mask and, later, sharding and
-checkpoint keys: `backbone.blocks.attn.qkv.weight`.
+The same names drive the trainable mask, the weight-decay mask, sharding and checkpoint
+keys: `backbone.blocks.attn.qkv.weight` (`fluid.run.path_name`, one definition).
 """
 
 import re
@@ -10,26 +10,8 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-
-def path_name(path: Sequence[Any]) -> str:
-    """A dotted name for a key path from `jax.tree_util.tree_flatten_with_path`."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jtu.GetAttrKey):
-            parts.append(entry.name)
-        elif isinstance(entry, jtu.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jtu.SequenceKey):
-            parts.append(str(entry.idx))
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
-
-
-def named_leaves(tree: Any, is_leaf: Callable | None = None) -> list[tuple[str, Any]]:
-    """`(name, leaf)` for every leaf of `tree`."""
-    flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(path_name(p), leaf) for p, leaf in flat]
+from ..run import named_leaves as named_leaves
+from ..run import path_name as path_name
 
 
 def map_with_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:
