@@ -58,7 +58,7 @@ def test_guided_path_at_scale_one_equals_conditional(trained, variant):
     model = trainer.model()
     ids, mask = trainer.text_tokenizer.encode(["a green triangle", "a red square"], 16)
     key = jr.key(7)
-    one = model._generate_causal if variant.endswith("raster") else model._generate_masked
+    one = model._generate_one  # one example, the guided path forced on or off
 
     def run(guided):
         return jax.vmap(
