@@ -262,3 +262,21 @@ def test_mar_reference_builds_mar_at_the_issues_sizes(name, width, blocks, heads
         "decoder_num_heads": heads, "diffloss_d": 3, "diffloss_w": width,
         "num_sampling_steps": "100", "diffusion_batch_mul": 4,
     }
+
+
+def test_ab_imports_a_revision_beside_fluid_and_tells_what_differs(tmp_path):
+    # `benchmarks/ab.py`: the other version is a second, independent package in this process.
+    import ab
+
+    import fluid
+
+    before = ab.import_revision("HEAD", tmp_path)
+    assert before.__name__ == "fluid_before" and before is not fluid
+    model_module = __import__("fluid_before.model", fromlist=["FluidModel"])
+    assert model_module.FluidModel is not fluid.model.FluidModel
+    assert model_module.FluidModel.__name__ == "FluidModel"
+    a = {"w": np.zeros(3), "b": np.ones(2), "gone": np.zeros(1)}
+    b = {"w": np.zeros(3), "b": np.array([1.0, 2.0]), "new": np.zeros(1)}
+    assert ab.differences(a, b) == ["['gone'] only before", "['new'] only after",
+                                    "['b'] differs"]
+    assert ab.differences(a, a) == []
