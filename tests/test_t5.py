@@ -391,3 +391,15 @@ def test_loads_the_encoder_of_a_conditional_generation_checkpoint(tmp_path):
         jnp.where(mask[..., None], ours, 0.0), np.where(mask[..., None], ref, 0.0),
         atol=1e-5, rtol=1e-5,
     )
+
+
+def test_the_encoders_scanned_layers_declare_themselves_stacked():
+    # The sharding rules find stacks by the `fluid.nn.stacked_field` marker: every leaf
+    # of the scanned `layers`, and nothing else.
+    from fluid.nn import stacked_paths
+
+    enc = T5TextEncoder(vocab_size=50, max_len=8, key=jr.key(0))
+    leaves = jax.tree_util.tree_flatten_with_path(enc)[0]
+    under_layers = {path for path, leaf in leaves if path[0] == jax.tree_util.GetAttrKey("layers")
+                    and eqx.is_array(leaf)}
+    assert under_layers and set(stacked_paths(enc)) == under_layers

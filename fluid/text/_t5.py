@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._types import Key, TextIds, TextMask
 from .._weights import StateDict, WeightError, read_config, read_folder_weights
+from ..nn import stacked_field
 from ._abstract import AbstractTextEncoder
 from ._caption_tokenizer import AbstractCaptionTokenizer
 from ._t5_tokenizer import T5CaptionTokenizer
@@ -231,7 +232,7 @@ class T5TextEncoder(AbstractTextEncoder):
 
     embed: Float[Array, "vocab d_model"]
     relative_bias: Float[Array, "buckets heads"]
-    layers: _T5Layer
+    layers: _T5Layer = stacked_field()
     final_norm: Float[Array, " d_model"]
     vocab_size: int = eqx.field(static=True)
     dim: int = eqx.field(static=True)
