@@ -285,8 +285,8 @@ class Slot:
 
     def check(self, spec: ComponentSpec) -> None:
         """Raise if `spec.name` is unknown (`UnknownComponentError`), if it gives a derived
-        argument (`ConfigTypeError`) or if its kwargs do not fit the class (`TypeError`,
-        naming the valid ones)."""
+        argument or if its kwargs do not fit the class (`ConfigTypeError`, naming the valid
+        ones)."""
         cls = self.registry.get(spec.name)
         clash = sorted(self.derived & set(spec.kwargs))
         if clash:

@@ -121,7 +121,7 @@ def private_imports(root: Path) -> set[tuple[str, str]]:
 # -- layers (docs/architecture.md): a module imports its own layer and those below ---------
 LAYERS = {
     "foundation": ["fluid._types", "fluid._errors", "fluid._registry", "fluid.config",
-                   "fluid._overrides", "fluid._weights"],
+                   "fluid._overrides", "fluid._weights", "fluid._paths"],
     "nn": ["fluid.nn"],
     "components": ["fluid.tokenizers", "fluid.heads", "fluid.orders", "fluid.backbones",
                    "fluid.text", "fluid.data"],
@@ -199,4 +199,36 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     assert upward_imports(tmp_path / "fluid") == {
         ("fluid/model.py", "fluid.train"),
         ("fluid/train/__init__.py", "fluid.cli"),
+    }
+
+
+# -- components are told apart by what they declare, never by the name they are registered as
+def name_checks(root: Path) -> set[tuple[str, str]]:
+    """`(file, comparison)` wherever a `.name` is compared with a string (or a collection
+    of them) outside the registry: `spec.name == "t5"`."""
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "_registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            named = any(isinstance(s, ast.Attribute) and s.attr == "name" for s in sides)
+            text = any(isinstance(s, ast.Constant) and isinstance(s.value, str)
+                       or isinstance(s, ast.Tuple | ast.List | ast.Set) for s in sides)
+            if named and text:
+                found.add((path.relative_to(root.parent).as_posix(), ast.unparse(node)))
+    return found
+
+
+def test_no_component_is_told_by_its_name_outside_the_registry(tmp_path):
+    assert name_checks(ROOT) == set()
+    (tmp_path / "fluid").mkdir()
+    (tmp_path / "fluid" / "x.py").write_text(
+        "a = spec.name == 't5'\nb = config.model.tokenizer.name in ('kl', 'vq')\nc = n == 't5'\n"
+    )
+    assert name_checks(tmp_path / "fluid") == {
+        ("fluid/x.py", "spec.name == 't5'"),
+        ("fluid/x.py", "config.model.tokenizer.name in ('kl', 'vq')"),
     }

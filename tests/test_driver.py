@@ -212,14 +212,24 @@ def test_training_positions_follow_the_attention():
     chex.assert_trees_all_equal(bidi.targets, jnp.asarray(~want))
 
 
-def test_the_known_count_is_drawn_per_example_from_its_own_key():
-    # Documented choice (AbstractGenerationOrder.num_known): each example draws its own
-    # count from its key, so examples of one batch differ, and an example's loss does not
-    # depend on the batch around it (micro-batches sum to the batch).
-    from fluid.orders import RandomOrder
-
-    order = RandomOrder()
-    counts = jax.vmap(lambda k: order.training_positions(
-        SEQ, "bidirectional", permutation_key=jr.split(k)[0], known_key=jr.split(k)[1]
-    ).known.sum())(jr.split(jr.key(4), 64))
-    assert len(np.unique(np.asarray(counts))) > 1
+def test_the_known_count_is_drawn_per_example_from_its_own_key(parts):
+    # Documented choice (AbstractGenerationOrder.num_known): each example of a bidirectional
+    # model draws its own count from its own key. Examples of one batch then mask different
+    # counts (one draw per batch, as MAR, would give one count), and an example's sums do
+    # not depend on the batch around it (micro-batches add up to the batch).
+    _, ids, mask = parts
+    source = ShapesDataset(16, size=32)
+    model = build_model(tiny("fluid").model, text_tokenizer=make_text_tokenizer(source, 64),
+                        key=jr.key(0))
+    images = jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32)
+    batch = {"image": images, "text_ids": jnp.tile(ids[:1], (8, 1)),
+             "text_mask": jnp.tile(mask[:1], (8, 1))}
+    keys = jr.split(jr.key(5), 8)
+    terms = eqx.filter_jit(lambda m, b, k: m.loss_terms(b, keys=k))
+    total, count = terms(model, batch, keys)
+    assert len(np.unique(np.asarray(count))) > 1
+    for i in (0, 5):
+        alone = jax.tree.map(lambda x, i=i: x[i:i + 1], batch)
+        total_i, count_i = terms(model, alone, keys[i:i + 1])
+        assert float(count_i[0]) == float(count[i])
+        np.testing.assert_allclose(float(total_i[0]), float(total[i]), rtol=1e-5)

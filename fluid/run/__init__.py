@@ -7,6 +7,8 @@ metrics log and TensorBoard events, and loading a trained model (`find_weights`,
 `load_model`). Nothing here imports the trainer or evaluation.
 """
 
+from .._paths import named_leaves as named_leaves
+from .._paths import path_name as path_name
 from ._checkpoint import COMMIT_FILE as COMMIT_FILE
 from ._checkpoint import CheckpointCorruptError as CheckpointCorruptError
 from ._checkpoint import CheckpointManager as CheckpointManager
@@ -27,6 +29,4 @@ from ._load import load_model as load_model
 from ._metrics import MetricsLog as MetricsLog
 from ._metrics import read_metrics as read_metrics
 from ._metrics import truncate_metrics as truncate_metrics
-from ._names import named_leaves as named_leaves
-from ._names import path_name as path_name
 from ._tensorboard import SummaryWriter as SummaryWriter

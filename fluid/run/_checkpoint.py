@@ -36,9 +36,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from .._errors import UserError
+from .._paths import named_leaves, path_name
 from ._compat import CheckpointMismatchError, check_config
 from ._integrity import brief_error, describe_array, file_digest
-from ._names import named_leaves, path_name
 
 COMMIT_FILE = "fluid_commit.json"
 

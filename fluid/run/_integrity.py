@@ -30,8 +30,8 @@ import numpy as np
 from etils import epath
 
 from .._errors import MissingInputError, UserError
+from .._paths import path_name
 from ._layout import RunFolder, model_info_path
-from ._names import path_name
 
 MODEL_INFO_FORMAT = 1
 

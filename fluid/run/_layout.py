@@ -18,9 +18,13 @@
 """
 
 import dataclasses
+import json
 import os
 import typing
 from pathlib import Path
+
+from ..config import TrainConfig, from_dict, to_dict
+from ..text import caption_tokenizer_record
 
 
 def model_info_path(model_file: str | Path) -> Path:
@@ -51,8 +55,14 @@ class RunFolder:
 
     @property
     def config(self) -> Path:
-        """The run's config as JSON (`fluid.config.to_dict`)."""
+        """The run's config as JSON (`fluid.config.to_dict`; `write_config`, `read_config`)."""
         return self.root / "config.json"
+
+    def write_config(self, config: TrainConfig) -> None:
+        self.config.write_text(json.dumps(to_dict(config), indent=1))
+
+    def read_config(self) -> TrainConfig:
+        return from_dict(TrainConfig, json.loads(self.config.read_text()))
 
     @property
     def text_tokenizer(self) -> Path:
@@ -62,8 +72,6 @@ class RunFolder:
     @property
     def text_tokenizer_record(self) -> Path:
         """Which caption tokenizer class `text_tokenizer` is (written beside it by `save`)."""
-        from ..text import caption_tokenizer_record
-
         return caption_tokenizer_record(self.text_tokenizer)
 
     @property

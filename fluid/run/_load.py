@@ -8,7 +8,6 @@ leaves were trained is what the checkpoint says, not something rebuilt here.
 """
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from .._errors import ConfigError, MissingInputError
+from .._paths import path_name
 from ..build import build_model
 from ..config import TrainConfig, from_dict
 from ..model import FluidModel
@@ -24,7 +24,6 @@ from ..text import CaptionTokenizer, load_caption_tokenizer
 from ._checkpoint import COMMIT_FILE, CheckpointManager, _is_array_like
 from ._integrity import load_model_file, read_model_info
 from ._layout import RunFolder
-from ._names import path_name
 
 # Where a run's checkpoint keeps the model's leaves (see the module's docstring).
 _EMA, _RAW, _FROZEN = "state.ema", "state.params", "frozen"
@@ -159,7 +158,7 @@ def load_model(
     weights = path if isinstance(path, SavedWeights) else find_weights(path, ema=ema)
     run = RunFolder(weights.run_dir)
     if weights.kind == "model":
-        config = from_dict(TrainConfig, json.loads(run.config.read_text()))
+        config = run.read_config()
         _check_generative(config, run.root)
         text_tokenizer = load_caption_tokenizer(run.text_tokenizer)
         skeleton = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))

@@ -16,6 +16,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._paths import path_name
 from .._types import Key
 from .._weights import StateDict, WeightError, read_config, read_folder_weights, write_safetensors
 from ._vae_blocks import Conv2d, DownEncoderBlock2D, GroupNorm, MidBlock2D, UpDecoderBlock2D
@@ -302,21 +303,9 @@ _LEGACY_ATTENTION = {
 }
 
 
-def _path_name(path: tuple) -> str:
-    parts = []
-    for entry in path:
-        if isinstance(entry, jtu.GetAttrKey):
-            parts.append(entry.name)
-        elif isinstance(entry, jtu.SequenceKey):
-            parts.append(str(entry.idx))
-        else:
-            raise TypeError(f"unexpected entry {entry!r} in a parameter path")
-    return ".".join(parts)
-
-
 def diffusers_name(path: tuple, prefix: str = "") -> str:
     """The diffusers parameter name of a leaf at `path` inside a module held at `prefix`."""
-    name = prefix + _path_name(path)
+    name = prefix + path_name(path)
     for pattern, replacement in _RENAMES:
         name = pattern.sub(replacement, name)
     return name

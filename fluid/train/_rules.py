@@ -10,8 +10,8 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ..run import named_leaves as named_leaves
-from ..run import path_name as path_name
+from .._paths import named_leaves as named_leaves
+from .._paths import path_name as path_name
 
 
 def map_with_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:

@@ -29,8 +29,8 @@ at each step, inside the loop. If no other dimension divides, the stack is repli
 
 `RULES["fsdp"]` replicates the image tokenizer and splits everything else with `"fsdp"`.
 It also gives `"fsdp_stacked"` to paths that look like stacks by name (a `layers.` not
-followed by an index, a `head.block_*`), for trees that carry no declaration: plain dicts,
-and modules not yet declaring their stacks (the T5 encoder's `layers`).
+followed by an index, a `head.block_*`), for trees that carry no declaration (plain dicts, a
+plug-in that does not declare its stacks); every stack of fluid's own parts is declared.
 
 Optimiser state and EMA mirror the parameters (optax's Adam `mu` and `nu` have the params'
 structure), and their paths end with the parameter's path (`opt_state.1.0.mu.backbone...`).

@@ -1,7 +1,6 @@
 """The one training loop of fluid: a jitted step over trainable parameters, AdamW, EMA."""
 
 import functools
-import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -318,7 +317,7 @@ class Trainer:
         log = writer = None
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.folder.config.write_text(json.dumps(to_dict(config), indent=1))
+            self.folder.write_config(config)
             log = MetricsLog(self.folder.metrics)
             writer = SummaryWriter(self.folder.tensorboard)
             if self.step > 0:
@@ -452,6 +451,6 @@ class Trainer:
         if not self.is_main:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        RunFolder(directory).config.write_text(json.dumps(to_dict(self.config), indent=1))
+        RunFolder(directory).write_config(self.config)
         self.task.save(self, model, directory)
         return directory

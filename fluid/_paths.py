@@ -1,9 +1,10 @@
 """Dotted names of pytree leaves: `state.params.backbone.blocks.attn.qkv.weight`.
 
 A checkpoint stores each array under its name, and a model file's messages name the leaf
-that does not fit; these names are therefore part of what a run folder holds on disk, and
-they live here, below the trainer. The trainer's regex rules (trainable, weight-decay and
-sharding rules, `fluid.train._rules`) match the same names.
+that does not fit; the trainer's regex rules (trainable, weight-decay and sharding rules,
+`fluid.train._rules`) match the same names, and a tokenizer maps them to a diffusers
+checkpoint's keys. One definition for all of fluid, below every layer (`fluid.run`
+re-exports it).
 """
 
 from collections.abc import Callable, Sequence
