@@ -2,6 +2,7 @@
 
     python benchmarks/ab.py --before e7a43a0                       # the four tiny variants
     python benchmarks/ab.py --before main --presets demo shapes-fluid --runs 7
+    python benchmarks/ab.py --before fcef255 --trainer-steps 5     # the whole Trainer too
 
 The package at `--before` (a git revision of this checkout) is extracted next to the working
 tree's and imported under another name, `fluid_before` (fluid imports itself only
@@ -52,11 +53,10 @@ def setup(package, name: str, batch: int):
     presets = importlib.import_module(f"{package.__name__}.presets")
     build = importlib.import_module(f"{package.__name__}.build")
     shapes = importlib.import_module(f"{package.__name__}.data.shapes")
-    train = importlib.import_module(f"{package.__name__}.train")
     config = presets.get_config(name)
     size = config.data.image_size
     source = shapes.ShapesDataset(size, size=64 + batch)
-    text_tokenizer = train.make_text_tokenizer(source, config.model.text_vocab_size)
+    text_tokenizer = _data_module(package).make_text_tokenizer(source, config.model.text_vocab_size)
     fit = np.stack([source[64 + i]["image"] for i in range(batch)]).astype(np.float32)
     model = build.build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0),
                               fit_images=fit)
@@ -65,6 +65,27 @@ def setup(package, name: str, batch: int):
     data = {"image": jnp.asarray(np.stack([it["image"] for it in items]), jnp.float32),
             "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
     return model, data, config
+
+
+def _data_module(package):
+    # The data wiring moved from `fluid.train` to `fluid.recipes` (issue 21).
+    try:
+        return importlib.import_module(f"{package.__name__}.recipes")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"{package.__name__}.train")
+
+
+def whole_trainer(package, name: str, batch: int):
+    """The `Trainer` a run of preset `name` trains with, as `package` wires it: through its
+    recipe where it has recipes (`recipes.prepare(config).trainer`), else `Trainer(config)`."""
+    presets = importlib.import_module(f"{package.__name__}.presets")
+    config = presets.get_config(name, batch_size=batch, log_every=10**6)
+    try:
+        recipes = importlib.import_module(f"{package.__name__}.recipes")
+    except ModuleNotFoundError:
+        train = importlib.import_module(f"{package.__name__}.train")
+        return train.Trainer(config, progress=False)
+    return recipes.prepare(config, progress=False).trainer
 
 
 def train_step(model, data):
@@ -122,6 +143,19 @@ def alternate(fns: dict, runs: int) -> dict:
     return times
 
 
+def compare_trainers(before, after, name: str, args) -> dict:
+    """Both versions' whole trainers: the first steps' records, then one step at a time,
+    alternated, timed."""
+    trainers = {"before": whole_trainer(before, name, args.batch),
+                "after": whole_trainer(after, name, args.batch)}
+    records = {k: [(r["loss"], r["grad_norm"]) for r in t.run(args.trainer_steps)]
+               for k, t in trainers.items()}
+    times = alternate({k: (lambda t=t: t.run(1)) for k, t in trainers.items()}, args.runs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"equal": records["before"] == records["after"], "records": records,
+            "median_s": med, "times_s": times, "ratio": med["after"] / med["before"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="git revision to compare against")
@@ -131,6 +165,10 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--images", type=int, default=4, help="images per sampling call")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--trainer-steps", type=int, default=0,
+                        help="also run each version's whole Trainer (data, step, EMA) for this "
+                        "many steps: equal losses and gradient norms, and the ratio of its "
+                        "median step time (0: skip)")
     parser.add_argument("--out", default=str(RESULTS / "ab.json"))
     args = parser.parse_args()
 
@@ -163,6 +201,13 @@ def main():
                   f"{row['sample_ratio']:6.3f}", flush=True)
             for d in diff:
                 print(f"    {d}")
+            if args.trainer_steps:
+                row["trainer"] = compare_trainers(before, fluid, name, args)
+                t = row["trainer"]
+                row["equal"] = row["equal"] and t["equal"]
+                print(f"    whole Trainer, {args.trainer_steps} steps: losses and gradient norms "
+                      f"equal {t['equal']}; median step {t['median_s']['before']:.4f} s before, "
+                      f"{t['median_s']['after']:.4f} s after, ratio {t['ratio']:.3f}", flush=True)
     print(f"wrote {write_json(args.out, finish(info))}")
     if not all(row["equal"] for row in info["presets"].values()):
         sys.exit("results differ between the two versions (see `equal` above)")

@@ -35,7 +35,7 @@ from flops import token_grid
 from mfu import make_batch, make_trainer
 from sampling import captions, generate_fn
 
-from fluid.train import Trainer, trainable_mask
+from fluid.recipes import prepare, trainable_mask
 
 
 def timed_compile(jitted, *args) -> dict:
@@ -64,7 +64,7 @@ def run(preset: str, *, alt_steps: int) -> dict:
     out = {"preset": preset, "batch_size": config.batch_size}
     out["train_step"] = timed_compile(trainer.step_fn, trainer.state, trainer.frozen, batch)
 
-    sgd = Trainer(config, progress=False, optimizer=optax.sgd(1e-3))
+    sgd = prepare(config, progress=False, optimizer=optax.sgd(1e-3)).trainer
     out["train_step_sgd"] = timed_compile(sgd.step_fn, sgd.state, sgd.frozen, batch)
 
     model = trainer.model(ema=False)

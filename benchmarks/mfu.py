@@ -54,6 +54,7 @@ from flops import hlo_dot_flops, token_grid, train_flops, train_products
 
 from fluid.config import TrainConfig
 from fluid.presets import get_config
+from fluid.recipes import prepare
 from fluid.train import Trainer, shard_batch
 
 
@@ -150,7 +151,7 @@ def time_components(model, batch: dict, *, warmup: int, runs: int) -> dict:
 
 
 def make_trainer(name: str, *, batch: int | None, precision: str, variant: str):
-    """A `Trainer` of configuration `name` (see the module docstring) and its batch size."""
+    """The `Trainer` of configuration `name` (see the module docstring) and its batch size."""
     model = model_config(name, variant)
     if name in REFERENCES:
         batch = batch or 8
@@ -167,7 +168,7 @@ def make_trainer(name: str, *, batch: int | None, precision: str, variant: str):
         # A few images for fitting a palette; the data only supplies captions here.
         data=dataclasses.replace(base.data, image_size=image_size, fit_images=64),
     )
-    return Trainer(config, progress=False), config
+    return prepare(config, progress=False).trainer, config
 
 
 def make_batch(trainer: Trainer, config: TrainConfig, seq_len: int, token_dim: int,

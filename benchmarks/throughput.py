@@ -21,8 +21,9 @@ import jax.random as jr
 import numpy as np
 
 from fluid.presets import VARIANTS, get_config
+from fluid.recipes import prepare
 from fluid.sample import sample_images
-from fluid.train import Trainer, shard_batch
+from fluid.train import shard_batch
 
 
 def bench_preset(
@@ -30,7 +31,8 @@ def bench_preset(
 ) -> dict:
     config = get_config(name, precision=precision, **overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(config, progress=False)
+    recipe = prepare(config, progress=False)
+    trainer = recipe.trainer
     build_s = time.perf_counter() - t0
     batches = [shard_batch(next(trainer.loader), trainer.mesh) for _ in range(warmup + steps)]
     # XLA's own accounting of one device's memory for the compiled step.
@@ -62,12 +64,12 @@ def bench_preset(
     kw = {"text_len": config.model.text_len, "steps": config.sample_steps,
           "cfg": config.sample_cfg}
     t0 = time.perf_counter()
-    sample_images(trainer.model(), trainer.text_tokenizer, prompts, key=jr.key(0), **kw)
+    sample_images(trainer.model(), recipe.text_tokenizer, prompts, key=jr.key(0), **kw)
     sample_compile_s = time.perf_counter() - t0
     sample_times = []
     for r in range(3):
         t0 = time.perf_counter()
-        sample_images(trainer.model(), trainer.text_tokenizer, prompts, key=jr.key(r + 1), **kw)
+        sample_images(trainer.model(), recipe.text_tokenizer, prompts, key=jr.key(r + 1), **kw)
         sample_times.append(time.perf_counter() - t0)
     sample_s = statistics.median(sample_times)
     return {

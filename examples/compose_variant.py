@@ -14,8 +14,8 @@ import numpy as np
 from fluid import BACKBONES, CONTINUOUS, HEADS, ORDERS, TEXT_ENCODERS, TOKENIZERS, FluidModel
 from fluid.data.shapes import ShapesDataset
 from fluid.model import TokenEmbedding
+from fluid.recipes import make_text_tokenizer
 from fluid.text import TextAligner
-from fluid.train import make_text_tokenizer
 
 keys = jr.split(jr.key(0), 6)
 data = ShapesDataset(image_size=32)

@@ -3,7 +3,8 @@
     python examples/train_shapes.py                       # the Fluid variant, ~15 min on a CPU
     python examples/train_shapes.py discrete-raster 500   # another variant, 500 steps
 
-Reads top to bottom: a preset, the library's trainer, a sample grid, a loss curve.
+Reads top to bottom: a preset, its recipe and the library's trainer, a sample grid, a loss
+curve.
 """
 
 import sys
@@ -12,8 +13,8 @@ import jax.random as jr
 
 from fluid.data.shapes import DEMO_PROMPTS
 from fluid.presets import get_config
+from fluid.recipes import prepare
 from fluid.sample import sample_images
-from fluid.train import Trainer
 from fluid.viz import save_grid, save_loss_curve
 
 variant = sys.argv[1] if len(sys.argv) > 1 else "fluid"
@@ -24,16 +25,18 @@ out = f"runs/shapes-{variant}"
 #    the optimiser (AdamW, b1 0.9, b2 0.95, weight decay 0.02, warm-up, EMA) and the data.
 config = get_config(f"shapes-{variant}", steps=steps)
 
-# 2. The trainer builds the model (fitting data-fitted parts such as the palette codebook and
-#    the caption tokenizer), jits the whole step and shows a progress bar.
-trainer = Trainer(config, out_dir=out)
-history = trainer.run()
-trainer.save(out)
+# 2. The recipe wires the run: it reads the data, fits the caption tokenizer and data-fitted
+#    parts (the palette codebook), builds the model and hands the trainer (`fluid.train`,
+#    which knows no model) the model, its objective and a loader. The trainer jits the whole
+#    step and shows a progress bar.
+recipe = prepare(config, out_dir=out)
+history = recipe.run()
+recipe.save()
 
 # 3. Sample with the EMA weights: MAR's cosine schedule, linear guidance.
 images = sample_images(
-    trainer.model(ema=True),
-    trainer.text_tokenizer,
+    recipe.model(ema=True),
+    recipe.text_tokenizer,
     DEMO_PROMPTS,
     text_len=config.model.text_len,
     key=jr.key(0),

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -42,68 +41,31 @@ def cmd_components(args) -> int:
 def cmd_presets(args) -> int:
     from .build import count_params
     from .presets import PRESETS
-    from .train import get_task
+    from .recipes import get_recipe
 
     for name in sorted(PRESETS):
         config = PRESETS[name]()
-        n = count_params(get_task(config.task).abstract_model(config))
+        n = count_params(get_recipe(config.task).abstract_model(config))
         print(f"{name:<26} {n / 1e6:10.2f}M parameters")
     return 0
 
 
-def _train_and_report(config, out: Path, *, time_budget=None, prompts=None, resume=True) -> dict:
-    import jax.random as jr
+def _train_and_report(config, out: Path, *, time_budget=None, resume=True):
+    from .recipes import prepare
 
-    from .data.shapes import DEMO_PROMPTS
-    from .run import RunFolder, read_metrics
-    from .sample import sample_images
-    from .train import Trainer
-    from .viz import save_grid, save_loss_curve
-
-    folder = RunFolder(out)
-    t0 = time.perf_counter()
-    trainer = Trainer(config, out_dir=out, resume=resume)
-    print(f"training {config.steps} steps of batch {config.batch_size}; writing to {out}/")
-    history = trainer.run(time_budget=time_budget)
-    train_time = time.perf_counter() - t0
-    trainer.save(out)
-    prompts = list(prompts or DEMO_PROMPTS)
-    t1 = time.perf_counter()
-    images = sample_images(
-        trainer.model(ema=True), trainer.text_tokenizer, prompts,
-        text_len=config.model.text_len, key=jr.key(config.seed + 1),
-        steps=config.sample_steps, cfg=config.sample_cfg, temperature=config.sample_temperature,
-    )
-    sample_time = time.perf_counter() - t1
-    grid = save_grid(images, folder.samples, captions=prompts, cols=4)
-    # The whole run's curve, steps before a resume included.
-    logged = read_metrics(folder.metrics)
-    curve = save_loss_curve(
-        [r["step"] for r in logged], [r["loss"] for r in logged], folder.loss_curve
-    )
-    summary = {
-        "steps": trainer.step,
-        "final_loss_mean_of_last_50": float(
-            sum(r["loss"] for r in history[-50:]) / max(len(history[-50:]), 1)
-        ),
-        "train_seconds": train_time,
-        "sample_seconds": sample_time,
-        "samples": str(grid),
-        "loss_curve": str(curve),
-        "model": str(folder.model),
-    }
-    folder.summary.write_text(json.dumps(summary, indent=1))
-    return summary
+    recipe = prepare(config, out_dir=out, resume=resume)
+    print(f"training {recipe.describe()}; writing to {out}/")
+    return recipe, recipe.train_and_report(time_budget=time_budget)
 
 
 def _plan(config, out: Path, what: str) -> int:
     """`--dry-run`: check everything a run needs (the config, its data, its parts, files they
     read) and say what it would do, training nothing."""
     from .build import count_params
-    from .train import get_task, make_source
+    from .recipes import get_recipe, make_source
 
     source = make_source(config.data)
-    n = count_params(get_task(config.task).abstract_model(config, source=source))
+    n = count_params(get_recipe(config.task).abstract_model(config, source=source))
     data = config.data.dataset + (f" at {config.data.path}" if config.data.path else "")
     print(f"{what}: {n / 1e6:.2f}M parameters, {config.steps} steps of batch "
           f"{config.batch_size}, data {data} ({len(source)} records), writing to {out}/ "
@@ -122,7 +84,7 @@ def cmd_demo(args) -> int:
     # The demo always trains from scratch: earlier checkpoints in its folder are replaced.
     shutil.rmtree(RunFolder(out).checkpoints, ignore_errors=True)
     RunFolder(out).metrics.unlink(missing_ok=True)
-    summary = _train_and_report(config, out, time_budget=args.time_budget, resume=False)
+    _, summary = _train_and_report(config, out, time_budget=args.time_budget, resume=False)
     print(f"\ndone in {summary['train_seconds'] + summary['sample_seconds']:.0f} s "
           f"({summary['steps']} steps, final loss {summary['final_loss_mean_of_last_50']:.4f})")
     print(f"samples:    {summary['samples']}")
@@ -158,51 +120,15 @@ def cmd_train(args) -> int:
     config = get_config(args.preset, **_overrides(args.override))
     if args.dry_run:
         return _plan(config, Path(args.out or f"runs/{args.preset}"), f"would train {args.preset}")
-    if config.task == "tokenizer":
-        return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
-    summary = _train_and_report(config, Path(args.out or f"runs/{args.preset}"))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return _train(config, Path(args.out or f"runs/{args.preset}"))
 
 
-def _train_tokenizer(config, out: Path) -> int:
-    from .run import RunFolder, read_metrics
-    from .train import Trainer
-    from .viz import save_loss_curve
-
-    folder = RunFolder(out)
-    t0 = time.perf_counter()
-    trainer = Trainer(config, out_dir=out)
-    name = config.model.tokenizer.name
-    print(f"training the {name} tokenizer for {config.steps} steps of batch "
-          f"{config.batch_size}; writing to {out}/")
-    history = trainer.run()
-    train_time = time.perf_counter() - t0
-    trainer.save(out)
-    psnr = trainer.evaluate()["psnr"]
-    grid = trainer.sample_grid()
-    if not trainer.is_main:
-        return 0
-    logged = read_metrics(folder.metrics)
-    curve = save_loss_curve(
-        [r["step"] for r in logged], [r["loss"] for r in logged], folder.loss_curve
-    )
-    last = history[-50:]
-    summary = {
-        "steps": trainer.step,
-        "final_loss_mean_of_last_50": float(sum(r["loss"] for r in last) / max(len(last), 1)),
-        "psnr": psnr,
-        "train_seconds": train_time,
-        "reconstructions": str(grid),
-        "loss_curve": str(curve),
-        "tokenizer": str(folder.tokenizer),
-    }
-    folder.summary.write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    print(f"\nPSNR {psnr:.2f} dB on held-out images after {trainer.step} steps")
-    print(f"tokenizer: {folder.tokenizer} (diffusers format; use it as "
-          f'model.tokenizer=\'{{"name": "{name}", "kwargs": {{"path": "{folder.tokenizer}", '
-          f'"image_size": {config.data.image_size}}}}}\')')
+def _train(config, out: Path) -> int:
+    recipe, summary = _train_and_report(config, out)
+    if recipe.is_main:
+        print(json.dumps(summary, indent=1))
+        for line in recipe.closing_lines(summary):
+            print(line)
     return 0
 
 
@@ -219,7 +145,7 @@ def cmd_train_tokenizer(args) -> int:
         )
     if args.dry_run:
         return _plan(config, Path(args.out or f"runs/{args.preset}"), f"would train {args.preset}")
-    return _train_tokenizer(config, Path(args.out or f"runs/{args.preset}"))
+    return _train(config, Path(args.out or f"runs/{args.preset}"))
 
 
 def cmd_sample(args) -> int:
@@ -321,14 +247,14 @@ def _one_line_warnings():
 def _plan_sweep(args, out: Path) -> int:
     from .build import count_params
     from .eval import SCALES, sweep_config
-    from .train import get_task
+    from .recipes import get_recipe
 
     scale = SCALES[args.scale]
     sizes = args.sizes or scale.sizes
     for variant in args.variants:
         for size in sizes:
             config = sweep_config(variant, size, scale, steps=args.steps)
-            n = count_params(get_task(config.task).abstract_model(config))
+            n = count_params(get_recipe(config.task).abstract_model(config))
             print(f"{variant}-{size}: {n / 1e6:.2f}M parameters, {config.steps} steps")
     print(f"would write {len(args.variants) * len(sizes)} runs to {out}/ (dry run: nothing "
           "trained)")
@@ -407,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
         "sample", help="sample a grid from a run, one of its checkpoints, or a saved model"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
-                   "<run>/checkpoints/<step>, or a directory Trainer.save wrote")
+                   "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
     p.add_argument("--prompt", action="append", required=True,
                    help="a caption; repeat for several")
     p.add_argument("--out", default="samples.png")
@@ -427,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
         "eval", help="validation loss, ShapesEval and Frechet distance of a run or checkpoint"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
-                   "<run>/checkpoints/<step>, or a directory Trainer.save wrote")
+                   "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
     p.add_argument("--samples", type=_at_least(1, int), default=192,
                    help="images generated for ShapesEval and the Frechet distance (default "
                    "192, 32 per category: the fewest for the 191 ShapesFeatures)")

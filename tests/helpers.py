@@ -51,7 +51,7 @@ def arrays(tree):
 
 def trainer_params(trainer):
     """A trainer's trainable parameters, on the host."""
-    return jax.device_get(eqx.filter(trainer.state.params, eqx.is_array))
+    return jax.device_get(eqx.filter(trainer.trainer.state.params, eqx.is_array))
 
 
 def losses(history) -> np.ndarray:

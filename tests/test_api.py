@@ -128,6 +128,7 @@ LAYERS = {
     "model": ["fluid.model", "fluid.build", "fluid.presets", "fluid.sample", "fluid.viz"],
     "run folder": ["fluid.run"],
     "trainer": ["fluid.train"],
+    "recipes": ["fluid.recipes"],
     "evaluation": ["fluid.eval"],
     "command line": ["fluid.cli", "fluid.__main__"],
 }

@@ -9,8 +9,7 @@ from PIL import Image
 
 from fluid.config import ComponentSpec, DataConfig
 from fluid.presets import get_config
-from fluid.train import Trainer
-from fluid.train._cache import CachedSource, CacheMismatchError
+from fluid.recipes import CachedSource, CacheMismatchError, prepare
 
 
 def _config(**data):
@@ -26,13 +25,13 @@ def _losses(trainer):
 
 def test_training_from_the_cache_equals_training_from_images(tmp_path):
     config = _config()
-    plain = Trainer(config, progress=False)
-    cached = Trainer(dataclasses.replace(
+    plain = prepare(config, progress=False)
+    cached = prepare(dataclasses.replace(
         config, data=dataclasses.replace(config.data, cache=str(tmp_path / "cache"))
     ), progress=False)
     assert isinstance(cached.source, CachedSource) and len(cached.source) == 40
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-6)
-    batch = next(cached.loader)
+    batch = next(cached.trainer.loader)
     assert "image" not in batch
     assert batch["tokens"].shape == (8, cached.model().seq_len, 48)
     # The cache holds what the tokenizer computes, image by image.
@@ -48,25 +47,25 @@ def test_frozen_text_encoder_outputs_are_cached(tmp_path):
                                                  "trainable": False})
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, text_encoder=text))
     plain_config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache=None))
-    cached = Trainer(config, progress=False)
-    plain = Trainer(plain_config, progress=False)
+    cached = prepare(config, progress=False)
+    plain = prepare(plain_config, progress=False)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-6)
-    batch = next(cached.loader)
+    batch = next(cached.trainer.loader)
     dim = config.model.text_encoder.kwargs["dim"]
     assert batch["text_hidden"].shape == (8, config.model.text_len, dim)
 
 
 def test_a_cache_from_other_settings_is_refused(tmp_path):
-    Trainer(_config(cache=str(tmp_path / "cache")), progress=False)
+    prepare(_config(cache=str(tmp_path / "cache")), progress=False)
     with pytest.raises(CacheMismatchError, match=r"data\.object_scale \(cached: 1\.0, now: 1\.5\)"):
-        Trainer(_config(cache=str(tmp_path / "cache"), object_scale=1.5), progress=False)
+        prepare(_config(cache=str(tmp_path / "cache"), object_scale=1.5), progress=False)
 
 
 def test_unbounded_and_flipped_sources_are_not_cached(tmp_path):
     config = get_config("tiny-fluid", **{"model.backbone.depth": 1, "data.fit_images": 16,
                                          "data.cache": str(tmp_path / "c")})
     with pytest.raises(ValueError, match=r"data\.size"):
-        Trainer(config, progress=False)
+        prepare(config, progress=False)
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="data.flip=false"):
         DataConfig(cache=str(tmp_path / "c"), flip=True)
@@ -85,7 +84,7 @@ def test_unreadable_images_are_left_out_of_the_cache(tmp_path):
         "data.dataset": "folder", "data.cache": str(tmp_path / "cache"), "steps": 1,
     })
     with pytest.warns(UserWarning, match="7.png"):
-        trainer = Trainer(config, progress=False)
+        trainer = prepare(config, progress=False)
     assert len(trainer.source) == 17
     assert "a picture number 7" not in {trainer.source.caption(i) for i in range(17)}
     trainer.run()

@@ -145,8 +145,8 @@ def test_a_whole_component_spec_overrides_from_json():
 
 def test_an_over_long_prompt_is_warned_about_with_its_length():
     from fluid.data.shapes import ShapesDataset
+    from fluid.recipes import make_text_tokenizer
     from fluid.sample import warn_truncated
-    from fluid.train import make_text_tokenizer
 
     tokenizer = make_text_tokenizer(ShapesDataset(16), vocab_size=64)
     short, long = "a red circle", " ".join(["a red circle left of a blue square"] * 4)

@@ -445,7 +445,7 @@ def test_the_training_loader_takes_on_change_from_the_data_config():
     # `data.on_change` reaches the loader `fluid train` builds: a run resumed with another
     # seed is refused by default and restarts its stream with on_change=restart.
     from fluid.config import DataConfig
-    from fluid.train import make_loader as training_loader
+    from fluid.recipes import make_loader as training_loader
 
     source = ShapesDataset(16, size=16)
     tok = train_text_tokenizer(caption_corpus(), vocab_size=48)

@@ -25,7 +25,7 @@ from fluid.data.shapes import ShapesDataset
 from fluid.heads import AbstractOutputHead
 from fluid.orders import AbstractGenerationOrder, TrainingPositions
 from fluid.presets import tiny
-from fluid.train import make_text_tokenizer
+from fluid.recipes import make_text_tokenizer
 
 SEQ = 16  # the tiny presets' tokens
 # Not raster, not its reverse: every position moves.

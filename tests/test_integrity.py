@@ -97,7 +97,7 @@ def test_truncated_file_is_one_clear_error(tmp_path):
         load_model_file(path, mlp(0))
     message = assert_one_clear_message(info.value, path)
     assert f"it has {size // 2} bytes instead of the {size} it was saved with" in message
-    assert "Trainer.save" in message and "checkpoints" in message
+    assert "Recipe.save" in message and "checkpoints" in message
 
 
 def test_flipped_bytes_fail_the_checksum(tmp_path):
@@ -111,7 +111,7 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
     message = assert_one_clear_message(info.value, path)
     assert message == (
         f"{path} is damaged: its contents changed since it was saved (checksum mismatch with "
-        "model.json); save the model again from training (Trainer.save), or load a checkpoint "
+        "model.json); save the model again from training (Recipe.save), or load a checkpoint "
         f"from {tmp_path / 'checkpoints'}/ instead."
     )
 

@@ -22,10 +22,10 @@ from helpers import arrays as _arrays
 from fluid.cli import main
 from fluid.data import Loader
 from fluid.presets import get_config
+from fluid.recipes import prepare
 from fluid.run import read_metrics
 from fluid.train import (
     CheckpointManager,
-    Trainer,
     TrainingInterrupted,
     find_weights,
     load_model,
@@ -45,7 +45,7 @@ def _config():
 @pytest.fixture(scope="module")
 def straight() -> np.ndarray:
     """The losses of an uninterrupted run."""
-    return np.array([r["loss"] for r in Trainer(_config(), progress=False).run()])
+    return np.array([r["loss"] for r in prepare(_config(), progress=False).run()])
 
 
 def _logged(run: Path) -> tuple[list[int], np.ndarray]:
@@ -80,7 +80,7 @@ def _interrupt_in_loader(monkeypatch, trainer, call, *, after):
 
 
 def _interrupt_in_step(monkeypatch, trainer, call, *, after):
-    fire, original = _once_at(call), trainer.step_fn
+    fire, original = _once_at(call), trainer.trainer.step_fn
 
     def step(*args):
         if not after:
@@ -90,7 +90,7 @@ def _interrupt_in_step(monkeypatch, trainer, call, *, after):
             fire()
         return out
 
-    monkeypatch.setattr(trainer, "step_fn", step)
+    monkeypatch.setattr(trainer.trainer, "step_fn", step)
 
 
 def _interrupt_in_checkpoint(monkeypatch, trainer, call, *, after):
@@ -120,7 +120,7 @@ POINTS = {
 @pytest.mark.parametrize("point", POINTS)
 def test_ctrl_c_anywhere_in_a_step_resumes_exactly(tmp_path, monkeypatch, straight, point):
     install, call, after, stopped_at = POINTS[point]
-    trainer = Trainer(_config(), out_dir=tmp_path, progress=False)
+    trainer = prepare(_config(), out_dir=tmp_path, progress=False)
     install(monkeypatch, trainer, call, after=after)
     with pytest.raises(TrainingInterrupted) as interrupted:
         trainer.run()
@@ -128,7 +128,7 @@ def test_ctrl_c_anywhere_in_a_step_resumes_exactly(tmp_path, monkeypatch, straig
     # The step the signal landed in is finished and saved, with the data position after it.
     assert interrupted.value.step == stopped_at
     assert CheckpointManager(tmp_path / "checkpoints").latest_step() == stopped_at
-    resumed = Trainer(_config(), out_dir=tmp_path, progress=False)
+    resumed = prepare(_config(), out_dir=tmp_path, progress=False)
     assert resumed.step == stopped_at
     resumed.run()
     steps, losses = _logged(tmp_path)
@@ -137,8 +137,8 @@ def test_ctrl_c_anywhere_in_a_step_resumes_exactly(tmp_path, monkeypatch, straig
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, straight):
-    trainer = Trainer(_config(), out_dir=tmp_path, progress=False)
-    original = trainer.step_fn
+    trainer = prepare(_config(), out_dir=tmp_path, progress=False)
+    original = trainer.trainer.step_fn
     calls = [0]
 
     def step(*args):
@@ -148,13 +148,13 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, s
             signal.raise_signal(signal.SIGINT)  # raises here, before the step runs
         return original(*args)
 
-    trainer.step_fn = step
+    trainer.trainer.step_fn = step
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as interrupted:
         trainer.run()
     assert not isinstance(interrupted.value, TrainingInterrupted)
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
-    resumed = Trainer(_config(), out_dir=tmp_path, progress=False)
+    resumed = prepare(_config(), out_dir=tmp_path, progress=False)
     assert resumed.step == 2
     resumed.run()
     steps, losses = _logged(tmp_path)
@@ -187,13 +187,13 @@ _KILLED_RUN = """
 import dataclasses, os, signal, sys
 sys.path.insert(0, {tests!r})
 import test_interrupts
-from fluid.train import Trainer
+from fluid.recipes import prepare
 
 def kill(trainer, record):
     if record["step"] == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
 
-Trainer(test_interrupts._config(), out_dir={out!r}, progress=False).run(callback=kill)
+prepare(test_interrupts._config(), out_dir={out!r}, progress=False).run(callback=kill)
 """
 
 
@@ -216,7 +216,7 @@ def test_metrics_after_kill_9_hold_each_step_once(tmp_path, straight):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')
 
-    resumed = Trainer(_config(), out_dir=tmp_path, progress=False)
+    resumed = prepare(_config(), out_dir=tmp_path, progress=False)
     assert resumed.step == 4
     steps, _ = _logged(tmp_path)
     assert steps == [1, 2, 3, 4]  # lines after the restored step are dropped at once
@@ -240,8 +240,8 @@ def _event_records(path: Path) -> list[bytes]:
 
 def test_tensorboard_restart_marks_the_resumed_step(tmp_path):
     config = dataclasses.replace(_config(), steps=3)
-    Trainer(config, out_dir=tmp_path, progress=False).run(2)
-    Trainer(config, out_dir=tmp_path, progress=False).run()
+    prepare(config, out_dir=tmp_path, progress=False).run(2)
+    prepare(config, out_dir=tmp_path, progress=False).run()
     first, second = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"),
                            key=lambda p: p.stat().st_mtime)
     # Event.step (field 2) = 3 and Event.session_log (field 7) = SessionLog{status: START}.
@@ -253,13 +253,13 @@ def test_tensorboard_restart_marks_the_resumed_step(tmp_path):
 # -- which weights a run folder gives ---------------------------------------------------------
 def test_a_run_folder_loads_its_newest_weights(tmp_path, capsys):
     config = _config()
-    first = Trainer(dataclasses.replace(config, steps=4), out_dir=tmp_path, progress=False)
+    first = prepare(dataclasses.replace(config, steps=4), out_dir=tmp_path, progress=False)
     first.run()
     first.save()
     assert find_weights(tmp_path).kind == "model"  # saved model and checkpoint 4 tie
     assert json.loads((tmp_path / "model.json").read_text())["step"] == 4
     # Resumed to step 6 and killed before its save: the checkpoint is newer than model.eqx.
-    Trainer(config, out_dir=tmp_path, progress=False).run()
+    prepare(config, out_dir=tmp_path, progress=False).run()
     weights = find_weights(tmp_path)
     assert (weights.kind, weights.step) == ("checkpoint", 6)
     loaded, _, _ = load_model(tmp_path)
@@ -279,7 +279,7 @@ def test_a_run_folder_loads_its_newest_weights(tmp_path, capsys):
 
 def test_raw_weights_need_a_checkpoint(tmp_path):
     config = dataclasses.replace(_config(), steps=2)
-    trainer = Trainer(config, progress=False)
+    trainer = prepare(config, progress=False)
     trainer.run()
     trainer.save(tmp_path)
     assert find_weights(tmp_path).kind == "model"

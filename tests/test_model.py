@@ -10,13 +10,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from fluid.build import abstract_model, build_model, count_params
-from fluid.config import ComponentSpec, ModelConfig, TrainConfig, override, to_dict, from_dict
+from fluid.build import abstract_model, count_params
+from fluid.config import ComponentSpec, ModelConfig, TrainConfig, from_dict, override, to_dict
 from fluid.heads import AbstractOutputHead, SoftmaxHead
 from fluid.model import IncompatibleComponentsError
 from fluid.presets import VARIANTS, get_config, tiny
+from fluid.recipes import prepare
 from fluid.sample import sample_images
-from fluid.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def trained():
     """Each tiny variant trained for its preset's 30 steps (shared by the tests below)."""
     out = {}
     for variant in VARIANTS:
-        trainer = Trainer(tiny(variant), progress=False)
+        trainer = prepare(tiny(variant), progress=False)
         history = trainer.run()
         out[variant] = (trainer, [r["loss"] for r in history])
     return out
@@ -138,7 +138,7 @@ def test_parameter_counts_come_from_eval_shape_without_allocating():
 
 def test_build_fits_the_palette_codebook_to_images():
     config = tiny("discrete-random")
-    trainer = Trainer(config, progress=False)
+    trainer = prepare(config, progress=False)
     tok = trainer.model().tokenizer
     images = jnp.asarray(np.stack([trainer.source[i]["image"] for i in range(4)]))
     recon = jax.vmap(tok.decode)(jax.vmap(tok.encode)(images))
@@ -197,7 +197,7 @@ def test_plugin_head_from_entry_point_trains():
             config.model, head=ComponentSpec(name="flow", kwargs={"width": 32, "sampling_steps": 4})
         ),
     )
-    trainer = Trainer(config, progress=False)
+    trainer = prepare(config, progress=False)
     assert type(trainer.model().head).__module__ == "fluid_flow_head"
     # copies: the trainer donates its state's buffers to the next step
     before = [np.asarray(x) for x in jax.tree_util.tree_leaves(trainer.model(ema=False).head)]

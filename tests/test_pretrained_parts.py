@@ -14,10 +14,11 @@ from test_t5 import TINY
 
 from fluid.config import ComponentSpec
 from fluid.presets import get_config
+from fluid.recipes import CachedSource, prepare
 from fluid.sample import sample_images
 from fluid.text import T5CaptionTokenizer
 from fluid.tokenizers import KLTokenizer
-from fluid.train import CachedSource, Trainer, load_model
+from fluid.train import load_model
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def _arrays(tree):
 
 def test_kl_and_t5_from_folders_train_sample_and_cache(folders, tmp_path):
     config = _config(folders)
-    trainer = Trainer(config, out_dir=tmp_path / "run", progress=False)
+    trainer = prepare(config, out_dir=tmp_path / "run", progress=False)
     model = trainer.model()
     assert isinstance(trainer.text_tokenizer, T5CaptionTokenizer)
     assert model.tokenizer.grid == (8, 8) and model.tokenizer.token_dim == 16
@@ -70,9 +71,9 @@ def test_kl_and_t5_from_folders_train_sample_and_cache(folders, tmp_path):
         np.testing.assert_array_equal(a, b)
 
     # Latents and T5 outputs cached once give the same training as computing them per step.
-    cached = Trainer(_config(folders, cache=str(tmp_path / "cache")), progress=False)
+    cached = prepare(_config(folders, cache=str(tmp_path / "cache")), progress=False)
     assert isinstance(cached.source, CachedSource)
     assert cached.source[0]["text_hidden"].shape == (16, TINY["d_model"])
-    plain = Trainer(config, progress=False)
+    plain = prepare(config, progress=False)
     np.testing.assert_allclose([r["loss"] for r in cached.run()],
                                [r["loss"] for r in plain.run()], rtol=1e-5)

@@ -16,6 +16,7 @@ import pytest
 import fluid
 from fluid.eval import default_out_dir
 from fluid.presets import get_config
+from fluid.recipes import prepare
 from fluid.run import (
     CheckpointManager,
     EvalReport,
@@ -24,7 +25,6 @@ from fluid.run import (
     load_model,
     read_model_info,
 )
-from fluid.train import Trainer
 
 PACKAGE = Path(fluid.__file__).parent
 
@@ -104,10 +104,11 @@ def test_no_module_spells_a_run_folder_name_itself(tmp_path):
     # `fluid._weights` read `config.json` of Hugging Face and diffusers folders: theirs.)
     names = _layout_names()
     files = [*(PACKAGE / "run").glob("*.py"), *(PACKAGE / "train").glob("*.py"),
-             *(PACKAGE / "eval").glob("*.py"), PACKAGE / "cli.py", PACKAGE / "sample.py",
+             *(PACKAGE / "recipes").glob("*.py"), *(PACKAGE / "eval").glob("*.py"), PACKAGE / "cli.py", PACKAGE / "sample.py",
              PACKAGE / "viz.py"]
     files = [f for f in files if f != PACKAGE / "run" / "_layout.py"]
     assert PACKAGE / "train" / "_trainer.py" in files
+    assert PACKAGE / "recipes" / "_generate.py" in files
     found = [hit for f in files for hit in _bare_names(f, names)]
     assert found == []
     # The scan finds what it is for.
@@ -127,7 +128,7 @@ def trained(tmp_path_factory):
     config = get_config("tiny-fluid", **{"model.backbone.depth": 1, "data.fit_images": 16})
     config = dataclasses.replace(config, steps=2, checkpoint_every=1, sample_every=2,
                                  sample_steps=2)
-    trainer = Trainer(config, out_dir=out, progress=False, optimizer=optax.sgd(1e-2))
+    trainer = prepare(config, out_dir=out, progress=False, optimizer=optax.sgd(1e-2))
     trainer.run()
     trainer.save()
     return out, trainer
@@ -187,7 +188,7 @@ def test_checkpoint_names_are_the_rules_names(trained):
     from fluid.train import _rules
 
     _, trainer = trained
-    tree = {"state": trainer.state, "frozen": trainer.frozen}
+    tree = {"state": trainer.trainer.state, "frozen": trainer.trainer.frozen}
     names = [name for name, _ in named_leaves(tree)]
     assert names == [name for name, _ in _rules.named_leaves(tree)]
     assert len(set(names)) == len(names)

@@ -15,8 +15,8 @@ from fluid.build import abstract_model, build_model
 from fluid.model import FluidModel
 from fluid.nn import stacked_field
 from fluid.presets import get_config
+from fluid.recipes import fit_images, make_source, make_text_tokenizer
 from fluid.train import make_optimizer
-from fluid.train._data import fit_images, make_source, make_text_tokenizer
 from fluid.train._rules import named_leaves
 from fluid.train._sharding import (
     DEFAULT_MIN_SIZE,
@@ -244,7 +244,7 @@ def test_describe_shardings_lists_path_shape_and_spec(mesh, wide):
 # -- training state --------------------------------------------------------------------------
 def test_optimizer_state_and_ema_mirror_the_parameter_shardings(mesh, wide):
     config = get_config("tiny-fluid", **{"model.width": 64})
-    floating = lambda x: isinstance(x, SDS) and jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+    floating = lambda x: isinstance(x, SDS) and jnp.issubdtype(x.dtype, jnp.floating)
     params = eqx.filter(wide, floating)
     optimizer = make_optimizer(config.optim, config.steps)
 

@@ -300,7 +300,7 @@ def test_a_text_encoder_plugin_brings_its_caption_tokenizer(spiece, tmp_path, mo
 
     from fluid.config import ComponentSpec, ModelConfig
     from fluid.data.shapes import ShapesDataset
-    from fluid.train import caption_tokenizer
+    from fluid.recipes import caption_tokenizer
 
     make_distribution(tmp_path, "vocab-encoder", {"fluid.text_encoders": {
         "vocab": "vocab_encoder_mod:VocabEncoder"}}, {"vocab_encoder_mod": PLUGIN_TEXT_ENCODER})

@@ -20,8 +20,9 @@ from fluid.cli import main
 from fluid.config import TASKS as CONFIG_TASKS
 from fluid.config import ComponentSpec, TokenizerLossConfig
 from fluid.presets import get_config
+from fluid.recipes import RECIPES, get_recipe, prepare
 from fluid.tokenizers import AutoencoderObjective, KLTokenizer, VQTokenizer, psnr
-from fluid.train import TASKS, Trainer, get_task, load_model
+from fluid.train import load_model
 
 # tiny-tokenizer-* on 32 px shapes, 30 steps of 8 images, EMA weights: measured 13.8 dB
 # (kl) and 14.4 dB (vq), from 6.3 and 5.6 dB untrained.
@@ -44,7 +45,7 @@ def _round_trip(tokenizer, images):
 def _train(kind: str, out):
     """A trained tiny tokenizer run: its trainer, its folder and its PSNR before training."""
     # One device: the mesh is exercised below (fsdp) and by the command, at a lower cost.
-    trainer = Trainer(get_config(f"tiny-tokenizer-{kind}"), out_dir=out, progress=False,
+    trainer = prepare(get_config(f"tiny-tokenizer-{kind}"), out_dir=out, progress=False,
                       devices=jax.devices()[:1])
     untrained = trainer.evaluate()["psnr"]
     trainer.run()
@@ -88,22 +89,22 @@ def test_only_autoencoder_tokenizers_train():
         TokenizerLossConfig(reconstruction="l3")
 
 
-def test_every_task_name_has_its_task():
-    # `TrainConfig` validates `task` against `fluid.config.TASKS`; the trainer looks the
-    # name up in `fluid.train.TASKS`: the two must name the same tasks.
-    assert tuple(TASKS) == CONFIG_TASKS
-    assert all(get_task(name).name == name for name in CONFIG_TASKS)
-    assert (get_task("generate").reads_captions, get_task("tokenizer").reads_captions) == (
+def test_every_task_name_has_its_recipe():
+    # `TrainConfig` validates `task` against `fluid.config.TASKS`; a run looks the name up
+    # in `fluid.recipes.RECIPES`: the two must name the same tasks.
+    assert tuple(RECIPES) == CONFIG_TASKS
+    assert all(get_recipe(name).name == name for name in CONFIG_TASKS)
+    assert (get_recipe("generate").reads_captions, get_recipe("tokenizer").reads_captions) == (
         True, False
     )
     known = r"unknown task 'tokenise'; the tasks are \['generate', 'tokenizer'\]"
     with pytest.raises(ValueError, match=known):
-        get_task("tokenise")
+        get_recipe("tokenise")
 
 
 def test_parameter_count_of_a_tokenizer_preset_is_its_objectives():
     config = get_config("tokenizer-kl-32")
-    tree = get_task("tokenizer").abstract_model(config)
+    tree = get_recipe("tokenizer").abstract_model(config)
     assert isinstance(tree, AutoencoderObjective)
     built = build_objective(config.model.tokenizer, config.tokenizer_loss, key=jr.key(0))
     assert count_params(tree) == count_params(built) > 0
@@ -169,13 +170,13 @@ def test_gradient_accumulation_equals_whole_batch_on_an_fsdp_mesh():
     # posterior's draws come from per-example keys, so the split batch draws the same.
     fsdp = {"mesh.rules": "fsdp", "mesh.min_shard_size": "256"}
     two = jax.devices()[:2]  # as good a mesh as 8 devices for this, and cheaper on 2 cores
-    whole = Trainer(_small(**fsdp), progress=False, optimizer=optax.sgd(0.5), devices=two)
+    whole = prepare(_small(**fsdp), progress=False, optimizer=optax.sgd(0.5), devices=two)
     assert isinstance(whole.model(), AutoencoderObjective)
-    specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(whole.state.params,
+    specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(whole.trainer.state.params,
                                                                  eqx.is_array))]
     assert any("data" in spec for spec in specs), "fsdp rules left the tokenizer whole"
     loss_whole = _losses(whole.run(2))
-    accum = Trainer(_small(grad_accum="2", **fsdp), progress=False, optimizer=optax.sgd(0.5),
+    accum = prepare(_small(grad_accum="2", **fsdp), progress=False, optimizer=optax.sgd(0.5),
                     devices=two)
     np.testing.assert_allclose(_losses(accum.run(2)), loss_whole, rtol=1e-5)
     chex.assert_trees_all_close(_params(accum), _params(whole), atol=1e-5, rtol=1e-5)
@@ -186,8 +187,8 @@ def test_interrupted_run_resumes_with_the_same_losses(kl_run, tmp_path):
     _, trainer, _, _ = kl_run
     config = dataclasses.replace(trainer.config, checkpoint_every=2)
     one = jax.devices()[:1]
-    head = _losses(Trainer(config, out_dir=tmp_path, progress=False, devices=one).run(3))
-    second = Trainer(config, out_dir=tmp_path, progress=False, devices=one)
+    head = _losses(prepare(config, out_dir=tmp_path, progress=False, devices=one).run(3))
+    second = prepare(config, out_dir=tmp_path, progress=False, devices=one)
     assert second.step == 3
     tail = _losses(second.run(2))
     straight = _losses(trainer.history[:5])
@@ -224,7 +225,7 @@ PRESET_PSNR = {
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESET_PSNR))
 def test_presets_reach_their_measured_psnr(preset, tmp_path):
-    trainer = Trainer(get_config(preset), out_dir=tmp_path, progress=False,
+    trainer = prepare(get_config(preset), out_dir=tmp_path, progress=False,
                       devices=jax.devices()[:1])
     trainer.run()
     trainer.save(tmp_path)

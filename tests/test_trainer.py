@@ -15,12 +15,10 @@ from helpers import trainer_params as _params
 
 from fluid.config import MeshConfig, TrainConfig, override
 from fluid.presets import get_config
+from fluid.recipes import cast_backbone, prepare, resolve_precision
 from fluid.train import (
     CheckpointCorruptError,
     CheckpointMismatchError,
-    Trainer,
-    cast_backbone,
-    resolve_precision,
 )
 
 
@@ -40,14 +38,14 @@ def _mesh(data: int, model: int, rules: str = "replicate") -> MeshConfig:
 def test_step_on_4x2_mesh_equals_one_device():
     # SGD keeps the update linear in the gradient, so equal parameters mean equal gradients
     # (Adam's first step is about sign(g), which hides gradient errors).
-    one = Trainer(_config(mesh=_mesh(1, 1)), progress=False, devices=jax.devices()[:1],
+    one = prepare(_config(mesh=_mesh(1, 1)), progress=False, devices=jax.devices()[:1],
                   optimizer=optax.sgd(0.5))
     meshes = {
-        rules: Trainer(_config(mesh=_mesh(4, 2, rules)), progress=False,
+        rules: prepare(_config(mesh=_mesh(4, 2, rules)), progress=False,
                        optimizer=optax.sgd(0.5))
         for rules in ("replicate", "fsdp")
     }
-    specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(meshes["fsdp"].state.params,
+    specs = [x.sharding.spec for x in jax.tree.leaves(eqx.filter(meshes["fsdp"].trainer.state.params,
                                                                   eqx.is_array))]
     assert any("data" in spec for spec in specs), "fsdp rules left every parameter whole"
     loss_one = _losses(one.run(1))
@@ -56,16 +54,16 @@ def test_step_on_4x2_mesh_equals_one_device():
         np.testing.assert_allclose(_losses(mesh.run(1)), loss_one, rtol=1e-5)
         chex.assert_trees_all_close(_params(mesh), _params(one), atol=1e-5, rtol=1e-5)
         # The updated state keeps the placement the rules gave it (the step pins it).
-        for got, want in zip(jax.tree.leaves(mesh.state), jax.tree.leaves(mesh.state_sharding)):
+        for got, want in zip(jax.tree.leaves(mesh.trainer.state), jax.tree.leaves(mesh.trainer.state_sharding)):
             assert got.sharding.is_equivalent_to(want, got.ndim)
 
 
 # -- gradient accumulation -------------------------------------------------------------------
 def test_gradient_accumulation_equals_whole_batch():
-    whole = Trainer(_config(), progress=False, optimizer=optax.sgd(0.5))
+    whole = prepare(_config(), progress=False, optimizer=optax.sgd(0.5))
     loss_whole = _losses(whole.run(2))
     for k in (2, 4):
-        accum = Trainer(_config(grad_accum=k), progress=False, optimizer=optax.sgd(0.5))
+        accum = prepare(_config(grad_accum=k), progress=False, optimizer=optax.sgd(0.5))
         np.testing.assert_allclose(_losses(accum.run(2)), loss_whole, rtol=1e-5)
         chex.assert_trees_all_close(_params(accum), _params(whole), atol=1e-5, rtol=1e-5)
 
@@ -79,8 +77,8 @@ def test_grad_accum_must_divide_batch():
 def test_bfloat16_backbone_keeps_float32_master_weights_head_and_loss():
     assert resolve_precision("auto") == jnp.float32  # CPU: float32 measures faster
     assert resolve_precision("bfloat16") == jnp.bfloat16
-    f32 = Trainer(_config(precision="float32"), progress=False)
-    bf16 = Trainer(_config(precision="bfloat16"), progress=False)
+    f32 = prepare(_config(precision="float32"), progress=False)
+    bf16 = prepare(_config(precision="bfloat16"), progress=False)
     model = cast_backbone(bf16.model(ema=False), jnp.bfloat16)
     dtypes = {x.dtype for x in jax.tree.leaves(eqx.filter(model.backbone, eqx.is_inexact_array))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
@@ -93,19 +91,19 @@ def test_bfloat16_backbone_keeps_float32_master_weights_head_and_loss():
     # independent of the backbone; from step 3 on they depend on it.)
     np.testing.assert_allclose(loss16, loss32, rtol=5e-2)
     assert not np.array_equal(loss16[3:], loss32[3:])
-    master = {x.dtype for x in jax.tree.leaves(eqx.filter(bf16.state, eqx.is_inexact_array))}
+    master = {x.dtype for x in jax.tree.leaves(eqx.filter(bf16.trainer.state, eqx.is_inexact_array))}
     assert master == {jnp.dtype(jnp.float32)}
 
 
 # -- checkpoints and resume --------------------------------------------------------------------
 def test_interrupted_run_resumes_with_the_same_losses(tmp_path):
     config = _config(steps=6, checkpoint_every=2)
-    straight = _losses(Trainer(config, progress=False).run())
+    straight = _losses(prepare(config, progress=False).run())
 
-    first = Trainer(config, out_dir=tmp_path, progress=False)
+    first = prepare(config, out_dir=tmp_path, progress=False)
     head = _losses(first.run(3))  # stops between checkpoints; `run` saves on the way out
-    assert first.checkpoints.all_steps() == [2, 3]
-    second = Trainer(config, out_dir=tmp_path, progress=False)
+    assert first.trainer.checkpoints.all_steps() == [2, 3]
+    second = prepare(config, out_dir=tmp_path, progress=False)
     assert second.step == 3
     tail = _losses(second.run())
     np.testing.assert_allclose(np.concatenate([head, tail]), straight, rtol=1e-6)
@@ -115,9 +113,9 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path):
 
 def test_checkpoint_from_4x2_mesh_restores_on_8x1(tmp_path):
     config = _config(steps=4, mesh=_mesh(4, 2, "fsdp"))
-    straight = _losses(Trainer(config, progress=False).run())
-    Trainer(config, out_dir=tmp_path, progress=False).run(2)
-    moved = Trainer(dataclasses.replace(config, mesh=_mesh(8, 1, "fsdp")), out_dir=tmp_path,
+    straight = _losses(prepare(config, progress=False).run())
+    prepare(config, out_dir=tmp_path, progress=False).run(2)
+    moved = prepare(dataclasses.replace(config, mesh=_mesh(8, 1, "fsdp")), out_dir=tmp_path,
                     progress=False)
     assert moved.step == 2 and moved.mesh.shape == {"data": 8, "model": 1}
     tail = _losses(moved.run())
@@ -125,25 +123,25 @@ def test_checkpoint_from_4x2_mesh_restores_on_8x1(tmp_path):
 
 
 def test_checkpoint_from_another_config_names_the_first_mismatch(tmp_path):
-    Trainer(_config(steps=1), out_dir=tmp_path, progress=False).run()
+    prepare(_config(steps=1), out_dir=tmp_path, progress=False).run()
     other = _config(steps=1, optim=dataclasses.replace(_config().optim, learning_rate=0.5))
     with pytest.raises(CheckpointMismatchError, match=r"optim\.learning_rate=0\.001.*0\.5"):
-        Trainer(other, out_dir=tmp_path, progress=False)
+        prepare(other, out_dir=tmp_path, progress=False)
     # Training for longer is what resuming is for: a different `steps` is accepted.
-    assert Trainer(_config(steps=3), out_dir=tmp_path, progress=False).step == 1
+    assert prepare(_config(steps=3), out_dir=tmp_path, progress=False).step == 1
 
 
 def test_truncated_checkpoint_is_not_resumed_from(tmp_path):
     config = _config(steps=2, checkpoint_every=1)
-    Trainer(config, out_dir=tmp_path, progress=False).run()
+    prepare(config, out_dir=tmp_path, progress=False).run()
     step2 = tmp_path / "checkpoints" / "2"
     biggest = max((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     with pytest.warns(UserWarning, match="2"):
-        resumed = Trainer(config, out_dir=tmp_path, progress=False)
+        resumed = prepare(config, out_dir=tmp_path, progress=False)
     assert resumed.step == 1
     with pytest.raises(CheckpointCorruptError, match="earlier step"):
-        resumed.checkpoints.restore({"state": resumed.state, "frozen": resumed.frozen}, step=2)
+        resumed.trainer.checkpoints.restore({"state": resumed.trainer.state, "frozen": resumed.trainer.frozen}, step=2)
 
 
 def test_unknown_override_key_names_the_closest():

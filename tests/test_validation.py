@@ -22,7 +22,7 @@ from fluid.eval import (
 )
 from fluid.model import FluidModel
 from fluid.presets import tiny
-from fluid.train import make_text_tokenizer
+from fluid.recipes import make_text_tokenizer
 
 EXAMPLES = 12
 

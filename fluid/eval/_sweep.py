@@ -1,7 +1,7 @@
 """`fluid sweep`: the paper's four variants at several sizes on `shapes`, one step budget,
 and validation loss against parameters fitted as a power law per variant.
 
-Every run is a `fluid.train.Trainer` run in `<out>/<variant>-<size>/` and is evaluated by
+Every run is a `fluid.recipes` run in `<out>/<variant>-<size>/` and is evaluated by
 `evaluate_checkpoint`, the code of `fluid eval`, into its `eval/`. A run whose
 `eval/eval.json` is there for the same step budget and evaluation settings is not trained
 or evaluated again; an interrupted one resumes from its checkpoint. So running the same
@@ -30,9 +30,9 @@ from .._types import CONTINUOUS
 from ..build import abstract_model, count_params, non_embedding_params
 from ..config import TrainConfig, override
 from ..presets import VARIANTS, shapes
+from ..recipes import prepare
 from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
 from ..tokenizers import TOKENIZERS
-from ..train import Trainer
 from ._evaluate import evaluate_checkpoint
 
 
@@ -320,14 +320,14 @@ def run_one(
     if config.steps not in _complete_steps(run):
         if progress:
             print(f"{run.root.name}: training {config.steps} steps")
-        trainer = Trainer(config, out_dir=run.root, progress=progress)
-        if trainer.step > config.steps:
+        recipe = prepare(config, out_dir=run.root, progress=progress)
+        if recipe.step > config.steps:
             raise ValueError(
-                f"{run.root} holds a run past {config.steps} steps (at {trainer.step}); sweep into "
+                f"{run.root} holds a run past {config.steps} steps (at {recipe.step}); sweep into "
                 "another --out or use --steps of at least that."
             )
-        trainer.run()
-        del trainer
+        recipe.run()
+        del recipe
     t1 = time.perf_counter()
     if progress:
         print(f"{run.root.name}: evaluating {checkpoint}")

@@ -69,7 +69,7 @@ def _advice(path: Path) -> str:
         if checkpoints.is_dir()
         else "load one of the run's checkpoints (<run>/checkpoints/<step>) instead"
     )
-    return f"save the model again from training (Trainer.save), or {elsewhere}"
+    return f"save the model again from training (Recipe.save), or {elsewhere}"
 
 
 def brief_error(error: BaseException) -> str:

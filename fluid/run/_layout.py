@@ -1,4 +1,4 @@
-"""The layout of a run folder: the name of every file that training, `Trainer.save`, the
+"""The layout of a run folder: the name of every file that training, `Recipe.save`, the
 `fluid` commands and `fluid eval` write into one, in one place.
 
 ```
@@ -10,7 +10,7 @@
   tensorboard/          TensorBoard event files (SummaryWriter)
   checkpoints/<step>/   resumable checkpoints of the training state (CheckpointManager)
   samples/step_<n>.png  sample grids drawn during training (sample_every)
-  model.eqx             the EMA model, saved by Trainer.save, with model.json beside it
+  model.eqx             the EMA model, saved by Recipe.save, with model.json beside it
   tokenizer/            what a tokenizer run saves instead: a diffusers folder
   samples.png, loss.png, summary.json   what `fluid train` and `fluid demo` report at the end
   eval/                 `fluid eval`'s report (an EvalReport); eval/step_<n>/ for one checkpoint
@@ -41,7 +41,7 @@ def model_info_path(model_file: str | Path) -> Path:
 @dataclasses.dataclass(frozen=True, init=False)
 class RunFolder:
     """The paths of one run folder (a `Trainer`'s `out_dir`, `fluid train --out`), or of a
-    directory `Trainer.save` wrote.
+    directory `Recipe.save` wrote.
 
     **Arguments:**
 

@@ -59,7 +59,7 @@ def find_weights(path: str | os.PathLike, *, ema: bool = True) -> SavedWeights:
 
     - `path`: a run's output directory (the newer of its saved `model.eqx` and its latest
       complete checkpoint; on a tie the saved model, which holds the same EMA weights); one
-      checkpoint, `<run>/checkpoints/<step>`; or a directory `Trainer.save` wrote.
+      checkpoint, `<run>/checkpoints/<step>`; or a directory `Recipe.save` wrote.
     - `ema`: `False` asks for the raw weights, which only checkpoints hold.
 
     **Returns:**
@@ -96,7 +96,7 @@ def find_weights(path: str | os.PathLike, *, ema: bool = True) -> SavedWeights:
         raise MissingInputError(
             f"{path} holds neither a saved model ({folder.model.name}) nor a complete "
             "checkpoint; pass a run's output directory, one of its checkpoints/<step>, or a "
-            "directory Trainer.save wrote."
+            "directory Recipe.save wrote."
         )
     if len(found) == 1:
         return found[0]
@@ -145,7 +145,7 @@ def load_model(
 
     **Arguments:**
 
-    - `path`: a directory `Trainer.save` wrote (`model.eqx` + `config.json`); or a run's
+    - `path`: a directory `Recipe.save` wrote (`model.eqx` + `config.json`); or a run's
       output directory (the newer of its saved model and its latest complete checkpoint,
       see `find_weights`); or one checkpoint, `<run>/checkpoints/<step>`; or what
       `find_weights` returned.

@@ -1,14 +1,11 @@
 """Optimiser, learning-rate schedules, trainable and weight-decay masks, EMA."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
 from ..config import OptimConfig
-from ..model import FluidModel
-from ..tokenizers import AutoencoderObjective
 from ._rules import first_match, map_with_names
 
 # No decay on the diffusion/softmax head (as MAR), norms, biases, embeddings, 1-D params.
@@ -18,23 +15,6 @@ NO_DECAY_RULES: tuple[tuple[str, bool], ...] = (
     (r"\.bias$", False),
     (r"embed", False),
 )
-
-
-def trainable_mask(model: FluidModel | AutoencoderObjective):
-    """True at the floating-point leaves the optimiser updates.
-
-    In a `FluidModel`, the image tokenizer is always frozen; the text encoder unless it
-    declares itself trainable; integer buffers (the empty caption) never train. An
-    `AutoencoderObjective` (a tokenizer run) trains every floating-point leaf.
-    """
-    mask = jtu.tree_map(eqx.is_inexact_array, model)
-    if isinstance(model, AutoencoderObjective):
-        return mask
-    frozen = lambda tree: jtu.tree_map(lambda _: False, tree)  # noqa: E731
-    mask = eqx.tree_at(lambda m: m.tokenizer, mask, replace=frozen(model.tokenizer))
-    if not model.text_encoder.trainable:
-        mask = eqx.tree_at(lambda m: m.text_encoder, mask, replace=frozen(model.text_encoder))
-    return mask
 
 
 def decay_mask(params):

@@ -1,9 +1,15 @@
-"""The one training loop of fluid: a jitted step over trainable parameters, AdamW, EMA."""
+"""The one training loop of fluid: a jitted step over trainable parameters, AdamW, EMA.
+
+The trainer knows no model: it takes an initial model (or a function that builds it), which
+of its leaves train (an Equinox filter), an objective (`AbstractObjective`) and a loader of
+batches. What a run trains and how its data, caption tokenizer and token cache are wired is
+a recipe's business (`fluid.recipes`).
+"""
 
 import functools
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +19,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
-from jax.typing import DTypeLike
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
@@ -22,20 +27,11 @@ from .._errors import TrainingDiverged
 from .._types import Key
 from ..config import TrainConfig, to_dict
 from ..data import SkippedRecordWarning
-from ..model import FluidModel
 from ..run import CheckpointManager, MetricsLog, RunFolder, SummaryWriter, truncate_metrics
-from ..text import CaptionTokenizer, load_caption_tokenizer
-from ..tokenizers import AutoencoderObjective
-from ._cache import cache_fingerprint, cached_source
-from ._data import caption_tokenizer, fit_images, make_loader, make_source
 from ._interrupt import DeferredInterrupt, TrainingInterrupted
-from ._optim import ema_update, global_norm, make_optimizer, trainable_mask
+from ._objective import AbstractObjective
+from ._optim import ema_update, global_norm, make_optimizer
 from ._sharding import create_sharded, make_mesh, put_sharded, shard_batch, state_shardings
-from ._tasks import get_task
-
-# Held-out images of a tokenizer run's PSNR: a steady estimate for the cost of a forward
-# pass over a few training batches.
-EVAL_IMAGES = 64
 
 
 class TrainState(eqx.Module):
@@ -48,27 +44,23 @@ class TrainState(eqx.Module):
     key: Key
 
 
-def resolve_precision(precision: str) -> jnp.dtype:
-    """The backbone's compute dtype for a `TrainConfig.precision`.
+def config_mesh(config: TrainConfig, devices=None) -> Mesh:
+    """The mesh `config.mesh` describes, over `devices` (all by default)."""
+    return make_mesh({"data": config.mesh.data, "model": config.mesh.model}, devices)
 
-    `"auto"` is bfloat16 on accelerators and float32 on CPU, where bfloat16 matmuls are
-    emulated and measure slower (`benchmarks/throughput.py --precision`).
+
+def place_model(model: Any, mesh: Mesh, config: TrainConfig) -> Any:
+    """`model` with its arrays sharded on `mesh` by the rules of `config.mesh`.
+
+    A function of no arguments is traced and run under `jax.jit` with the shardings as
+    outputs (`create_sharded`: no device holds an unsharded copy); a built tree is moved
+    (`put_sharded`), which is how to place weights read from files on the host, which under
+    `jit` would become constants of the compiled program.
     """
-    if precision == "auto":
-        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return jnp.dtype(precision)
-
-
-def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
-    """`model` with the backbone's floating-point parameters in `dtype` (for its compute)."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return model
-
-    def cast(x):
-        return x.astype(dtype) if eqx.is_inexact_array(x) else x
-
-    return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
+    rules, min_size = config.mesh.rules, config.mesh.min_shard_size
+    if callable(model) and not isinstance(model, eqx.Module):
+        return create_sharded(model, mesh, rules, min_size=min_size)
+    return put_sharded(model, mesh, rules, min_size=min_size)
 
 
 def _init_state(params, key: Key, *, optimizer: optax.GradientTransformation) -> TrainState:
@@ -87,16 +79,13 @@ def _micro_batches(tree, k: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), tree)
 
 
-def _train_step(state, frozen, batch, *, static, optimizer, ema_decay, grad_accum, dtype):
-    # `dtype`: the backbone's compute dtype; None for a model without one (a tokenizer run).
+def _train_step(state, frozen, batch, *, static, objective, optimizer, ema_decay, grad_accum):
     key, sub = jr.split(state.key)
     keys = jr.split(sub, jax.tree.leaves(batch)[0].shape[0])
 
     def sums(params, micro, micro_keys):
         model = eqx.combine(params, frozen, static)
-        if dtype is not None:
-            model = cast_backbone(model, dtype)
-        total, count = model.loss_terms(micro, keys=micro_keys)
+        total, count = objective.loss_terms(model, micro, micro_keys)
         return jnp.sum(total), jnp.sum(count)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
@@ -128,44 +117,69 @@ def _train_step(state, frozen, batch, *, static, optimizer, ema_decay, grad_accu
 
 
 class Trainer:
-    """Builds a model from a `TrainConfig` and trains it, on one device or a mesh.
+    """Trains a model on one device or a mesh: a jitted step, AdamW (or any optax
+    transformation), EMA, checkpoints, metrics.
 
-    The model is created already sharded by the rule set `config.mesh.rules` on a mesh of
-    `config.mesh` axes; each step takes a global batch sharded over `"data"`, accumulates
-    `config.grad_accum` micro-batches and updates the state in place (donated). With an
-    `out_dir`, it resumes from the latest checkpoint there (`checkpoints/`) exactly where
-    that run stopped, writes one every `checkpoint_every` steps, at the end and on
-    interruption, and logs metrics to `metrics.jsonl` and TensorBoard.
+    The trainer knows no model. It takes the model (or a function that builds it), which
+    leaves train, the objective it minimises and the loader that feeds it; its loop settings
+    (steps, batch size, gradient accumulation, optimiser, mesh, logging, checkpoints, seed)
+    come from `config`, which it also records beside every checkpoint, so that a checkpoint
+    of another configuration is refused. It never reads `config.model`, `config.data` or
+    `config.task`: a recipe (`fluid.recipes`) reads those to wire a run.
 
-    What the model is, how it is evaluated, pictured and saved depends on `config.task`
-    (`fluid.train.TASKS`): `"generate"` trains a `FluidModel`; `"tokenizer"` an
-    `AutoencoderObjective` over `config.model.tokenizer` (every floating-point leaf trained,
-    no captions read, no backbone cast), logging the `psnr` of held-out reconstructions
-    every `log_every` steps and saving the tokenizer as a diffusers folder.
+    The model is placed sharded by the rule set `config.mesh.rules`; each step takes a
+    global batch sharded over `"data"`, accumulates `config.grad_accum` micro-batches and
+    updates the state in place (donated). With an `out_dir`, it resumes from the latest
+    checkpoint there (`checkpoints/`) exactly where that run stopped (the loader's
+    position too, when the loader has `get_state`/`set_state`), writes one every
+    `checkpoint_every` steps, at the end and on interruption, and logs metrics to
+    `metrics.jsonl` and TensorBoard.
 
     **Arguments:**
 
-    - `config`: the run.
-    - `out_dir`: where checkpoints, metrics, the config and the final model go; `None`
-      writes nothing.
+    - `model`: the initial model, or a function of no arguments that builds it (then built
+      directly in its shardings, see `place_model`).
+    - `objective`: what is minimised (`AbstractObjective`).
+    - `loader`: an iterator of batches (dicts of arrays, this process's share of a global
+      batch of `config.batch_size`); a `fluid.data.Loader` resumes with the run.
+    - `config`: the loop's settings and the record of the run.
+    - `trainable`: which leaves the optimiser updates, an Equinox filter spec (a pytree
+      prefix of the model of bools, or of callables from a leaf to a bool, as
+      `eqx.partition` takes); every floating-point array by default. The rest stays as it
+      was built (or restored).
+    - `key`: the training key (masks, noise, dropout); `jr.key(config.seed)` by default.
+    - `mesh`: the device mesh; `config.mesh` over all devices by default.
+    - `out_dir`: where checkpoints, metrics and the config go; `None` writes nothing.
     - `progress`: show a progress bar.
     - `resume`: continue from the latest checkpoint in `out_dir` if there is one.
-    - `devices`: the devices of the mesh; all by default.
     - `optimizer`: an optax transformation to use instead of the config's AdamW (the
       trainable mask and clipping are then up to it).
+    - `evaluate`: called with the trainer every `log_every` steps and at the end; the metrics
+      it returns (held-out scores of the EMA model) join that step's record.
+    - `sample`: called with the trainer and a path (`samples/step_<n>.png`) every
+      `sample_every` steps, to draw what the model does now.
     """
 
     def __init__(
         self,
-        config: TrainConfig,
+        model: Any,
+        objective: AbstractObjective,
+        loader: Iterator[dict[str, Any]],
         *,
+        config: TrainConfig,
+        trainable: Any = eqx.is_inexact_array,
+        key: Key | None = None,
+        mesh: Mesh | None = None,
         out_dir: str | Path | None = None,
         progress: bool = True,
         resume: bool = True,
-        devices: Sequence[jax.Device] | None = None,
         optimizer: optax.GradientTransformation | None = None,
+        evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
+        sample: Callable[["Trainer", Path], Any] | None = None,
     ):
         self.config = config
+        self.objective = objective
+        self.loader = loader
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # Every path under `out_dir` (`fluid.run.RunFolder`).
         self.folder = RunFolder(self.out_dir) if self.out_dir is not None else None
@@ -173,8 +187,8 @@ class Trainer:
         # (orbax coordinates the checkpoint writes itself).
         self.is_main = jax.process_index() == 0
         self.progress = progress and self.is_main
-        self.mesh = make_mesh({"data": config.mesh.data, "model": config.mesh.model}, devices)
-        self.source = make_source(config.data)
+        self.mesh = config_mesh(config) if mesh is None else mesh
+        self._evaluate, self._sample = evaluate, sample
         self.checkpoints = None
         if self.out_dir is not None:
             self.checkpoints = CheckpointManager(
@@ -183,81 +197,46 @@ class Trainer:
         resuming = resume and self.checkpoints is not None and (
             self.checkpoints.latest_step() is not None
         )
-        self.task = get_task(config.task)
-        self.text_tokenizer = (
-            self._text_tokenizer(reuse=resuming) if self.task.reads_captions else None
-        )
-        # The backbone's compute dtype; None when nothing is cast (a tokenizer run).
-        self.dtype = self.task.compute_dtype(config)
-        rules, min_size = config.mesh.rules, config.mesh.min_shard_size
+        key = jr.key(config.seed) if key is None else key
 
-        k_model, k_train = jr.split(jr.key(config.seed))
-        build = self.task.builder(
-            config, source=self.source, text_tokenizer=self.text_tokenizer, key=k_model
-        )
-        if any("path" in spec.kwargs for spec in (config.model.tokenizer,
-                                                   config.model.text_encoder)):
-            # Pretrained weights read from files: under jit they would become constants of
-            # the compiled program; build on the host, then place.
-            model = put_sharded(build(), self.mesh, rules, min_size=min_size)
-        else:
-            model = create_sharded(build, self.mesh, rules, min_size=min_size)
-        params, rest = eqx.partition(model, trainable_mask(model))
+        model = place_model(model, self.mesh, config)
+        params, rest = eqx.partition(model, trainable)
         self.frozen, self.static = eqx.partition(rest, eqx.is_array)
         self.optimizer = optimizer or make_optimizer(config.optim, config.steps)
 
+        rules, min_size = config.mesh.rules, config.mesh.min_shard_size
         init = functools.partial(_init_state, optimizer=self.optimizer)
-        abstract = eqx.filter_eval_shape(init, params, k_train)
+        abstract = eqx.filter_eval_shape(init, params, key)
         self.state_sharding = state_shardings(abstract, self.mesh, rules, min_size=min_size)
-        self.state = jax.jit(init, out_shardings=self.state_sharding)(params, k_train)
+        self.state = jax.jit(init, out_shardings=self.state_sharding)(params, key)
         self.step_fn = jax.jit(
             functools.partial(
                 _train_step,
                 static=self.static,
+                objective=objective,
                 optimizer=self.optimizer,
                 ema_decay=config.optim.ema_decay,
                 grad_accum=config.grad_accum,
-                dtype=self.dtype,
             ),
             out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
         self.history: list[dict[str, float | int]] = []
-        self._held_out: jax.Array | None = None
 
-        data_state = self._restore() if resuming else None
-        if config.data.cache:
-            fingerprint = cache_fingerprint(
-                self.model(), to_dict(config.data), self.text_tokenizer, config.model.text_len
-            )
-            self.source = cached_source(
-                config.data.cache, self.source, self.model(), self.text_tokenizer,
-                fingerprint=fingerprint, text_len=config.model.text_len, progress=self.progress,
-            )
-        self.loader = make_loader(
-            self.source,
-            config.data,
-            text_tokenizer=self.text_tokenizer,
-            batch_size=config.batch_size,
-            text_len=config.model.text_len,
-            state=data_state,
-        )
-        self._data_state = self.loader.get_state()
+        if resuming:
+            data_state = self._restore()
+            if data_state and hasattr(loader, "set_state"):
+                loader.set_state(data_state)
+        self._data_state = self._loader_state()
         if self.out_dir is not None and self.is_main:
             # Lines of steps after the restored one were logged by a run that died before
             # its next checkpoint; those steps are trained again.
             truncate_metrics(self.folder.metrics, self.step)
 
-    def _text_tokenizer(self, reuse: bool) -> CaptionTokenizer:
-        # A resumed run must read captions exactly as before: reuse the saved tokenizer.
-        saved = self.folder.text_tokenizer if self.folder is not None else None
-        if reuse and saved is not None and saved.exists():
-            return load_caption_tokenizer(saved)
-        tokenizer = caption_tokenizer(self.source, self.config.model)
-        if saved is not None and self.is_main:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(saved)
-        return tokenizer
+    def _loader_state(self) -> dict[str, Any]:
+        # A loader without `get_state` (a plain iterator) has no position to save.
+        get_state = getattr(self.loader, "get_state", None)
+        return {} if get_state is None else get_state()
 
     def _restore(self) -> dict[str, Any]:
         like = {"state": self.state, "frozen": self.frozen}
@@ -274,15 +253,26 @@ class Trainer:
         return data_state
 
     # -- models ---------------------------------------------------------------------------
-    def model(self, ema: bool = True) -> FluidModel | AutoencoderObjective:
-        """The current model (an `AutoencoderObjective` in a tokenizer run), with EMA weights
-        by default (as used for evaluation).
+    def model(self, ema: bool = True) -> Any:
+        """The current model, with EMA weights by default (as used for evaluation).
 
         Its arrays are the training state's own, which the jitted step donates: take a copy
         (`jax.tree.map(jnp.copy, model)`) to keep a model across further `run` calls.
         """
         params = self.state.ema if ema else self.state.params
         return eqx.combine(params, self.frozen, self.static)
+
+    def gathered_model(self, ema: bool = True) -> Any:
+        """`model(ema)` with every array whole on this host, for writing it to a file: on
+        several hosts every process must call this (each joins the gather)."""
+        model = self.model(ema)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            arrays, rest = eqx.partition(model, eqx.is_array)
+            arrays = multihost_utils.process_allgather(arrays, tiled=True)
+            model = eqx.combine(arrays, rest)
+        return model
 
     @property
     def step(self) -> int:
@@ -291,7 +281,7 @@ class Trainer:
     @property
     def skipped(self) -> int:
         """Records the loader could not read so far (each warned about once)."""
-        return self.loader.skipped
+        return getattr(self.loader, "skipped", 0)
 
     # -- loop -----------------------------------------------------------------------------
     def run(
@@ -338,7 +328,7 @@ class Trainer:
                     metrics = {k: float(v) for k, v in metrics.items()}
                     # The position of the last batch the model consumed: what a checkpoint
                     # of this state must hold.
-                    self._data_state = self.loader.get_state()
+                    self._data_state = self._loader_state()
                     now = time.perf_counter()
                     record = {
                         "step": self.step,
@@ -350,7 +340,8 @@ class Trainer:
                     last = now
                     at_log = self.step % max(config.log_every, 1) == 0 or self.step == total
                     if at_log:
-                        record.update(self.evaluate())
+                        evaluated = self.evaluate()
+                        record.update(evaluated)
                         last = time.perf_counter()  # evaluating is not part of the next step
                     out.append(record)
                     self.history.append(record)
@@ -368,12 +359,12 @@ class Trainer:
                             loss=f"{record['loss']:.4f}",
                             step_s=f"{record['step_time']:.3f}",
                             img_s=f"{record['images_per_sec']:.1f}",
-                            **{k: f"{record[k]:.2f}" for k in ("psnr",) if k in record},
+                            **{k: f"{v:.2f}" for k, v in evaluated.items()},
                         )
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         self._checkpoint(log, writer)
                     if config.sample_every and self.step % config.sample_every == 0:
-                        self.sample_grid()
+                        self.sample()
                     if callback is not None:
                         callback(self, record)
                     if time_budget is not None and now - start > time_budget:
@@ -395,23 +386,17 @@ class Trainer:
             writer.flush()
         return self.checkpoint()
 
-    # -- evaluation -----------------------------------------------------------------------
-    def held_out_images(self) -> jax.Array:
-        """The fixed images that `evaluate` (and a tokenizer run's `sample_grid`) use,
-        replicated on the mesh: the `EVAL_IMAGES` items of `fit_images`, from the far end
-        of the unbounded built-in data set (a shuffled order of 2**31 items, of which a
-        run reads a vanishing fraction); from a finite source or files, its first readable
-        items, which training reads too."""
-        if self._held_out is None:
-            images = fit_images(self.source, EVAL_IMAGES)
-            self._held_out = jax.device_put(images, NamedSharding(self.mesh, PartitionSpec()))
-        return self._held_out
-
+    # -- hooks --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Metrics of the EMA model on held-out data, logged every `log_every` steps: in a
-        tokenizer run, `psnr` (dB, see `fluid.tokenizers.psnr`) of the deterministic
-        reconstructions of `held_out_images()`; none for a generative model."""
-        return self.task.evaluate(self)
+        """Held-out metrics of the model now (the `evaluate` hook's); none without one."""
+        return {} if self._evaluate is None else dict(self._evaluate(self))
+
+    def sample(self) -> Path | None:
+        """Draw what the model does now into `samples/step_<n>.png` (the `sample` hook);
+        nothing without an `out_dir` or a hook."""
+        if self.out_dir is None or self._sample is None:
+            return None
+        return self._sample(self, self.folder.sample_grid(self.step))
 
     # -- outputs --------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
@@ -428,29 +413,3 @@ class Trainer:
                 data_state=self._data_state,
             )
         return Path(str(self.checkpoints.step_directory(self.step)))
-
-    def sample_grid(self, prompts: Sequence[str] | None = None) -> Path | None:
-        """Sample the demo prompts with the EMA model into `samples/step_<n>.png`; in a
-        tokenizer run, 8 held-out images above their reconstructions."""
-        if self.out_dir is None:
-            return None
-        return self.task.sample_grid(self, self.folder.sample_grid(self.step), prompts)
-
-    def save(self, directory: str | Path | None = None) -> Path:
-        """Write the EMA model, the config and the text tokenizer (see `load_model`); in a
-        tokenizer run, the config and the EMA tokenizer as a diffusers folder, `tokenizer/`
-        (`save_pretrained`: the `kl`/`vq` spec's `path`, and diffusers, read it)."""
-        directory = Path(directory or self.out_dir)
-        model = self.model(ema=True)
-        if jax.process_count() > 1:  # every process joins the gather; one writes
-            from jax.experimental import multihost_utils
-
-            arrays, rest = eqx.partition(model, eqx.is_array)
-            arrays = multihost_utils.process_allgather(arrays, tiled=True)
-            model = eqx.combine(arrays, rest)
-        if not self.is_main:
-            return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        RunFolder(directory).write_config(self.config)
-        self.task.save(self, model, directory)
-        return directory

@@ -1,0 +1,155 @@
+"""Training a generative model: the `FluidModel` that `config.model` describes, on captioned
+images (or their cached tokens)."""
+
+import functools
+import time
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+from jax.typing import DTypeLike
+
+from ..build import abstract_model, build_model
+from ..config import to_dict
+from ..data.shapes import DEMO_PROMPTS
+from ..model import FluidModel
+from ..run import RunFolder, save_model_file
+from ..sample import sample_images
+from ..train import AbstractObjective
+from .. import viz
+from ._cache import cache_fingerprint, cached_source
+from ._data import caption_tokenizer, fit_images
+from ._recipe import Recipe
+
+
+def resolve_precision(precision: str) -> jnp.dtype:
+    """The backbone's compute dtype for a `TrainConfig.precision`.
+
+    `"auto"` is bfloat16 on accelerators and float32 on CPU, where bfloat16 matmuls are
+    emulated and measure slower (`benchmarks/throughput.py --precision`).
+    """
+    if precision == "auto":
+        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(precision)
+
+
+def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
+    """`model` with the backbone's floating-point parameters in `dtype` (for its compute)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return model
+
+    def cast(x):
+        return x.astype(dtype) if eqx.is_inexact_array(x) else x
+
+    return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
+
+
+def trainable_mask(model: FluidModel):
+    """True at the floating-point leaves of a `FluidModel` the optimiser updates: the image
+    tokenizer is always frozen; the text encoder unless it declares itself trainable;
+    integer buffers (the empty caption) never train."""
+    mask = jtu.tree_map(eqx.is_inexact_array, model)
+    frozen = lambda tree: jtu.tree_map(lambda _: False, tree)
+    mask = eqx.tree_at(lambda m: m.tokenizer, mask, replace=frozen(model.tokenizer))
+    if not model.text_encoder.trainable:
+        mask = eqx.tree_at(lambda m: m.text_encoder, mask, replace=frozen(model.text_encoder))
+    return mask
+
+
+class FluidObjective(AbstractObjective):
+    """`FluidModel.loss_terms` with the backbone computing in `dtype` (float32 master
+    weights; the head and the loss stay float32)."""
+
+    dtype: jnp.dtype = eqx.field(static=True, default=jnp.dtype(jnp.float32))
+
+    def loss_terms(self, model, batch, keys):
+        return cast_backbone(model, self.dtype).loss_terms(batch, keys=keys)
+
+
+class GenerateRecipe(Recipe):
+    """`task="generate"`: the `FluidModel` that `config.model` describes, trained on
+    captioned images, or on their tokens when `config.data.cache` names a token cache; its
+    backbone computes in `config.precision`. It saves the EMA model with the caption
+    tokenizer, and its report samples the demo prompts."""
+
+    name = "generate"
+    reads_captions = True
+
+    def builder(self, *, key):
+        config = self.config
+        images = fit_images(self.source, config.data.fit_images)
+        build = functools.partial(build_model, config.model, text_tokenizer=self.text_tokenizer,
+                                  key=key, fit_images=images)
+        if any("path" in spec.kwargs for spec in (config.model.tokenizer,
+                                                   config.model.text_encoder)):
+            # Pretrained weights read from files: under jit they would become constants of
+            # the compiled program; build on the host, then place.
+            return build()
+        return build
+
+    @classmethod
+    def abstract_model(cls, config, *, source=None):
+        if source is None:
+            return abstract_model(config.model)
+        vocab = caption_tokenizer(source, config.model).vocab_size
+        return abstract_model(config.model, text_vocab_size=vocab)
+
+    def objective(self):
+        return FluidObjective(resolve_precision(self.config.precision))
+
+    def trainable(self, model):
+        return trainable_mask(model)
+
+    def training_source(self, model):
+        config = self.config
+        if not config.data.cache:
+            return self.source
+        fingerprint = cache_fingerprint(
+            model, to_dict(config.data), self.text_tokenizer, config.model.text_len
+        )
+        return cached_source(
+            config.data.cache, self.source, model, self.text_tokenizer,
+            fingerprint=fingerprint, text_len=config.model.text_len, progress=self.progress,
+        )
+
+    def sample_images(self, prompts: Sequence[str]) -> np.ndarray:
+        """The EMA model's samples of `prompts` at the run's sampling settings."""
+        config = self.config
+        return sample_images(
+            self.model(ema=True), self.text_tokenizer, list(prompts),
+            text_len=config.model.text_len, key=jr.key(config.seed + 1),
+            steps=config.sample_steps, cfg=config.sample_cfg,
+            temperature=config.sample_temperature,
+        )
+
+    def sample_grid(self, prompts=None, *, path=None):
+        if path is None:
+            if self.folder is None:
+                return None
+            path = self.folder.sample_grid(self.step)
+        prompts = list(prompts or DEMO_PROMPTS)
+        images = self.sample_images(prompts)
+        if not self.is_main:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return viz.save_grid(images, path, captions=prompts, cols=4)
+
+    def write_model(self, model, directory):
+        folder = RunFolder(directory)
+        self.text_tokenizer.save(folder.text_tokenizer)
+        # With its step and checksum beside it (`model.json`), verified by `load_model`.
+        save_model_file(folder.model, model, step=self.step)
+
+    def report(self):
+        t0 = time.perf_counter()
+        grid = self.sample_grid(path=self.folder.samples)
+        return {
+            "sample_seconds": time.perf_counter() - t0,
+            "samples": str(grid),
+            "model": str(self.folder.model),
+        }
