@@ -11,7 +11,8 @@ from ._rules import first_match, map_with_names
 # No decay on the diffusion/softmax head (as MAR), norms, biases, embeddings, 1-D params.
 NO_DECAY_RULES: tuple[tuple[str, bool], ...] = (
     (r"^head\.", False),
-    (r"(^|\.)(norm|ln|[a-z_]*_norm|[a-z_]*_ln)\d*\.", False),
+    # A norm module's `.weight`/`.bias`, or a norm scale stored bare (T5's `layers.attn_norm`).
+    (r"(^|\.)(norm|ln|[a-z_]*_norm|[a-z_]*_ln)\d*(\.|$)", False),
     (r"\.bias$", False),
     (r"embed", False),
 )
@@ -59,7 +60,9 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
 
 def ema_update(ema, params, decay: float):
     """`decay * ema + (1 - decay) * params`, leaf by leaf."""
-    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
+    # Not `e + (1 - decay) * (p - e)`: that rounds `p - e`, so decay 0 ("no averaging")
+    # would not give `params` back exactly.
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def global_norm(tree) -> jax.Array:
