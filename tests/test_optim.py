@@ -17,12 +17,19 @@ import pytest
 
 from fluid._paths import named_leaves, path_name
 from fluid.build import abstract_model, compose
-from fluid.config import OptimConfig
+from fluid.config import OptimConfig, TrainConfig
 from fluid.presets import VARIANTS, get_config
 from fluid.text import T5TextEncoder
-from fluid.train import decay_mask, learning_rate_schedule, make_optimizer, trainable_mask
+from fluid.recipes import trainable_mask
+from fluid.train import (
+    ModelLossTerms,
+    Trainer,
+    decay_mask,
+    learning_rate_schedule,
+    make_mesh,
+    make_optimizer,
+)
 from fluid.train._optim import ema_update, global_norm
-from fluid.train._trainer import _init_state, _train_step
 
 RTOL = 1e-6  # float32 results against float64 references
 EPS = 1e-8  # optax.adamw's default epsilon (OptimConfig does not set it)
@@ -151,7 +158,7 @@ class _Quadratic(eqx.Module):
 
     def loss_terms(self, batch, *, keys):
         del keys
-        total = jnp.sum(jnp.square(batch @ self.w), axis=-1)
+        total = jnp.sum(jnp.square(batch["x"] @ self.w), axis=-1)
         return total, jnp.ones_like(total)
 
 
@@ -161,19 +168,19 @@ def test_trainer_averages_updated_parameters_at_a_fixed_decay():
     decay = 0.99
     rng = np.random.default_rng(2)
     model = _Quadratic(away_from_zero(rng, (3, 2)))
-    params, rest = eqx.partition(model, eqx.is_inexact_array)
-    frozen, static = eqx.partition(rest, eqx.is_array)
-    batch = away_from_zero(rng, (4, 3))
-    state = _init_state(params, jr.key(3), optimizer=optax.sgd(0.1))
-    chex.assert_trees_all_equal(state.ema, params)
-    ema = np.asarray(params.w, np.float64)
+    batch = {"x": np.asarray(away_from_zero(rng, (4, 3)))}
+    config = TrainConfig(steps=3, batch_size=4, optim=OptimConfig(ema_decay=decay))
+    trainer = Trainer(model, ModelLossTerms(), iter([batch] * 3), config=config,
+                      mesh=make_mesh({"data": 1, "model": 1}, jax.devices()[:1]),
+                      optimizer=optax.sgd(0.1), progress=False)
+    chex.assert_trees_all_equal(trainer.state.ema.w, model.w)
+    ema = np.asarray(model.w, np.float64)
     for _ in range(3):
-        state, _ = _train_step(state, frozen, batch, static=static, optimizer=optax.sgd(0.1),
-                               ema_decay=decay, grad_accum=1, dtype=None)
-        ema = decay * ema + (1 - decay) * np.asarray(state.params.w, np.float64)
-        np.testing.assert_allclose(np.asarray(state.ema.w), ema, rtol=RTOL)
+        trainer.run(1)
+        ema = decay * ema + (1 - decay) * np.asarray(trainer.state.params.w, np.float64)
+        np.testing.assert_allclose(np.asarray(trainer.state.ema.w), ema, rtol=RTOL)
     # The parameters moved far enough that a wrong average could not pass.
-    assert np.max(np.abs(np.asarray(state.params.w) - np.asarray(params.w))) > 0.05
+    assert np.max(np.abs(np.asarray(trainer.state.params.w) - np.asarray(model.w))) > 0.05
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------
