@@ -252,6 +252,11 @@ def test_foreign_and_truncated_files(fixture, tmp_path):
     write_safetensors(tmp_path / "fused.safetensors", fused)
     with pytest.raises(WeightError, match=r"not parameters of LDM's AutoencoderKL.*attn_1\.qkv"):
         convert_ldm_checkpoint(tmp_path / "fused.safetensors", tmp_path / "a", scaling_factor=1.0)
+    # a file already in diffusers' layout
+    write_safetensors(tmp_path / "diffusers.safetensors", ldm_to_diffusers(state))
+    with pytest.raises(WeightError, match="in diffusers' layout already"):
+        convert_ldm_checkpoint(tmp_path / "diffusers.safetensors", tmp_path / "a",
+                               scaling_factor=1.0)
     # a part missing: the check-load names the key, and nothing is left behind
     partial = {k: v for k, v in state.items() if k != "decoder.up.0.block.1.conv2.bias"}
     write_safetensors(tmp_path / "partial.safetensors", partial)

@@ -186,9 +186,12 @@ def ldm_to_diffusers(
         out[new] = value
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        diffusers = any(re.search(r"\.(down_blocks|up_blocks|mid_block)\.", k) for k in unknown)
+        hint = (" They are in diffusers' layout already: load their folder (config.json and "
+                "safetensors) with KLTokenizer(path=...)." if diffusers else "")
         raise WeightError(
             f"{source}: {len(unknown)} tensors are not parameters of LDM's AutoencoderKL as "
-            f"fluid implements it ({', '.join(sorted(unknown)[:5])}{more})."
+            f"fluid implements it ({', '.join(sorted(unknown)[:5])}{more}).{hint}"
         )
     return out
 
