@@ -114,7 +114,8 @@ def read_folder_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     if not files:
         pickles = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = (f" It has {', '.join(pickles)}: pickled torch files are never loaded (they can "
-                "run code); save them as safetensors first.") if pickles else ""
+                "run code); save them as safetensors first (an LDM/MAR autoencoder: "
+                "fluid.tokenizers.convert_ldm_checkpoint).") if pickles else ""
         raise WeightError(f"{folder}: no *.safetensors file.{hint}")
     tensors: dict[str, np.ndarray] = {}
     for f in files:

@@ -24,6 +24,14 @@ from ._vae_blocks import Conv2d, DownEncoderBlock2D, GroupNorm, MidBlock2D, UpDe
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
+# The same blocks with a self-attention after each residual block (LDM's `attn_resolutions`).
+ATTN_DOWN_BLOCK = "AttnDownEncoderBlock2D"
+ATTN_UP_BLOCK = "AttnUpDecoderBlock2D"
+PLAIN_BLOCKS = {"down_block_types": (DOWN_BLOCK,), "up_block_types": (UP_BLOCK,)}
+ATTENTION_BLOCKS = {
+    "down_block_types": (DOWN_BLOCK, ATTN_DOWN_BLOCK),
+    "up_block_types": (UP_BLOCK, ATTN_UP_BLOCK),
+}
 
 
 def _check_channels(block_out_channels: Sequence[int], norm_num_groups: int) -> tuple[int, ...]:
@@ -41,7 +49,8 @@ def _check_channels(block_out_channels: Sequence[int], norm_num_groups: int) -> 
 
 @typing.final
 class Encoder(eqx.Module):
-    """diffusers' VAE `Encoder` (all blocks `DownEncoderBlock2D`, SiLU) on one image.
+    """diffusers' VAE `Encoder` (blocks `DownEncoderBlock2D` or `AttnDownEncoderBlock2D`,
+    SiLU) on one image.
 
     A 3x3 conv to `block_out_channels[0]`, one down block per entry of `block_out_channels`
     (each but the last halving the resolution), the mid block, then GroupNorm, SiLU and a 3x3
@@ -56,6 +65,8 @@ class Encoder(eqx.Module):
     - `double_z`: output `2 * out_channels` channels.
     - `mid_block_add_attention`: whether the mid block has its self-attention.
     - `in_channels`: channels of the input image.
+    - `block_attention`: for each down block, whether it has self-attention
+      (`AttnDownEncoderBlock2D`); `None` for none.
     - `key`: initialisation key.
     """
 
@@ -74,10 +85,12 @@ class Encoder(eqx.Module):
         double_z: bool,
         mid_block_add_attention: bool = True,
         in_channels: int = 3,
+        block_attention: Sequence[bool] | None = None,
         *,
         key: Key,
     ):
         channels = _check_channels(block_out_channels, norm_num_groups)
+        attention = _check_attention(block_attention, len(channels))
         k_in, k_down, k_mid, k_out = jr.split(key, 4)
         self.conv_in = Conv2d(in_channels, channels[0], 3, padding=1, key=k_in)
         down_keys = jr.split(k_down, len(channels))
@@ -88,6 +101,7 @@ class Encoder(eqx.Module):
                 layers_per_block,
                 norm_num_groups,
                 add_downsample=i < len(channels) - 1,
+                add_attention=attention[i],
                 key=k,
             )
             for i, (c, k) in enumerate(zip(channels, down_keys))
@@ -109,8 +123,8 @@ class Encoder(eqx.Module):
 
 @typing.final
 class Decoder(eqx.Module):
-    """diffusers' VAE `Decoder` (all blocks `UpDecoderBlock2D`, group norm, SiLU) on one
-    latent.
+    """diffusers' VAE `Decoder` (blocks `UpDecoderBlock2D` or `AttnUpDecoderBlock2D`, group
+    norm, SiLU) on one latent.
 
     A 3x3 conv to `block_out_channels[-1]`, the mid block, one up block per entry of
     `block_out_channels` in reverse (each with `layers_per_block + 1` residual blocks, each
@@ -125,6 +139,9 @@ class Decoder(eqx.Module):
     - `norm_num_groups`: groups of every GroupNorm.
     - `mid_block_add_attention`: whether the mid block has its self-attention.
     - `out_channels`: channels of the output image.
+    - `block_attention`: for each up block, in the decoder's order (the first works at the
+      lowest resolution), whether it has self-attention (`AttnUpDecoderBlock2D`); `None` for
+      none.
     - `key`: initialisation key.
     """
 
@@ -142,10 +159,12 @@ class Decoder(eqx.Module):
         norm_num_groups: int,
         mid_block_add_attention: bool = True,
         out_channels: int = 3,
+        block_attention: Sequence[bool] | None = None,
         *,
         key: Key,
     ):
         channels = _check_channels(block_out_channels, norm_num_groups)[::-1]
+        attention = _check_attention(block_attention, len(channels))
         k_in, k_mid, k_up, k_out = jr.split(key, 4)
         self.conv_in = Conv2d(in_channels, channels[0], 3, padding=1, key=k_in)
         self.mid_block = MidBlock2D(
@@ -159,6 +178,7 @@ class Decoder(eqx.Module):
                 layers_per_block + 1,
                 norm_num_groups,
                 add_upsample=i < len(channels) - 1,
+                add_attention=attention[i],
                 key=k,
             )
             for i, (c, k) in enumerate(zip(channels, up_keys))
@@ -171,6 +191,22 @@ class Decoder(eqx.Module):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+def _check_attention(block_attention: Sequence[bool] | None, blocks: int) -> tuple[bool, ...]:
+    if block_attention is None:
+        return (False,) * blocks
+    attention = tuple(bool(a) for a in block_attention)
+    if len(attention) != blocks:
+        raise ValueError(
+            f"block_attention={attention} must have one entry per block ({blocks})."
+        )
+    return attention
+
+
+def block_attention(block_types: Sequence[str], attention_type: str) -> tuple[bool, ...]:
+    """Which blocks of a diffusers `down_block_types`/`up_block_types` list have attention."""
+    return tuple(t == attention_type for t in block_types)
 
 
 def downsampling(block_out_channels: Sequence[int]) -> int:
@@ -221,6 +257,7 @@ def read_diffusers_config(
     class_name: str,
     defaults: Mapping[str, Any],
     required: Mapping[str, Any],
+    block_types: Mapping[str, Sequence[str]] = PLAIN_BLOCKS,
 ) -> dict[str, Any]:
     """A diffusers model's `config.json`, checked and completed with diffusers' defaults.
 
@@ -231,11 +268,13 @@ def read_diffusers_config(
     - `defaults`: every config key the class takes, with diffusers' default (older configs
       omit keys added later).
     - `required`: keys fluid supports only at one value, with that value.
+    - `block_types`: the block types fluid implements for this class, under
+      `down_block_types` and `up_block_types`.
 
     **Raises:**
 
-    `WeightError` for another class, a key diffusers' class does not take, a block type other
-    than `DownEncoderBlock2D`/`UpDecoderBlock2D`, or an option fluid does not implement.
+    `WeightError` for another class, a key diffusers' class does not take, a block type not
+    in `block_types`, or an option fluid does not implement.
     """
     config = read_config(folder)
     source = os.path.join(os.fspath(folder), "config.json")
@@ -256,11 +295,12 @@ def read_diffusers_config(
                 f"{name}={value!r}."
             )
     blocks = len(out["block_out_channels"])
-    for name, kind in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
-        if list(out[name]) != [kind] * blocks:
+    for name, kinds in block_types.items():
+        if len(out[name]) != blocks or any(t not in kinds for t in out[name]):
             raise WeightError(
                 f"{source}: {name}={out[name]!r} is not supported; fluid implements "
-                f"{blocks} x {kind!r} (one per entry of block_out_channels)."
+                f"{blocks} blocks (one per entry of block_out_channels) of type "
+                f"{' or '.join(map(repr, kinds))}."
             )
     return out
 
@@ -268,7 +308,8 @@ def read_diffusers_config(
 def write_diffusers_config(
     folder: str | os.PathLike, class_name: str, config: Mapping[str, Any]
 ) -> None:
-    """Write `config.json` as diffusers' `save_pretrained` does (sorted keys, the class)."""
+    """Write `config.json` as diffusers' `save_pretrained` does (sorted keys, the class);
+    blocks are plain `DownEncoderBlock2D`/`UpDecoderBlock2D` unless `config` names them."""
     blocks = len(config["block_out_channels"])
     full = {
         "_class_name": class_name,

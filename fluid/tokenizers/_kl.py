@@ -11,9 +11,15 @@ from jaxtyping import Array, Float
 from .._types import CONTINUOUS, Image, Key
 from ._abstract import AbstractImageTokenizer
 from ._autoencoder import (
+    ATTENTION_BLOCKS,
+    ATTN_DOWN_BLOCK,
+    ATTN_UP_BLOCK,
+    DOWN_BLOCK,
+    UP_BLOCK,
     Decoder,
     Encoder,
     abstract,
+    block_attention,
     check_image_size,
     downsampling,
     load_folder,
@@ -69,6 +75,31 @@ TINY = {
 }
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_RANGE = (-30.0, 20.0)
+# MAR multiplies its KL-16 latents by this before training on them, and divides sampled
+# tokens by it before decoding (LTH14/mar engine_mar.py).
+MAR_SCALING_FACTOR = 0.2325
+# MAR's KL-16 autoencoder as `KLTokenizer` arguments: LTH14/mar models/vae.py builds
+# `AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))` with ch=128, two residual blocks per
+# level, GroupNorms of 32 groups, attention in both mid blocks and in the encoder's last level
+# (attn_resolutions=(16,) at 256 px), on 256 px images with patch size 1. The decoder's levels
+# are left to the checkpoint: MAR's code builds them without attention (its Decoder's
+# attn_resolutions defaults to ()) and loads with strict=False, LDM's config would put one in
+# the lowest level. `KLTokenizer(**MAR_KL16, path=folder)` loads a converted kl16.ckpt
+# (`convert_ldm_checkpoint`) and fails if it is not this architecture. MAR trains on posterior
+# samples: add `sample_posterior=True` where the caller passes `encode` a key.
+MAR_KL16 = {
+    "image_size": 256,
+    "patch_size": 1,
+    "block_out_channels": (128, 128, 256, 256, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "latent_channels": 16,
+    "mid_block_add_attention": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "down_block_types": (DOWN_BLOCK,) * 4 + (ATTN_DOWN_BLOCK,),
+    "scaling_factor": MAR_SCALING_FACTOR,
+}
 
 
 @typing.final
@@ -76,15 +107,17 @@ class KLTokenizer(AbstractImageTokenizer):
     """Continuous tokens from a KL autoencoder in the layout of diffusers' `AutoencoderKL`.
 
     The encoder gives a diagonal Gaussian posterior over a latent grid (`2**(blocks - 1)`
-    times smaller than the image); tokens are its mean, shifted and scaled,
-    `(z - shift_factor) * scaling_factor`, and cut into `patch_size x patch_size` patches of
-    latent cells (channels ordered over patch rows, patch columns, then latent channels, as
-    `PatchTokenizer`'s). Decoding inverts the scaling, applies `post_quant_conv` and the
-    decoder, and clips to [-1, 1].
+    times smaller than the image); tokens are its mean (or, with `sample_posterior`, a draw
+    from it), shifted and scaled, `(z - shift_factor) * scaling_factor`, and cut into
+    `patch_size x patch_size` patches of latent cells (channels ordered over patch rows,
+    patch columns, then latent channels, as `PatchTokenizer`'s). Decoding inverts the
+    scaling, applies `post_quant_conv` and the decoder, and clips to [-1, 1].
 
     Fluid tokenizes with a Stable-Diffusion-style KL autoencoder at 8x and 2x2 patches
     (`token_dim = 4 * latent_channels`); MAR with its 16x, 16-channel KL autoencoder, patch 1
-    and `scaling_factor=0.2325`.
+    and `scaling_factor=0.2325`, trained on posterior samples (`MAR_KL16` holds its
+    arguments). Checkpoints in LDM's layout (MAR's kl16.ckpt, Stable Diffusion's original
+    VAE files) become folders this class loads with `convert_ldm_checkpoint`.
 
     With `path`, the architecture and weights come from a diffusers folder (`config.json` and
     `*.safetensors`; nothing is unpickled): architecture arguments left at `None` take the
@@ -109,6 +142,13 @@ class KLTokenizer(AbstractImageTokenizer):
       `(z - shift_factor) * scaling_factor`); `None` for the checkpoint's (1 and 0 without
       `path`). Given values override the checkpoint's.
     - `path`: a diffusers `AutoencoderKL` folder, or `None` for random weights.
+    - `down_block_types`, `up_block_types`: diffusers' block types, one per entry of
+      `block_out_channels` (`up_block_types` in the decoder's order, lowest resolution
+      first): `"DownEncoderBlock2D"`/`"UpDecoderBlock2D"`, or `"AttnDownEncoderBlock2D"`/
+      `"AttnUpDecoderBlock2D"` for a level with a self-attention after each residual block
+      (LDM's `attn_resolutions`); `None` for the checkpoint's (no attention without `path`).
+    - `sample_posterior`: `encode` returns tokens of a latent drawn from the posterior with
+      the key it is given (as MAR trains, a fresh draw every step) instead of the mean.
     - `key`: initialisation key; needed only without `path`.
     """
 
@@ -127,6 +167,9 @@ class KLTokenizer(AbstractImageTokenizer):
     norm_num_groups: int = eqx.field(static=True)
     latent_channels: int = eqx.field(static=True)
     mid_block_add_attention: bool = eqx.field(static=True)
+    down_block_types: tuple[str, ...] = eqx.field(static=True)
+    up_block_types: tuple[str, ...] = eqx.field(static=True)
+    sample_posterior: bool = eqx.field(static=True)
     scaling_factor: float = eqx.field(static=True)
     shift_factor: float = eqx.field(static=True)
     force_upcast: bool = eqx.field(static=True)
@@ -146,12 +189,17 @@ class KLTokenizer(AbstractImageTokenizer):
         shift_factor: float | None = None,
         path: str | os.PathLike | None = None,
         *,
+        down_block_types: Sequence[str] | None = None,
+        up_block_types: Sequence[str] | None = None,
+        sample_posterior: bool = False,
         key: Key | None = None,
     ):
         config = (
             None
             if path is None
-            else read_diffusers_config(path, CLASS_NAME, DIFFUSERS_DEFAULTS, SUPPORTED)
+            else read_diffusers_config(
+                path, CLASS_NAME, DIFFUSERS_DEFAULTS, SUPPORTED, ATTENTION_BLOCKS
+            )
         )
         arch = resolve(
             {
@@ -166,6 +214,18 @@ class KLTokenizer(AbstractImageTokenizer):
             config,
             TINY,
         )
+        blocks = len(arch["block_out_channels"])
+        arch.update(
+            resolve(
+                {"down_block_types": down_block_types, "up_block_types": up_block_types},
+                config,
+                {
+                    "down_block_types": (DOWN_BLOCK,) * blocks,
+                    "up_block_types": (UP_BLOCK,) * blocks,
+                },
+            )
+        )
+        _check_block_types(arch, blocks)
         if scaling_factor is None:
             scaling_factor = 1.0 if config is None else config["scaling_factor"]
         if shift_factor is None:
@@ -189,6 +249,9 @@ class KLTokenizer(AbstractImageTokenizer):
         self.layers_per_block = arch["layers_per_block"]
         self.norm_num_groups = arch["norm_num_groups"]
         self.mid_block_add_attention = bool(arch["mid_block_add_attention"])
+        self.down_block_types = arch["down_block_types"]
+        self.up_block_types = arch["up_block_types"]
+        self.sample_posterior = bool(sample_posterior)
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
         self.force_upcast = True if config is None else bool(config["force_upcast"])
@@ -253,8 +316,30 @@ class KLTokenizer(AbstractImageTokenizer):
 
     @eqx.filter_jit
     def sample(self, image: Image, *, key: Key) -> Float[Array, "seq token_dim"]:
-        """Tokens of a latent drawn from the posterior (`encode` gives its mean)."""
+        """Tokens of a latent drawn from the posterior, whatever `sample_posterior` says."""
         return self.latent_to_tokens(_draw(*self.posterior(image), key))
+
+    @eqx.filter_jit
+    def tokens_from_posterior(
+        self,
+        mean: Float[Array, "lh lw latent"],
+        logvar: Float[Array, "lh lw latent"],
+        *,
+        key: Key | None = None,
+    ) -> Float[Array, "seq token_dim"]:
+        """The tokens `encode` gives for an image whose posterior is `(mean, logvar)` (as
+        `posterior` returns them): of a latent drawn with `key` when `sample_posterior`, of
+        the mean otherwise. A cache of posteriors (MAR caches them for each image and its
+        flip) draws fresh tokens from them every step with this."""
+        if not self.sample_posterior:
+            return self.latent_to_tokens(mean)
+        if key is None:
+            raise ValueError(
+                "KLTokenizer(sample_posterior=True) draws its tokens from the posterior and "
+                "needs a key: pass key=..., or build it with sample_posterior=False for the "
+                "posterior mean."
+            )
+        return self.latent_to_tokens(_draw(mean, logvar, key))
 
     @eqx.filter_jit
     def reconstruct(
@@ -268,8 +353,10 @@ class KLTokenizer(AbstractImageTokenizer):
 
     # -- the tokenizer interface --------------------------------------------------------------
     @eqx.filter_jit
-    def encode(self, image: Image) -> Float[Array, "seq token_dim"]:
-        return self.latent_to_tokens(self.posterior(image)[0])
+    def encode(self, image: Image, *, key: Key | None = None) -> Float[Array, "seq token_dim"]:
+        """Tokens of one image: of its posterior mean, or, with `sample_posterior`, of a
+        latent drawn from the posterior with `key` (required then, ignored otherwise)."""
+        return self.tokens_from_posterior(*self.posterior(image), key=key)
 
     @eqx.filter_jit
     def decode(self, tokens: Float[Array, "seq token_dim"]) -> Image:
@@ -289,6 +376,7 @@ class KLTokenizer(AbstractImageTokenizer):
         patch_size: int = 1,
         scaling_factor: float | None = None,
         shift_factor: float | None = None,
+        sample_posterior: bool = False,
     ) -> "KLTokenizer":
         """A tokenizer with the architecture and weights of a diffusers `AutoencoderKL`
         folder, as `KLTokenizer(image_size, patch_size, path=path)` builds it."""
@@ -298,6 +386,7 @@ class KLTokenizer(AbstractImageTokenizer):
             scaling_factor=scaling_factor,
             shift_factor=shift_factor,
             path=path,
+            sample_posterior=sample_posterior,
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -318,6 +407,8 @@ class KLTokenizer(AbstractImageTokenizer):
             "use_quant_conv": self.quant_conv is not None,
             "use_post_quant_conv": self.post_quant_conv is not None,
             "mid_block_add_attention": self.mid_block_add_attention,
+            "down_block_types": self.down_block_types,
+            "up_block_types": self.up_block_types,
         }
         parts = {
             "encoder": self.encoder,
@@ -335,6 +426,16 @@ def _draw(
     return mean + jnp.exp(0.5 * logvar) * jr.normal(key, mean.shape, mean.dtype)
 
 
+def _check_block_types(arch: dict, blocks: int) -> None:
+    for name, kinds in ATTENTION_BLOCKS.items():
+        types = arch[name]
+        if len(types) != blocks or any(t not in kinds for t in types):
+            raise ValueError(
+                f"{name}={types!r} must give one of {kinds} for each of the {blocks} entries "
+                "of block_out_channels."
+            )
+
+
 # One compilation per architecture (its ints, tuples and flags are static under filter_jit)
 # instead of one per primitive and shape, which costs tens of seconds eagerly on a small CPU.
 @eqx.filter_jit
@@ -348,12 +449,23 @@ def _build_parts(arch: dict, *, key: Key) -> dict:
         "mid_block_add_attention": arch["mid_block_add_attention"],
     }
     return {
-        "encoder": Encoder(latent, double_z=True, **common, key=k_enc),
+        "encoder": Encoder(
+            latent,
+            double_z=True,
+            **common,
+            block_attention=block_attention(arch["down_block_types"], ATTN_DOWN_BLOCK),
+            key=k_enc,
+        ),
         "quant_conv": Conv2d(2 * latent, 2 * latent, 1, key=k_quant)
         if arch["use_quant_conv"]
         else None,
         "post_quant_conv": Conv2d(latent, latent, 1, key=k_post)
         if arch["use_post_quant_conv"]
         else None,
-        "decoder": Decoder(latent, **common, key=k_dec),
+        "decoder": Decoder(
+            latent,
+            **common,
+            block_attention=block_attention(arch["up_block_types"], ATTN_UP_BLOCK),
+            key=k_dec,
+        ),
     }

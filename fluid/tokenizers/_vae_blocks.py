@@ -185,7 +185,8 @@ class Upsample2D(eqx.Module):
 @typing.final
 class SpatialSelfAttention(eqx.Module):
     """Single-head self-attention over the positions of an image, with a GroupNorm before it
-    and the input added after it (the attention of diffusers' VAE mid block).
+    and the input added after it (the attention of diffusers' VAE mid block and attention
+    blocks, and of LDM's `AttnBlock`, whose 1x1 convolutions are these linear maps).
 
     **Arguments:**
 
@@ -255,7 +256,10 @@ class MidBlock2D(eqx.Module):
 
 @typing.final
 class DownEncoderBlock2D(eqx.Module):
-    """`num_layers` residual blocks, then (except in the last block) a `Downsample2D`.
+    """`num_layers` residual blocks, each followed by a spatial self-attention when
+    `add_attention`, then (except in the last block) a `Downsample2D`: diffusers'
+    `DownEncoderBlock2D`, or its `AttnDownEncoderBlock2D` with attention (the layout of LDM's
+    encoder levels listed in `attn_resolutions`).
 
     **Arguments:**
 
@@ -264,10 +268,12 @@ class DownEncoderBlock2D(eqx.Module):
     - `num_layers`: residual blocks (`layers_per_block`).
     - `groups`: groups of every GroupNorm.
     - `add_downsample`: whether the block halves the resolution.
+    - `add_attention`: whether each residual block is followed by a self-attention.
     - `key`: initialisation key.
     """
 
     resnets: list[ResnetBlock2D]
+    attentions: list[SpatialSelfAttention] | None
     downsample: Downsample2D | None
 
     def __init__(
@@ -277,6 +283,7 @@ class DownEncoderBlock2D(eqx.Module):
         num_layers: int,
         groups: int,
         add_downsample: bool,
+        add_attention: bool = False,
         *,
         key: Key,
     ):
@@ -285,17 +292,19 @@ class DownEncoderBlock2D(eqx.Module):
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, key=k)
             for i, k in enumerate(keys[:-1])
         ]
+        self.attentions = _attentions(out_channels, groups, num_layers, add_attention, key)
         self.downsample = Downsample2D(out_channels, key=keys[-1]) if add_downsample else None
 
     def __call__(self, x: Float[Array, "h w cin"]) -> Float[Array, "h2 w2 cout"]:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = _residual_stack(self.resnets, self.attentions, x)
         return x if self.downsample is None else self.downsample(x)
 
 
 @typing.final
 class UpDecoderBlock2D(eqx.Module):
-    """`num_layers` residual blocks, then (except in the last block) an `Upsample2D`.
+    """`num_layers` residual blocks, each followed by a spatial self-attention when
+    `add_attention`, then (except in the last block) an `Upsample2D`: diffusers'
+    `UpDecoderBlock2D`, or its `AttnUpDecoderBlock2D` with attention.
 
     **Arguments:**
 
@@ -304,10 +313,12 @@ class UpDecoderBlock2D(eqx.Module):
     - `num_layers`: residual blocks (`layers_per_block + 1` in the decoder).
     - `groups`: groups of every GroupNorm.
     - `add_upsample`: whether the block doubles the resolution.
+    - `add_attention`: whether each residual block is followed by a self-attention.
     - `key`: initialisation key.
     """
 
     resnets: list[ResnetBlock2D]
+    attentions: list[SpatialSelfAttention] | None
     upsample: Upsample2D | None
 
     def __init__(
@@ -317,6 +328,7 @@ class UpDecoderBlock2D(eqx.Module):
         num_layers: int,
         groups: int,
         add_upsample: bool,
+        add_attention: bool = False,
         *,
         key: Key,
     ):
@@ -325,9 +337,32 @@ class UpDecoderBlock2D(eqx.Module):
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, key=k)
             for i, k in enumerate(keys[:-1])
         ]
+        self.attentions = _attentions(out_channels, groups, num_layers, add_attention, key)
         self.upsample = Upsample2D(out_channels, key=keys[-1]) if add_upsample else None
 
     def __call__(self, x: Float[Array, "h w cin"]) -> Float[Array, "h2 w2 cout"]:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = _residual_stack(self.resnets, self.attentions, x)
         return x if self.upsample is None else self.upsample(x)
+
+
+def _attentions(
+    channels: int, groups: int, num_layers: int, add_attention: bool, key: Key
+) -> list[SpatialSelfAttention] | None:
+    """One self-attention per residual block, or `None`. Their keys come from a key folded
+    off the block's own, so blocks without attention initialise exactly as before."""
+    if not add_attention:
+        return None
+    keys = jr.split(jr.fold_in(key, 1), num_layers)
+    return [SpatialSelfAttention(channels, groups, key=k) for k in keys]
+
+
+def _residual_stack(
+    resnets: list[ResnetBlock2D],
+    attentions: list[SpatialSelfAttention] | None,
+    x: Float[Array, "h w cin"],
+) -> Float[Array, "h w cout"]:
+    for i, resnet in enumerate(resnets):
+        x = resnet(x)
+        if attentions is not None:
+            x = attentions[i](x)
+    return x
