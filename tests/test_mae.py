@@ -2,6 +2,7 @@
 `mar_tiny` fixture) through the converter a user runs (`fluid.build.load_mar`), static shapes
 under a bound on the known tokens, no leakage of unknown tokens, dropout only with a key."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,12 +15,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from fluid import TEXT_ENCODERS
+from fluid import TEXT_ENCODERS, ComponentSpec
 from fluid._weights import WeightError
 from fluid.backbones import MaskedAutoencoder
-from fluid.build import load_mar
-from fluid.nn import dense
+from fluid.build import compose, load_mar
+from fluid.nn import dense, dropout
 from fluid.orders import RandomOrder
+from fluid.presets import tiny
 from fluid.text import CAPTION_TOKENIZERS, ClassLabelTokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mar_tiny.npz"
@@ -292,6 +294,24 @@ def test_dropout_only_with_a_key():
     chex.assert_trees_all_equal(with_key(b, (changed, known, context, ctx_mask), jr.key(5)), a)
 
 
+def test_dropout_is_torchs_inverted_dropout():
+    x = jnp.ones((20000,))
+    out = jax.jit(lambda k: dropout(x, 0.1, k))(jr.key(0))
+    assert set(np.unique(np.asarray(out)).tolist()) == {0.0, np.float32(1 / 0.9)}
+    assert abs(float(jnp.mean(out == 0)) - 0.1) < 0.01
+    assert dropout(x, 0.1, None) is x and dropout(x, 0.0, jr.key(0)) is x
+
+
+@pytest.mark.parametrize("rates", [(0.5, 0.0), (0.0, 0.5)])
+def test_each_dropout_is_wired(rates):
+    # Attention-weight dropout alone, and projection/MLP dropout alone, each change the
+    # output under a key.
+    b = small(attn_dropout=rates[0], proj_dropout=rates[1])
+    args = inputs(4)
+    dropped = eqx.filter_jit(lambda b, k: b(*args, key=k))(b, jr.key(3))
+    assert float(jnp.abs(dropped - call(b, *args)).max()) > 1e-3
+
+
 def test_dropout_rates_are_marked():
     b = MaskedAutoencoder(DIM, 1, 2, SEQ, key=jr.key(0))
     assert (b.encoder.layers.attn_dropout, b.encoder.layers.proj_dropout) == (0.1, 0.1)
@@ -327,3 +347,34 @@ def test_class_label_encoder_is_registered_with_its_tokenizer():
                                               jnp.zeros(DIM)]))
     with pytest.raises(ValueError, match="num_classes \\+ 1"):
         cls(7, DIM, vocab_size=20, key=jr.key(0))
+
+
+# -- in FluidModel --------------------------------------------------------------------------------
+def test_a_class_conditional_model_trains_and_samples():
+    # MAR's composition in the one driver: class labels as captions, the `mae` backbone with
+    # MAR's training bound on known tokens (at least 70% masked: 4 of 16 known at most).
+    config = dataclasses.replace(
+        tiny("fluid").model,
+        backbone=ComponentSpec(name="mae", kwargs={"depth": 1, "num_heads": 2,
+                                                   "buffer_size": 4, "max_known": 4}),
+        text_encoder=ComponentSpec(name="class_labels", kwargs={"num_classes": 10, "dim": 32}),
+        text_len=2, text_vocab_size=11,
+    )
+    assert config.order.name == "random" and config.order.kwargs["mask_schedule"] == "mar"
+    tokenizer = ClassLabelTokenizer(10)
+    null_ids, null_mask = tokenizer.encode([""], config.text_len)
+    model = compose(config, text_vocab_size=tokenizer.vocab_size,
+                    null_text=(null_ids[0], null_mask[0]), key=jr.key(0))
+    # The head's output layers start at zero, which would stop every gradient there.
+    model = eqx.tree_at(lambda m: m.head, model, perturbed(model.head, jr.key(4), 0.05))
+    ids, mask = tokenizer.encode(["1", "7", "3", "0"], config.text_len)
+    batch = {"image": jr.uniform(jr.key(1), (4, 16, 16, 3), minval=-1.0, maxval=1.0),
+             "text_ids": ids, "text_mask": mask}
+    loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(
+        lambda m: m.loss(batch, key=jr.key(2))))(model)
+    assert bool(jnp.isfinite(loss))
+    assert float(jnp.abs(grads.text_encoder.class_embed).max()) > 0
+    images = eqx.filter_jit(lambda m, k: m.generate(ids, mask, key=k, steps=4, cfg=2.0))(
+        model, jr.key(3))
+    chex.assert_shape(images, (4, 16, 16, 3))
+    assert bool(jnp.all(jnp.isfinite(images)))
