@@ -1,19 +1,25 @@
-"""From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry."""
+"""From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry. And from
+MAR's checkpoint to the parts it holds (`load_mar`)."""
 
 import dataclasses
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.typing import ArrayLike
 
 from ._registry import SLOTS
 from ._types import DISCRETE, Key
+from ._weights import StateDict, WeightError
+from .backbones import MaskedAutoencoder, load_mar_backbone
 from .config import ComponentSpec, ModelConfig, TokenizerLossConfig
+from .heads import DiffusionHead, load_mar_diffloss
 from .model import FluidModel, TokenEmbedding
-from .text import CaptionTokenizer, TextAligner
+from .text import CaptionTokenizer, ClassLabelEncoder, TextAligner, load_mar_class_labels
 from .tokenizers import AutoencoderObjective
 
 
@@ -188,3 +194,112 @@ def non_embedding_params(model: FluidModel) -> int:
         count_params(backbone) - count_params(embeddings)
         + count_params(model.head) + count_params(model.aligner)
     )
+
+
+# -- MAR's checkpoints ----------------------------------------------------------------------
+@typing.final
+class MarParts(eqx.Module):
+    """The parts of one MAR model (`load_mar`).
+
+    - `token_projection`: MAR's `z_proj`, token to width. MAR normalises after adding the
+      position embedding (the backbone's `input_norm`), not right after this map as
+      `fluid.model.TokenEmbedding` does, so the backbone takes `dense(token_projection, t)`.
+    - `labels`: the class embeddings and the fake (unconditional) one.
+    - `backbone`: the encoder-decoder.
+    - `head`: the diffusion head.
+    """
+
+    token_projection: eqx.nn.Linear
+    labels: ClassLabelEncoder
+    backbone: MaskedAutoencoder
+    head: DiffusionHead
+
+
+def _shape(state: StateDict, name: str) -> tuple[int, ...]:
+    if name not in state:
+        raise WeightError(f"{state.source}: missing key {name!r}; is this MAR's state dict "
+                          "(checkpoint['model'] or ['model_ema'])?")
+    return tuple(state.tensors[name].shape)
+
+
+def _count(state: StateDict, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+def load_mar(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    num_heads: int,
+    batch_mul: int = 4,
+    sampling_steps: int = 100,
+    source: str = "MAR checkpoint",
+) -> MarParts:
+    """Every part of a MAR model (LTH14/mar, `models/mar.py`) from its state dict.
+
+    Sizes are read from the tensors (width, depths, sequence, buffer, token channels,
+    classes, the head's width and depth); every tensor must be used by some part, and each
+    must have its part's shape, or `WeightError` names the first that does not. The parts
+    are built as shapes only (`eqx.filter_eval_shape`), so no random initialisation runs.
+
+    **Arguments:**
+
+    - `tensors`: MAR's `checkpoint["model"]` (or `["model_ema"]`) as NumPy arrays, names as
+      MAR's (from a safetensors file: `fluid._weights.read_safetensors`).
+    - `num_heads`: attention heads of the encoder and decoder (16 for MAR-L and MAR-H, 12
+      for MAR-B): not recorded in the weights.
+    - `batch_mul`: the head's `(t, noise)` draws per position in training (MAR's
+      `diffusion_batch_mul`, 4).
+    - `sampling_steps`: the head's respaced sampling steps (MAR's `num_sampling_steps`).
+    - `source`: where the tensors came from, for messages.
+
+    **Returns:**
+
+    A `MarParts` in float32. For classifier-free guidance, the unconditional input is the
+    fake embedding: `labels` of the null id `labels.num_classes`.
+    """
+    state = StateDict(tensors, source=source)
+    dim = _shape(state, "encoder_norm.weight")[0]
+    seq_len = _shape(state, "diffusion_pos_embed_learned")[1]
+    buffer_size = _shape(state, "encoder_pos_embed_learned")[1] - seq_len
+    depth = _count(state, "encoder_blocks.{}.norm1.weight")
+    decoder_depth = _count(state, "decoder_blocks.{}.norm1.weight")
+    mlp_ratio = _shape(state, "encoder_blocks.0.mlp.fc1.weight")[0] / dim if depth else 4.0
+    token_dim = _shape(state, "z_proj.weight")[1]
+    num_classes = _shape(state, "class_emb.weight")[0]
+    head_width = _shape(state, "diffloss.net.cond_embed.weight")[0]
+    head_depth = _count(state, "diffloss.net.res_blocks.{}.in_ln.weight")
+
+    def skeletons(key):
+        k_proj, k_labels, k_backbone, k_head = jr.split(key, 4)
+        return MarParts(
+            token_projection=eqx.nn.Linear(token_dim, dim, key=k_proj),
+            labels=ClassLabelEncoder(num_classes, dim, key=k_labels),
+            backbone=MaskedAutoencoder(
+                dim, depth, num_heads, seq_len, mlp_ratio, decoder_depth=decoder_depth,
+                buffer_size=buffer_size, key=k_backbone,
+            ),
+            head=DiffusionHead(
+                dim, token_dim, head_width, head_depth, sampling_steps=sampling_steps,
+                batch_mul=batch_mul, key=k_head,
+            ),
+        )
+
+    parts = eqx.filter_eval_shape(skeletons, jr.key(0))
+    weight = state.take("z_proj.weight", (dim, token_dim))
+    bias = state.take("z_proj.bias", (dim,))
+    token_projection = eqx.tree_at(
+        lambda m: (m.weight, m.bias), parts.token_projection,
+        (jnp.asarray(weight, jnp.float32), jnp.asarray(bias, jnp.float32)),
+    )
+    labels = load_mar_class_labels(parts.labels, state)
+    backbone = load_mar_backbone(parts.backbone, state)
+    diffloss = {k: state.take(k) for k in state.unused() if k.startswith("diffloss.net.")}
+    head = load_mar_diffloss(parts.head, diffloss, prefix="diffloss.net.")
+    state.finish()
+    loaded = MarParts(token_projection, labels, backbone, head)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded)):
+        raise AssertionError("load_mar left a parameter unloaded")  # a bug of the layouts
+    return loaded

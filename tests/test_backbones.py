@@ -15,7 +15,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import pytest
 
-from fluid.backbones import BidirectionalTransformer, CausalTransformer
+from fluid.backbones import BidirectionalTransformer, CausalTransformer, MaskedAutoencoder
 from fluid.nn import (
     KVCache,
     SelfAttention,
@@ -26,7 +26,7 @@ from fluid.nn import (
 from fluid.text import LearnedTextEncoder, TextAligner
 
 DIM, DEPTH, HEADS, SEQ, CTX, VOCAB, TEXT_DIM = 32, 2, 4, 16, 8, 50, 24
-BACKBONE_CLASSES = [CausalTransformer, BidirectionalTransformer]
+BACKBONE_CLASSES = [CausalTransformer, BidirectionalTransformer, MaskedAutoencoder]
 
 
 @eqx.filter_jit

@@ -44,8 +44,13 @@ TINY = {
     "backbone": {
         "causal": {"depth": 2, "num_heads": 2},
         "bidirectional": {"depth": 2, "num_heads": 2},
+        "mae": {"depth": 2, "num_heads": 2, "buffer_size": 3, "max_known": 6,
+                "cross_attention": True},
     },
-    "text_encoder": {"learned": {"dim": DIM, "depth": 1, "num_heads": 2}},
+    "text_encoder": {
+        "learned": {"dim": DIM, "depth": 1, "num_heads": 2},
+        "class_labels": {"num_classes": TEXT_VOCAB - 1, "dim": DIM},
+    },
 }
 
 

@@ -11,6 +11,9 @@ BACKBONES: Registry = Registry("backbone", AbstractBackbone, "fluid.backbones")
 
 from ._bidirectional import BidirectionalTransformer as BidirectionalTransformer  # noqa: E402
 from ._causal import CausalTransformer as CausalTransformer  # noqa: E402
+from ._mae import MaskedAutoencoder as MaskedAutoencoder  # noqa: E402
+from ._mar_convert import load_mar_backbone as load_mar_backbone  # noqa: E402
 
 BACKBONES.register("causal", CausalTransformer)
 BACKBONES.register("bidirectional", BidirectionalTransformer)
+BACKBONES.register("mae", MaskedAutoencoder)

@@ -6,6 +6,8 @@ from ._abstract import AbstractOutputHead as AbstractOutputHead
 HEADS: Registry = Registry("output head", AbstractOutputHead, "fluid.heads")
 
 from ._diffusion import DiffusionHead as DiffusionHead  # noqa: E402
+from ._mar_convert import MarCheckpointError as MarCheckpointError  # noqa: E402
+from ._mar_convert import load_mar_diffloss as load_mar_diffloss  # noqa: E402
 from ._softmax import SoftmaxHead as SoftmaxHead  # noqa: E402
 
 HEADS.register("softmax", SoftmaxHead)

@@ -6,6 +6,7 @@ from ._attention import attention_mask as attention_mask
 from ._attention import dot_product_attention as dot_product_attention
 from ._cache import KVCache as KVCache
 from ._cross_attention import CrossAttention as CrossAttention
+from ._dropout import dropout as dropout
 from ._init import PerVectorLinear as PerVectorLinear
 from ._init import dense as dense
 from ._init import embedding as embedding

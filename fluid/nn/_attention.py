@@ -7,6 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int
 
 from .._types import Key
+from ._dropout import dropout
 from ._init import dense, linear
 
 # The default of `heads_first_min_queries`: from how many queries `dot_product_attention`
@@ -42,11 +43,17 @@ def dot_product_attention(
     mask: Bool[Array, "q k"] | None = None,
     *,
     heads_first_min_queries: int = HEADS_FIRST_MIN_QUERIES,
+    dropout_rate: float = 0.0,
+    key: Key | None = None,
 ) -> Float[Array, "q heads head_dim"]:
     """Scaled dot-product attention with a boolean mask (True = may attend).
 
     The softmax runs in float32 whatever the input dtype, so low-precision compute keeps
     well-normalised weights. A fully masked row attends uniformly rather than giving NaN.
+
+    With a `key`, the attention weights are dropped out at `dropout_rate` after the softmax
+    (torch's `scaled_dot_product_attention(dropout_p=...)`, timm's `attn_drop`); without
+    one, nothing is dropped.
 
     `heads_first_min_queries` (static) chooses how the products are laid out, never their
     values: from that many queries on, the heads move in front of the sequence first (see
@@ -74,7 +81,8 @@ def dot_product_attention(
         # masked keys contribute nothing, and a row with no valid key cannot become NaN.
         lowest = jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32)
         logits = jnp.where(mask[None], logits, lowest)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = dropout(weights, dropout_rate, key).astype(v.dtype)
     if heads_first:
         return jnp.swapaxes(jnp.einsum("hqk,hkd->hqd", weights, v), -3, -2)
     return jnp.einsum("hqk,khd->qhd", weights, v)
@@ -127,18 +135,23 @@ class SelfAttention(eqx.Module):
         x: Float[Array, "seq dim"],
         mask: Bool[Array, "seq seq"] | None = None,
         rows: Int[Array, " rows"] | None = None,
+        *,
+        dropout_rate: float = 0.0,
+        key: Key | None = None,
     ) -> Float[Array, "seq_or_rows dim"]:
         """Attend every position to the positions `mask` allows (all when `None`).
 
         With `rows`, only those positions query (every position is still a key and a
-        value), and only their outputs are returned, in the order of `rows`.
+        value), and only their outputs are returned, in the order of `rows`. With a `key`,
+        the attention weights are dropped out at `dropout_rate` (`dot_product_attention`).
         """
         q, k, v = self._split(dense(self.qkv, x))
         if rows is not None:
             q = q[rows]
             mask = None if mask is None else mask[rows]
         out = dot_product_attention(
-            q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries
+            q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries,
+            dropout_rate=dropout_rate, key=key,
         )
         return dense(self.proj, out.reshape(q.shape[0], x.shape[-1]))
 

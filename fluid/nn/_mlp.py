@@ -7,6 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from .._types import Key
+from ._dropout import dropout
 from ._init import dense, linear
 
 
@@ -29,8 +30,16 @@ class Mlp(eqx.Module):
         self.fc1 = linear(dim, hidden_dim, key=k1)
         self.fc2 = linear(hidden_dim, dim, key=k2)
 
-    def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        return dense(self.fc2, gelu(dense(self.fc1, x)))
+    def __call__(
+        self, x: Float[Array, " dim"], *, dropout_rate: float = 0.0, key: Key | None = None
+    ) -> Float[Array, " dim"]:
+        """The MLP on one vector; with a `key`, dropout at `dropout_rate` after the GELU and
+        after the second linear layer (timm's `Mlp(drop=...)`, which MAR's blocks use)."""
+        if key is None:
+            return dense(self.fc2, gelu(dense(self.fc1, x)))
+        k1, k2 = jr.split(key)
+        h = dropout(gelu(dense(self.fc1, x)), dropout_rate, k1)
+        return dropout(dense(self.fc2, h), dropout_rate, k2)
 
 
 def gelu(x: Array) -> Array:

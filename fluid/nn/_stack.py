@@ -17,9 +17,11 @@ from ._transformer import TransformerBlock
 # One compilation per configuration (ints static under filter_jit): initialising eagerly
 # compiles every primitive of every shape one by one, seconds per model on a 2-core CPU.
 @eqx.filter_jit
-def _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key):
+def _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, attn_dropout,
+                    proj_dropout, key):
     def make(k):
-        return TransformerBlock(dim, num_heads, mlp_ratio, cross_attention, key=k)
+        return TransformerBlock(dim, num_heads, mlp_ratio, cross_attention, attn_dropout,
+                                proj_dropout, key=k)
 
     return eqx.filter_vmap(make)(jr.split(key, depth))
 
@@ -40,6 +42,8 @@ class TransformerStack(eqx.Module):
     - `remat`: what the backward pass keeps from each block (`scan_layers`' `remat`);
       `DEFAULT_REMAT_POLICY` by default, `None` for a plain scan. It changes memory and
       speed, never values or gradients.
+    - `attn_dropout`, `proj_dropout`: as `TransformerBlock`; dropout runs only when the
+      call is given a key.
     - `key`: initialisation key.
     """
 
@@ -57,10 +61,13 @@ class TransformerStack(eqx.Module):
         mlp_ratio: float = 4.0,
         cross_attention: bool = False,
         remat: RematPolicy = DEFAULT_REMAT_POLICY,
+        attn_dropout: float = 0.0,
+        proj_dropout: float = 0.0,
         *,
         key: Key,
     ):
-        self.layers = _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention, key)
+        self.layers = _stacked_blocks(depth, dim, num_heads, mlp_ratio, cross_attention,
+                                      float(attn_dropout), float(proj_dropout), key)
         self.depth = depth
         self.dim = dim
         self.num_heads = num_heads
@@ -77,25 +84,33 @@ class TransformerStack(eqx.Module):
         context: Float[Array, "ctx dim"] | None = None,
         context_mask: Bool[Array, " ctx"] | None = None,
         rows: Int[Array, " rows"] | None = None,
+        *,
+        key: Key | None = None,
     ) -> Float[Array, "seq_or_rows dim"]:
         """Every block in turn; arguments as `TransformerBlock.__call__`.
 
         With `rows`, the outputs at those positions only: the last block runs its queries,
         cross-attention and MLP on `rows` alone (`TransformerBlock.__call__`), the blocks
         before it on every position, whose keys and values the last block reads.
+
+        With a `key`, each block draws its dropout from its own part of it; without one,
+        no dropout.
         """
         params, static = eqx.partition(self.layers, eqx.is_array)
+        keys = None if key is None else jr.split(key, self.depth)
 
-        def layer(h, p):
-            return eqx.combine(p, static)(h, mask, context, context_mask)
+        def layer(h, p_k):
+            p, k = p_k
+            return eqx.combine(p, static)(h, mask, context, context_mask, key=k)
 
         if rows is None:
-            return scan_layers(layer, x, params, remat=self.remat)
+            return scan_layers(layer, x, (params, keys), remat=self.remat)
         if self.depth == 0:
             return x[rows]
-        x = scan_layers(layer, x, jax.tree.map(lambda a: a[:-1], params), remat=self.remat)
+        first = jax.tree.map(lambda a: a[:-1], (params, keys))
+        x = scan_layers(layer, x, first, remat=self.remat)
         last = eqx.combine(jax.tree.map(lambda a: a[-1], params), static)
-        return last(x, mask, context, context_mask, rows)
+        return last(x, mask, context, context_mask, rows, key=None if keys is None else keys[-1])
 
     def init_cache(self, seq_len: int, context: Float[Array, "ctx dim"]) -> KVCache:
         """An empty self-attention cache for `seq_len` positions, with the context's

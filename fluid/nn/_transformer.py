@@ -8,6 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 from .._types import Key
 from ._attention import SelfAttention
 from ._cross_attention import CrossAttention
+from ._dropout import dropout
 from ._init import layer_norm
 from ._mlp import Mlp
 
@@ -25,6 +26,9 @@ class TransformerBlock(eqx.Module):
     - `num_heads`: attention heads (self and cross).
     - `mlp_ratio`: MLP inner width over `dim`.
     - `cross_attention`: whether the block cross-attends to a context of width `dim`.
+    - `attn_dropout`: dropout rate of the attention weights (timm's `attn_drop`).
+    - `proj_dropout`: dropout rate after each sub-layer's output projection and after the
+      MLP's activation (timm's `proj_drop`). Dropout runs only when the call is given a key.
     - `key`: initialisation key.
     """
 
@@ -34,6 +38,8 @@ class TransformerBlock(eqx.Module):
     cross: CrossAttention | None
     mlp_norm: eqx.nn.LayerNorm
     mlp: Mlp
+    attn_dropout: float = eqx.field(static=True, default=0.0)
+    proj_dropout: float = eqx.field(static=True, default=0.0)
 
     def __init__(
         self,
@@ -41,6 +47,8 @@ class TransformerBlock(eqx.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         cross_attention: bool = False,
+        attn_dropout: float = 0.0,
+        proj_dropout: float = 0.0,
         *,
         key: Key,
     ):
@@ -54,6 +62,11 @@ class TransformerBlock(eqx.Module):
             self.cross_norm = self.cross = None
         self.mlp_norm = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), key=k_mlp)
+        for rate in (attn_dropout, proj_dropout):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"a dropout rate must lie in [0, 1), got {rate}.")
+        self.attn_dropout = float(attn_dropout)
+        self.proj_dropout = float(proj_dropout)
 
     def __call__(
         self,
@@ -62,20 +75,38 @@ class TransformerBlock(eqx.Module):
         context: Float[Array, "ctx dim"] | None = None,
         context_mask: Bool[Array, " ctx"] | None = None,
         rows: Int[Array, " rows"] | None = None,
+        *,
+        key: Key | None = None,
     ) -> Float[Array, "seq_or_rows dim"]:
         """The block on a whole sequence; `mask[q, k]` says which keys query `q` may read.
 
         With `rows`, the outputs at those positions only, in their order: every position
         is read as a key and a value, but the queries, the cross-attention and the MLP run
         on `rows` alone (equal to the full output indexed by `rows`, for less work).
+
+        With a `key`, dropout at the block's rates (timm's ViT block: the attention weights,
+        each sub-layer's output and the MLP's activation); without one, none.
         """
-        h = self.attn(jax.vmap(self.attn_norm)(x), mask, rows)
-        x = (x if rows is None else x[rows]) + h
+        if key is None or (self.attn_dropout == 0.0 and self.proj_dropout == 0.0):
+            k_attn = k_proj = k_cross = k_mlp = None
+        else:
+            k_attn, k_proj, k_cross, k_mlp = jr.split(key, 4)
+        h = self.attn(jax.vmap(self.attn_norm)(x), mask, rows, dropout_rate=self.attn_dropout,
+                      key=k_attn)
+        x = (x if rows is None else x[rows]) + dropout(h, self.proj_dropout, k_proj)
         if self.cross is not None:
             if context is None or context_mask is None:
                 raise ValueError("a cross-attention block needs context and context_mask.")
-            x = x + self.cross(jax.vmap(self.cross_norm)(x), context, context_mask)
-        return x + jax.vmap(self.mlp)(jax.vmap(self.mlp_norm)(x))
+            h = self.cross(jax.vmap(self.cross_norm)(x), context, context_mask)
+            x = x + dropout(h, self.proj_dropout, k_cross)
+        normed = jax.vmap(self.mlp_norm)(x)
+        if k_mlp is None:
+            return x + jax.vmap(self.mlp)(normed)
+
+        def mlp(v, k):
+            return self.mlp(v, dropout_rate=self.proj_dropout, key=k)
+
+        return x + jax.vmap(mlp)(normed, jr.split(k_mlp, x.shape[0]))
 
     def decode(
         self,

@@ -12,6 +12,9 @@ TEXT_ENCODERS: Registry = Registry("text encoder", AbstractTextEncoder, "fluid.t
 CaptionTokenizer = AbstractCaptionTokenizer
 
 from ._aligner import TextAligner as TextAligner
+from ._class_labels import ClassLabelEncoder as ClassLabelEncoder
+from ._class_labels import ClassLabelTokenizer as ClassLabelTokenizer
+from ._class_labels import load_mar_class_labels as load_mar_class_labels
 from ._learned import LearnedTextEncoder as LearnedTextEncoder
 from ._load import load_caption_tokenizer as load_caption_tokenizer
 from ._sentencepiece import TextTokenizer as TextTokenizer
@@ -21,5 +24,7 @@ from ._t5_tokenizer import T5CaptionTokenizer as T5CaptionTokenizer
 
 TEXT_ENCODERS.register("learned", LearnedTextEncoder)
 TEXT_ENCODERS.register("t5", T5TextEncoder)
+TEXT_ENCODERS.register("class_labels", ClassLabelEncoder)
 CAPTION_TOKENIZERS.register("sentencepiece", TextTokenizer)
 CAPTION_TOKENIZERS.register("t5", T5CaptionTokenizer)
+CAPTION_TOKENIZERS.register("class_labels", ClassLabelTokenizer)
