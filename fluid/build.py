@@ -1,5 +1,6 @@
 """From a `ModelConfig` to a `FluidModel`: resolve each spec through its registry. And from
-MAR's checkpoint to the parts it holds (`load_mar`)."""
+MAR's checkpoint to the parts it holds (`load_mar`) and to the `FluidModel` it is
+(`mar_model`)."""
 
 import dataclasses
 import typing
@@ -13,14 +14,21 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ._registry import SLOTS
-from ._types import DISCRETE, Key
+from ._types import CONTINUOUS, DISCRETE, Key
 from ._weights import StateDict, WeightError
 from .backbones import MaskedAutoencoder, load_mar_backbone
 from .config import ComponentSpec, ModelConfig, TokenizerLossConfig
 from .heads import DiffusionHead, load_mar_diffloss
 from .model import FluidModel, TokenEmbedding
-from .text import CaptionTokenizer, ClassLabelEncoder, TextAligner, load_mar_class_labels
-from .tokenizers import AutoencoderObjective
+from .orders import RandomOrder
+from .text import (
+    CaptionTokenizer,
+    ClassLabelEncoder,
+    ClassLabelTokenizer,
+    TextAligner,
+    load_mar_class_labels,
+)
+from .tokenizers import AbstractImageTokenizer, AutoencoderObjective
 
 
 def _build(slot: str, spec: ComponentSpec, derived: dict, key: Key):
@@ -52,11 +60,12 @@ def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_
     if text_encoder is None:
         text_encoder = _build_text_encoder(config, text_vocab_size, k_text)
     aligner = TextAligner(
-        text_encoder.dim, config.width, config.aligner_depth, config.aligner_heads, key=k_align
+        text_encoder.dim, config.width, config.aligner_depth, config.aligner_heads,
+        identity=config.aligner == "identity", key=k_align,
     )
     embedding = TokenEmbedding(
         token_kind, token_dim, vocab_size if token_kind == DISCRETE else None, config.width,
-        key=k_embed,
+        normalize=config.token_norm, key=k_embed,
     )
     backbone = _build("backbone", config.backbone, {"dim": config.width, "seq_len": seq_len}, k_back)
     head = _build(
@@ -303,3 +312,71 @@ def load_mar(
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded)):
         raise AssertionError("load_mar left a parameter unloaded")  # a bug of the layouts
     return loaded
+
+
+def mar_model(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    num_heads: int,
+    tokenizer: AbstractImageTokenizer,
+    batch_mul: int = 4,
+    sampling_steps: int = 100,
+    text_len: int = 2,
+    caption_dropout: float = 0.1,
+    source: str = "MAR checkpoint",
+) -> FluidModel:
+    """A MAR model (LTH14/mar, `models/mar.py`) as a `FluidModel` that computes what MAR's
+    code computes: in training (`loss`, `loss_terms`) and in sampling (`generate`).
+
+    The composition: MAR's class embeddings as the text encoder (`ClassLabelEncoder`; its
+    captions are class numbers, `ClassLabelTokenizer`, and `""` is the unconditional
+    "fake" class), an identity aligner, MAR's `z_proj` as a token embedding without a
+    LayerNorm (MAR normalises after adding positions, inside the backbone), the `mae`
+    backbone with MAR's dropout (0.1; on in `loss_terms`), the diffusion head, and the
+    random order with MAR's mask ratios (`RandomOrder("mar")`). Label dropout is the
+    model's caption dropout (MAR's `label_drop_prob`, 0.1).
+
+    **Arguments:**
+
+    - `tensors`, `num_heads`, `batch_mul`, `sampling_steps`, `source`: as `load_mar`.
+    - `tokenizer`: the image tokenizer, whose tokens must be MAR's: for MAR's released
+      models `fluid.tokenizers.KLTokenizer(**MAR_KL16, path=folder)` with MAR's kl16.ckpt
+      converted (`fluid.tokenizers.convert_ldm_checkpoint`).
+    - `text_len`: caption ids per example (the empty caption's length).
+    - `caption_dropout`: the label dropout of training.
+
+    **Returns:**
+
+    The model, in float32. Its caption tokenizer is
+    `ClassLabelTokenizer(model.text_encoder.num_classes)`.
+    """
+    parts = load_mar(tensors, num_heads=num_heads, batch_mul=batch_mul,
+                     sampling_steps=sampling_steps, source=source)
+    backbone = parts.backbone
+    token_dim = parts.token_projection.in_features
+    if (tokenizer.token_kind, tokenizer.token_dim, tokenizer.seq_len) != (
+        CONTINUOUS, token_dim, backbone.seq_len
+    ):
+        raise ValueError(
+            f"{source} takes {backbone.seq_len} continuous tokens of {token_dim} channels; the "
+            f"tokenizer {type(tokenizer).__name__} makes {tokenizer.seq_len} "
+            f"{tokenizer.token_kind} tokens of {tokenizer.token_dim}."
+        )
+    embedding = eqx.filter_eval_shape(
+        lambda k: TokenEmbedding(CONTINUOUS, token_dim, None, backbone.dim, normalize=False,
+                                 key=k),
+        jr.key(0),
+    )
+    embedding = eqx.tree_at(lambda e: e.layer, embedding, parts.token_projection)
+    null_ids, null_mask = ClassLabelTokenizer(parts.labels.num_classes).encode([""], text_len)
+    return FluidModel(
+        tokenizer=tokenizer,
+        text_encoder=parts.labels,
+        aligner=TextAligner(backbone.dim, backbone.dim, 0, 1, identity=True, key=jr.key(0)),
+        token_embedding=embedding,
+        backbone=backbone,
+        head=parts.head,
+        order=RandomOrder(mask_schedule="mar"),
+        null_text=(null_ids[0], null_mask[0]),
+        caption_dropout=caption_dropout,
+    )

@@ -21,7 +21,9 @@ from ._overrides import apply_overrides, from_dict, override, to_dict
 from ._registry import SLOTS, ComponentSpec
 
 __all__ = [
+    "ALIGNERS",
     "DATASETS",
+    "DECAY_RULES",
     "LAYOUTS",
     "ON_CHANGE",
     "PRECISIONS",
@@ -73,9 +75,21 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {choices}, got {value!r}.")
 
 
+# What sits between the text encoder and the backbone (`ModelConfig.aligner`): Fluid's
+# transformer blocks (`fluid.text.TextAligner`), or nothing (MAR's class embedding).
+ALIGNERS = ("transformer", "identity")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The parts of a `FluidModel` and the sizes that tie them together."""
+    """The parts of a `FluidModel` and the sizes that tie them together.
+
+    `aligner`: `"transformer"` (a linear map, `aligner_depth` blocks and a LayerNorm, as
+    Fluid) or `"identity"` (the text encoder's outputs as they are; its width must be
+    `width`), as MAR feeds its class embedding to the backbone. `token_norm`: whether a
+    LayerNorm follows the token embedding; MAR normalises after adding positions instead
+    (the `mae` backbone's), so its compositions set it False.
+    """
 
     # A `ComponentSpec` is frozen: one shared default is safe (ruff cannot tell, the class
     # being defined in another module).
@@ -98,6 +112,8 @@ class ModelConfig:
     text_len: int = 24
     text_vocab_size: int = 128
     caption_dropout: float = 0.1
+    aligner: str = "transformer"
+    token_norm: bool = True
 
     def __post_init__(self):
         # The config's one hook into the components: an unknown name or a kwarg the class
@@ -114,6 +130,9 @@ class ModelConfig:
         _at_least("model.text_vocab_size", self.text_vocab_size, 5,
                   why="4 special ids and at least one piece")
         _fraction("model.caption_dropout", self.caption_dropout)
+        _choice("model.aligner", self.aligner, ALIGNERS)
+        if not isinstance(self.token_norm, bool):
+            raise ConfigTypeError(f"model.token_norm takes true or false, got {self.token_norm!r}.")
 
 
 DATASETS = ("shapes", "folder", "jsonl")
@@ -187,9 +206,20 @@ class DataConfig:
             raise ConfigError(f"unknown data.layout {self.layout!r}; choose one of {LAYOUTS}.")
 
 
+# Which parameters weight decay applies to (`OptimConfig.decay_rules`,
+# `fluid.train.decay_mask`).
+DECAY_RULES = ("fluid", "mar")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with Fluid's defaults and a warm-up; MAR's gradient clipping."""
+    """AdamW with Fluid's defaults and a warm-up; MAR's gradient clipping.
+
+    `decay_rules`: which parameters are decayed (`fluid.train.decay_mask`): `"fluid"`,
+    matrices other than the head's, norms' and embeddings'; `"mar"`, MAR's
+    `add_weight_decay`: all but the head (its diffusion MLP), biases and norms, so the
+    learned position, mask and class embeddings are decayed.
+    """
 
     learning_rate: float = 1e-4
     schedule: str = "constant"  # "constant" after warm-up, or "cosine"
@@ -199,6 +229,7 @@ class OptimConfig:
     weight_decay: float = 0.02
     grad_clip: float | None = 3.0
     ema_decay: float = 0.9999
+    decay_rules: str = "fluid"
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -214,6 +245,7 @@ class OptimConfig:
             _at_least("optim.grad_clip", self.grad_clip, 0, integer=False, strict=True,
                       why="or None: no clipping")
         _fraction("optim.ema_decay", self.ema_decay, why="0: no averaging")
+        _choice("optim.decay_rules", self.decay_rules, DECAY_RULES)
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")

@@ -1,5 +1,7 @@
 """`FluidModel`: one tokenizer, text encoder, backbone, head and order, composed and batched."""
 
+import functools
+import inspect
 import itertools
 import typing
 from collections.abc import Mapping
@@ -17,7 +19,7 @@ from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import HEADS, AbstractOutputHead
 from .nn import dense, per_vector
-from .orders import ORDERS, AbstractGenerationOrder
+from .orders import ORDERS, AbstractBoundedOrder, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
 
@@ -36,14 +38,34 @@ class IncompatibleComponentsError(ValueError):
 
 @typing.final
 class TokenEmbedding(eqx.Module):
-    """Embeds tokens for the backbone: a table for discrete codes, a linear map otherwise."""
+    """Embeds tokens for the backbone: a table for discrete codes, a linear map otherwise,
+    then a LayerNorm unless `normalize` is False.
+
+    **Arguments:**
+
+    - `token_kind`: `"discrete"` or `"continuous"`.
+    - `token_dim`: channels of a continuous token.
+    - `vocab_size`: codes of a discrete token (`None` for continuous ones).
+    - `dim`: the backbone's width.
+    - `normalize`: whether a LayerNorm follows the map. MAR normalises after adding its
+      buffer and position embeddings instead (the `mae` backbone's `input_norm`), so its
+      compositions leave it out (`ModelConfig.token_norm`).
+    - `key`: initialisation key.
+    """
 
     layer: eqx.nn.Linear | eqx.nn.Embedding
-    norm: eqx.nn.LayerNorm
+    norm: eqx.nn.LayerNorm | None
     token_kind: str = eqx.field(static=True)
 
     def __init__(
-        self, token_kind: str, token_dim: int, vocab_size: int | None, dim: int, *, key: Key
+        self,
+        token_kind: str,
+        token_dim: int,
+        vocab_size: int | None,
+        dim: int,
+        normalize: bool = True,
+        *,
+        key: Key,
     ):
         self.token_kind = token_kind
         if token_kind == DISCRETE:
@@ -53,7 +75,7 @@ class TokenEmbedding(eqx.Module):
             )
         else:
             self.layer = eqx.nn.Linear(token_dim, dim, key=key)
-        self.norm = eqx.nn.LayerNorm(dim)
+        self.norm = eqx.nn.LayerNorm(dim) if normalize else None
 
     def __call__(self, tokens: Tokens) -> Float[Array, "seq dim"]:
         return jax.vmap(self.embed_one)(tokens)
@@ -61,7 +83,14 @@ class TokenEmbedding(eqx.Module):
     def embed_one(self, token: Float[Array, " token_dim"] | Int[Array, ""]) -> Float[Array, " dim"]:
         layer = self.layer
         embedded = dense(layer, token) if isinstance(layer, eqx.nn.Linear) else layer(token)
-        return self.norm(embedded)
+        return embedded if self.norm is None else self.norm(embedded)
+
+
+@functools.cache
+def _call_keywords(backbone_type: type) -> frozenset[str]:
+    """The arguments a backbone class's `__call__` names (the contract's optional `key` and
+    `max_known` among them, or not)."""
+    return frozenset(inspect.signature(backbone_type.__call__).parameters)
 
 
 def _names_where(registry, predicate) -> list[str]:
@@ -197,23 +226,73 @@ class FluidModel(eqx.Module):
         *,
         keys: jaxtyping.Key[Array, " batch"],
         num_known: Int[Array, " batch"] | None = None,
+        dropout: bool = True,
     ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
         """Per example: the summed loss over its target positions, and how many there are.
 
         Every random choice of example `i` (caption dropout, order, known positions, the
-        head's noise) comes from `keys[i]` alone, so a batch split into micro-batches with
-        the matching keys gives the same sums (gradient accumulation is exact), and
-        `loss = sum(total) / sum(count)`.
+        backbone's dropout, the head's noise) comes from `keys[i]` alone, so a batch split
+        into micro-batches with the matching keys gives the same sums (gradient
+        accumulation is exact), and `loss = sum(total) / sum(count)`.
 
         `num_known`, for a bidirectional backbone only: how many positions of each example
         (a prefix of its permutation, in `[0, seq - 1]`) are known, in place of the order's
         draw. Validation passes fixed counts, so that every model is measured at the same
         mask ratios (`fluid.eval.validation_loss`).
 
+        `dropout` (static): whether a backbone whose `__call__` takes a `key` (the `mae`
+        backbone: MAR's dropout) is given one; validation turns it off, as MAR evaluates
+        in eval mode. Backbones without a `key` are unaffected.
+
+        With an order that bounds its known counts (`AbstractBoundedOrder`, such as MAR's
+        random order: at least 70% masked) and a backbone whose `__call__` takes
+        `max_known` (the `mae` backbone), the backbone is told the bound, a static int, and
+        its encoder runs over that many slots for the known tokens instead of `seq`. With
+        `num_known` given, it is told `seq`.
+
         The backbone computes in the dtype of its parameters (cast them to bfloat16 for
         mixed precision); its inputs are cast to that dtype and its outputs back to float32,
         so the head and the loss stay in float32.
         """
+        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch)
+        n = self.seq_len
+
+        def one(tokens, ids, mask, hidden, key, known_count):
+            k_drop, k_perm, k_known, k_head = jr.split(key, 4)
+            z, at = self._training_example(tokens, ids, mask, hidden, null_hidden, key,
+                                           (k_drop, k_perm, k_known), known_count, dropout)
+            with jax.named_scope("head"):
+                per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
+                    z, tokens, jr.split(k_head, n)
+                )
+            weights = at.targets.astype(jnp.float32)
+            return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
+
+        return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
+
+    def training_conditions(
+        self,
+        batch: Mapping[str, ArrayLike],
+        *,
+        keys: jaxtyping.Key[Array, " batch"],
+        num_known: Int[Array, " batch"] | None = None,
+        dropout: bool = True,
+    ) -> tuple[Float[Array, "batch seq dim"], Bool[Array, "batch seq"]]:
+        """What `loss_terms` gives the head, from the same batch, keys and arguments: the
+        backbone's condition at every position (float32), and which positions the loss
+        counts."""
+        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch)
+
+        def one(tokens, ids, mask, hidden, key, known_count):
+            k_drop, k_perm, k_known, _ = jr.split(key, 4)
+            z, at = self._training_example(tokens, ids, mask, hidden, null_hidden, key,
+                                           (k_drop, k_perm, k_known), known_count, dropout)
+            return z, at.targets
+
+        return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
+
+    def _training_inputs(self, batch):
+        """A training batch's tokens, captions and cached text (with the empty caption's)."""
         tokens = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
         ids, mask = jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"])
         hidden = batch.get("text_hidden")
@@ -225,37 +304,44 @@ class FluidModel(eqx.Module):
                     "its outputs change as it trains. Cache text only for frozen encoders."
                 )
             null_hidden = jax.lax.stop_gradient(self.text_encoder(self.null_ids, self.null_mask))
+        return tokens, ids, mask, hidden, null_hidden
+
+    def _training_example(self, tokens, ids, mask, hidden, null_hidden, key, subkeys,
+                          known_count, dropout):
+        """One training example's conditions and positions (`loss_terms`' keys: `key`, and
+        the caption-dropout, permutation and known-count keys split from it)."""
+        k_drop, k_perm, k_known = subkeys
         n = self.seq_len
-        attention = self.backbone.attention
+        dropped = jr.bernoulli(k_drop, self.caption_dropout)
+        ids = jnp.where(dropped, self.null_ids, ids)
+        mask = jnp.where(dropped, self.null_mask, mask)
+        if hidden is None:
+            context = self.encode_text(ids, mask)
+        else:
+            with jax.named_scope("text"):
+                context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
+        # The order decides what the backbone reads and what the loss counts.
+        at = self.order.training_positions(
+            n, self.backbone.attention, permutation_key=k_perm, known_key=k_known,
+            num_known=known_count,
+        )
+        # What a backbone takes beyond the contract's arguments (`AbstractBackbone`).
+        extra = {}
+        takes = _call_keywords(type(self.backbone))
+        if dropout and "key" in takes:
+            extra["key"] = jr.fold_in(key, 4)  # apart from the four keys split above
+        if "max_known" in takes:
+            if known_count is not None:
+                extra["max_known"] = n
+            elif isinstance(self.order, AbstractBoundedOrder):
+                extra["max_known"] = self.order.max_num_known(n)
         compute = _float_dtype(self.backbone)
-
-        def one(tokens, ids, mask, hidden, key, known_count):
-            k_drop, k_perm, k_known, k_head = jr.split(key, 4)
-            dropped = jr.bernoulli(k_drop, self.caption_dropout)
-            ids = jnp.where(dropped, self.null_ids, ids)
-            mask = jnp.where(dropped, self.null_mask, mask)
-            if hidden is None:
-                context = self.encode_text(ids, mask)
-            else:
-                with jax.named_scope("text"):
-                    context = self.aligner(jnp.where(dropped, null_hidden, hidden), mask)
-            # The order decides what the backbone reads and what the loss counts.
-            at = self.order.training_positions(
-                n, attention, permutation_key=k_perm, known_key=k_known, num_known=known_count
-            )
-            with jax.named_scope("backbone"):
-                x = self.token_embedding(tokens)
-                z = self.backbone(x.astype(compute), at.known, context.astype(compute), mask,
-                                  order=at.order)
-                z = z.astype(jnp.float32)
-            with jax.named_scope("head"):
-                per_pos = jax.vmap(lambda zz, t, k: self.head.loss(zz, t, key=k))(
-                    z, tokens, jr.split(k_head, n)
-                )
-            weights = at.targets.astype(jnp.float32)
-            return jnp.sum(per_pos.astype(jnp.float32) * weights), jnp.sum(weights)
-
-        return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
+        with jax.named_scope("backbone"):
+            x = self.token_embedding(tokens)
+            z = self.backbone(x.astype(compute), at.known, context.astype(compute), mask,
+                              order=at.order, **extra)
+            z = z.astype(jnp.float32)
+        return z, at
 
     # -- sampling -------------------------------------------------------------------------
     def generate(
@@ -277,8 +363,9 @@ class FluidModel(eqx.Module):
         - `key`: randomness.
         - `steps`: sampling steps requested from the order (raster ignores it).
         - `cfg`: classifier-free guidance scale; 1 disables guidance (static).
-        - `cfg_schedule`: `"linear"` (scale grows from 1 to `cfg` with the fraction of tokens
-          produced) or `"constant"` (static).
+        - `cfg_schedule`: `"linear"` (MAR's: at a step, `1 + (cfg - 1) * (n - m) / n` with
+          `m` the positions still masked after it, counted as at least one) or `"constant"`
+          (static).
         - `temperature`: passed to the head.
 
         **Returns:**
@@ -312,9 +399,15 @@ class FluidModel(eqx.Module):
         return jnp.stack([ctx, null]), jnp.stack([mask, self.null_mask])
 
     def _cfg_at(self, cfg, schedule, produced):
+        """The guidance scale of the step after which `produced` positions are known."""
         if schedule == "constant":
             return jnp.asarray(cfg, jnp.float32)
-        return 1.0 + (cfg - 1.0) * produced.astype(jnp.float32) / self.seq_len
+        # MAR's linear schedule (`sample_tokens`): `1 + (cfg - 1) * (n - m) / n` with `m`
+        # the positions still masked after the step as MAR clamps it, at least one; so the
+        # last step's scale is `1 + (cfg - 1) * (n - 1) / n`, never `cfg`.
+        n = self.seq_len
+        masked = jnp.maximum(n - produced, 1)
+        return 1.0 + (cfg - 1.0) * (n - masked).astype(jnp.float32) / n
 
     @staticmethod
     def _sample_head(head, z, guided, cfg_value, temperature, key):

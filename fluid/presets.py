@@ -11,6 +11,8 @@
 | `discrete-raster` | discrete (`palette`) | `raster` | `causal` | `softmax` |
 
 `tokenizer-{kl,vq}-{32,64}` train an image tokenizer instead (`fluid train-tokenizer`).
+`mar-base`, `mar-large`, `mar-huge` are MAR's class-conditional ImageNet models, and
+`tiny-mar` a CPU-sized model of the same composition.
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ from .config import (
     TrainConfig,
     apply_overrides,
 )
+from .tokenizers import MAR_KL16
 
 VARIANTS = ("fluid", "continuous-raster", "discrete-random", "discrete-raster")
 
@@ -166,6 +169,106 @@ def scale(size: str) -> TrainConfig:
     )
 
 
+# MAR's released sizes: width, blocks of the encoder (and of the decoder), heads, and the
+# diffusion head's width and depth (LTH14/mar: `mar_base/large/huge` in models/mar.py, the
+# `--diffloss_w/--diffloss_d` of its README's commands), with its guidance scale there.
+MAR_SIZES = {
+    "base": (768, 12, 12, 1024, 6, 2.9),
+    "large": (1024, 16, 16, 1280, 8, 3.0),
+    "huge": (1280, 20, 16, 1536, 12, 3.2),
+}
+
+
+def _mar_model(tokenizer: ComponentSpec, *, width: int, depth: int, heads: int,
+               head: dict, num_classes: int, buffer_size: int) -> ModelConfig:
+    """MAR's composition (`fluid.build.mar_model` builds the same from MAR's weights):
+    class labels as captions fed to the backbone as they are (an identity aligner), tokens
+    embedded without a LayerNorm, the `mae` backbone, the diffusion head, the random order
+    with MAR's mask ratios (at least 70% masked), label dropout 0.1."""
+    return ModelConfig(
+        tokenizer=tokenizer,
+        head=ComponentSpec(name="diffusion", kwargs=head),
+        order=ComponentSpec(name="random", kwargs={"mask_schedule": "mar"}),
+        backbone=ComponentSpec(name="mae", kwargs={"depth": depth, "num_heads": heads,
+                                                   "buffer_size": buffer_size}),
+        text_encoder=ComponentSpec(name="class_labels",
+                                   kwargs={"num_classes": num_classes, "dim": width}),
+        width=width, aligner="identity", token_norm=False, text_len=2,
+        text_vocab_size=num_classes + 1, caption_dropout=0.1,
+    )
+
+
+def mar(size: str) -> TrainConfig:
+    """MAR-B, MAR-L or MAR-H (`size`: `base`, `large`, `huge`): class-conditional ImageNet at
+    256 px (Li et al. 2024; LTH14/mar).
+
+    Tokens of MAR's KL-16 autoencoder (`fluid.tokenizers.MAR_KL16`: 16 x 16 tokens of 16
+    channels, patch 1, latents scaled by 0.2325), frozen; give its converted kl16.ckpt
+    with `model.tokenizer.kwargs.path=<folder>` (`fluid.tokenizers.convert_ldm_checkpoint`),
+    random weights otherwise. 1000 classes, buffer 64, MAR's encoder-decoder (`MAR_SIZES`:
+    768 wide, 12 + 12 blocks, 12 heads, head 6 x 1024 for `base`; 1024, 16 + 16, 16, 8 x 1280
+    for `large`; 1280, 20 + 20, 16, 12 x 1536 for `huge`), dropout 0.1, diffusion batch
+    multiplier 4. Parameters as MAR counts them (its trainable ones; the autoencoder apart):
+    207,924,768 / 478,326,304 / 942,403,104 (`tests/test_mar.py`).
+
+    Training as MAR's README (800 epochs of ImageNet's 1,281,167 images at batch 2048, 625
+    steps an epoch): AdamW (0.9, 0.95), learning rate 8e-4 (MAR's base rate 1e-4 times
+    2048 / 256), constant after a linear warm-up of 100 epochs, weight decay 0.02 on what
+    MAR decays (`optim.decay_rules="mar"`), gradient clipping at 3, EMA 0.9999, random
+    flips. Sampling previews at MAR's guidance for the size (2.9 / 3.0 / 3.2, linear) and
+    64 steps (MAR reports FID 2.31 / 1.78 / 1.55 at 256 steps).
+
+    Captions are class numbers (`fluid.text.ClassLabelTokenizer`, `""` for no class):
+    `fluid train mar-large data.dataset=folder data.path=<ImageNet train folder with
+    "<class>" captions>`.
+    """
+    width, depth, heads, head_width, head_depth, cfg = MAR_SIZES[size]
+    tokenizer = ComponentSpec(name="kl", kwargs={
+        k: list(v) if isinstance(v, tuple) else v for k, v in MAR_KL16.items()
+    })
+    model = _mar_model(tokenizer, width=width, depth=depth, heads=heads,
+                       head={"width": head_width, "depth": head_depth, "batch_mul": 4},
+                       num_classes=1000, buffer_size=64)
+    return TrainConfig(
+        model=model,
+        data=DataConfig(image_size=256, flip=True),
+        optim=OptimConfig(learning_rate=8e-4, warmup_steps=62_500, weight_decay=0.02,
+                          grad_clip=3.0, ema_decay=0.9999, decay_rules="mar"),
+        steps=500_000, batch_size=2048, sample_steps=64, sample_cfg=cfg,
+        sample_temperature=1.0,
+    )
+
+
+def tiny_mar() -> TrainConfig:
+    """MAR's composition at a size for tests: 10 classes, 8 px images in 4 x 4 pixel patches
+    (4 tokens of 48 values), width 32, 2 + 2 blocks, buffer 4, head 2 x 64; its 600 steps
+    take about 20 seconds on a 2-core CPU after compiling.
+
+    Pixel patches, unlike MAR's latents, average their noise down by the patch side, so at
+    MAR's noise schedule the head would rarely need the class: the schedule is shifted by
+    4 (`noise_shift`, as the `demo` preset), and predicted patches are clipped to [-1, 1].
+
+    Captions are class numbers `"0"` to `"9"`: `fluid train tiny-mar data.dataset=folder
+    data.path=<8 px images with such captions>`. Measured (`tests/test_mar.py`, two classes
+    of flat colours): the loss falls from 1.0 to about 0.05 and samples take their class's
+    colour (at 350 steps they do not yet).
+    """
+    model = _mar_model(
+        ComponentSpec(name="patch", kwargs={"image_size": 8, "patch_size": 4}),
+        width=32, depth=2, heads=2,
+        head={"width": 64, "depth": 2, "batch_mul": 2, "clip_denoised": 1.0,
+              "noise_shift": 4.0},
+        num_classes=10, buffer_size=4,
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(image_size=8),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=10, ema_decay=0.9,
+                          decay_rules="mar"),
+        steps=600, batch_size=16, log_every=50, sample_steps=4,
+    )
+
+
 def tokenizer(kind: str, image_size: int) -> TrainConfig:
     """An image tokenizer (`kl` or `vq`) trained as an autoencoder on `shapes` at
     `image_size` px (`task="tokenizer"`), sized for a few minutes on 2 CPU cores.
@@ -231,7 +334,9 @@ def tiny_tokenizer(kind: str) -> TrainConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {"demo": demo}
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"demo": demo, "tiny-mar": tiny_mar}
+for _m in MAR_SIZES:
+    PRESETS[f"mar-{_m}"] = lambda m=_m: mar(m)
 for _v in VARIANTS:
     PRESETS[f"tiny-{_v}"] = lambda v=_v: tiny(v)
     PRESETS[f"shapes-{_v}"] = lambda v=_v: shapes(v)

@@ -409,3 +409,25 @@ def test_make_optimizer_equals_numpy_adamw(config):
     for step_got, step_want in zip(got, want, strict=True):
         assert_close(as_dict(step_got), step_want)
         assert step_got["frozen"] is None
+
+
+# MAR's rule (`decay_rules="mar"`, its `add_weight_decay`): everything but the head, biases and
+# norms, so the embedding and the bare vector are decayed too.
+NAMED_TREE_DECAYED_MAR = {"blocks.layers.attn.qkv.weight", "proj.weight", "pos_embed", "scale"}
+
+
+def test_make_optimizer_with_mars_decay_rule_equals_numpy_adamw():
+    config = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip=None,
+                         decay_rules="mar")
+    rng = np.random.default_rng(9)
+    params = _named_tree(rng)
+    assert {k for k, v in as_dict(decay_mask(params, "mar")).items() if v} == (
+        NAMED_TREE_DECAYED_MAR)
+    grads = [_named_tree(rng) for _ in range(2)]
+    got = run_optimizer(make_optimizer(config, 2), params, grads)
+    want = numpy_adamw(as_dict(params), [as_dict(g) for g in grads], config=config,
+                       total_steps=2, decayed=NAMED_TREE_DECAYED_MAR)
+    for step_got, step_want in zip(got, want, strict=True):
+        assert_close(as_dict(step_got), step_want)
+    with pytest.raises(ValueError, match="decay_rules"):
+        OptimConfig(decay_rules="timm")

@@ -8,7 +8,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from fluid.orders import RandomOrder, RasterOrder, cosine_step_counts
+from fluid.orders import AbstractBoundedOrder, RandomOrder, RasterOrder, cosine_step_counts
 
 
 def reference_masked_after(n, steps):
@@ -92,3 +92,24 @@ def test_num_known_leaves_at_least_one_target(order):
 def test_unknown_mask_schedule_is_refused():
     with pytest.raises(ValueError, match="mask_schedule"):
         RandomOrder(mask_schedule="linear")
+
+
+@pytest.mark.parametrize("n", [4, 10, 16, 20, 64, 100, 256, 1024])
+def test_the_random_orders_training_bound_holds_for_every_draw(n):
+    # MAR masks at least 70%: at most n - ceil(0.7 n) known (76 of 256), reached by draws near
+    # the lowest ratio; Fluid's cosine schedule bounds nothing below n - 1.
+    mar, cosine = RandomOrder(), RandomOrder(mask_schedule="cosine")
+    assert isinstance(mar, AbstractBoundedOrder)
+    bound = mar.max_num_known(n)
+    assert bound == n - math.ceil(0.7 * n - 1e-9)
+    assert cosine.max_num_known(n) == n - 1
+    keys = jr.split(jr.key(n), 50000)
+    known = np.asarray(jax.vmap(lambda k: mar.num_known(n, key=k))(keys))
+    assert known.max() <= bound
+    # The lowest ratio itself (the truncated normal's lower end, rounded as the order does).
+    lowest = np.float32(1.0) + np.float32(0.25) * np.nextafter(np.float32(-1.2), np.float32(0))
+    assert n - min(max(math.ceil(np.float32(n) * lowest), 1), n) <= bound
+    if n >= 16 and (7 * n) % 10:
+        # Draws near 0.7 are common enough to reach it (where 0.7 n is a whole number, only
+        # a ratio of 0.7 exactly would, and the bound keeps that margin).
+        assert known.max() == bound

@@ -64,6 +64,12 @@ class AbstractBackbone(eqx.Module):
         **Returns:**
 
         `Float[Array, "seq dim"]`, one condition vector per position.
+
+        A backbone may take two more keyword arguments, which `FluidModel.loss_terms` passes
+        in training only when its `__call__` names them: `key` (randomness, such as
+        dropout; never passed in sampling or validation) and `max_known` (a static int: at
+        most this many positions are known, from the order's `AbstractBoundedOrder` bound,
+        or `seq` when the known counts are given).
         """
 
     @abc.abstractmethod

@@ -43,10 +43,13 @@ class MaskedAutoencoder(AbstractBidirectionalBackbone):
     positions. More known tokens than `max_known` raise at run time (`eqx.error_if`)
     rather than being dropped silently. `None` (the default) gives `seq_len` slots, which
     always fit. `at_positions` (sampling, where up to `seq_len - 1` tokens are known and
-    the driver's count is not static) uses `seq_len` slots unless told otherwise.
+    the driver's count is not static) uses `seq_len` slots unless told otherwise. In
+    `FluidModel`'s training the call's `max_known` comes from the order
+    (`fluid.orders.AbstractBoundedOrder`; MAR's random order bounds it as above), so the
+    field matters only to direct calls.
 
-    Dropout runs only when a call is given a `key`; `FluidModel` gives none, so its
-    training and sampling are deterministic in the backbone.
+    Dropout runs only when a call is given a `key`: `FluidModel` gives one in training
+    (`loss_terms`), none in sampling and validation.
 
     **Arguments:**
 

@@ -130,7 +130,8 @@ def _batch_terms(
     def setting(s):
         keys = jax.vmap(lambda k: jr.fold_in(k, s))(example_keys)
         known = None if counts is None else jnp.full((bsz,), counts[s // noise_draws])
-        return model.loss_terms(batch, keys=keys, num_known=known)
+        # No dropout in the backbone: a model is evaluated as it samples.
+        return model.loss_terms(batch, keys=keys, num_known=known, dropout=False)
 
     # One setting at a time: memory stays that of one batch.
     return jax.lax.map(setting, jnp.arange(num_ratios * noise_draws, dtype=jnp.int32))
@@ -212,7 +213,7 @@ def validation_loss(
     timesteps and noise: each example is evaluated `noise_draws` times (at each ratio),
     each pass drawing the head's `batch_mul` timesteps and noises per token afresh, and
     every draw comes from fixed keys, so the number is the same on every call. Caption
-    dropout is off.
+    dropout is off, and so is the backbone's dropout (the `mae` backbone's).
 
     **Arguments:**
 

@@ -1,6 +1,7 @@
 """Generation orders: which positions are known in training, produced in sampling."""
 
 from .._registry import Registry
+from ._abstract import AbstractBoundedOrder as AbstractBoundedOrder
 from ._abstract import AbstractGenerationOrder as AbstractGenerationOrder
 from ._abstract import TrainingPositions as TrainingPositions
 

@@ -102,3 +102,17 @@ class AbstractGenerationOrder(eqx.Module):
             num_known = self.num_known(n, key=known_key)
         known = rank < num_known
         return TrainingPositions(order, known, ~known)
+
+
+class AbstractBoundedOrder(AbstractGenerationOrder):
+    """An order whose training draws know at most a static number of positions.
+
+    `FluidModel` tells a backbone that takes `max_known` (the `mae` backbone) this bound in
+    training, so that its encoder runs over that many slots for the known tokens instead of
+    all `n`: under MAR's mask ratios (at least 70% masked) the encoder then reads under a
+    third of the positions.
+    """
+
+    @abc.abstractmethod
+    def max_num_known(self, n: int) -> int:
+        """A static upper bound, in `[0, n - 1]`, on `num_known(n, key=...)` over every key."""

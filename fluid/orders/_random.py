@@ -8,7 +8,7 @@ import equinox as eqx
 from jaxtyping import Array, Int
 
 from .._types import BIDIRECTIONAL, Key
-from ._abstract import AbstractGenerationOrder
+from ._abstract import AbstractBoundedOrder
 
 MASK_SCHEDULES = ("mar", "cosine")
 
@@ -39,7 +39,7 @@ def cosine_step_counts(n: int, steps: int) -> tuple[int, ...]:
 
 
 @typing.final
-class RandomOrder(AbstractGenerationOrder):
+class RandomOrder(AbstractBoundedOrder):
     """MAR's random order: a fresh permutation per example, masked prediction.
 
     **Arguments:**
@@ -47,6 +47,9 @@ class RandomOrder(AbstractGenerationOrder):
     - `mask_schedule`: how the masked fraction of each training example is drawn. `"mar"`: a
       normal with location 1 and scale 0.25 truncated to [0.7, 1] (mean 0.867), as MAR;
       `"cosine"`: MaskGIT's `cos(pi/2 * u)` with `u` uniform on [0, 1], as Fluid.
+
+    In training at most `max_num_known(n)` positions are known: `n - ceil(0.7 n)` under
+    `"mar"` (76 of 256), `n - 1` under `"cosine"`.
     """
 
     supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL})
@@ -68,6 +71,17 @@ class RandomOrder(AbstractGenerationOrder):
             # Standardised bounds of [0.7, 1] under N(1, 0.25^2).
             return 1.0 + 0.25 * jr.truncated_normal(key, -1.2, 0.0)
         return jnp.cos(jnp.pi / 2 * jr.uniform(key))
+
+    @property
+    def min_mask_ratio(self) -> float:
+        """The smallest masked fraction `mask_ratio` draws: 0.7 (`"mar"`), 0 (`"cosine"`)."""
+        return 0.7 if self.mask_schedule == "mar" else 0.0
+
+    def max_num_known(self, n: int) -> int:
+        # `num_known` masks `ceil(n * ratio)`, the ratio at least `min_mask_ratio` up to
+        # float32 rounding (a few ulps): the margin keeps the bound an upper bound.
+        masked = math.ceil(n * self.min_mask_ratio * (1.0 - 1e-6))
+        return n - min(max(masked, 1), n)
 
     def num_known(self, n: int, *, key: Key) -> Int[Array, ""]:
         num_masked = jnp.ceil(n * self.mask_ratio(key=key)).astype(jnp.int32)

@@ -1,5 +1,7 @@
 """Optimiser, learning-rate schedules, trainable and weight-decay masks, EMA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -18,8 +20,30 @@ NO_DECAY_RULES: tuple[tuple[str, bool], ...] = (
 )
 
 
-def decay_mask(params):
-    """True where weight decay applies: matrices outside the rules in `NO_DECAY_RULES`."""
+# MAR's `add_weight_decay` (util/misc.py): no decay on the diffusion head ("diffloss"),
+# biases and 1-D parameters. MAR holds its learned embeddings with leading unit axes
+# (`fake_latent` [1, dim], `mask_token` [1, 1, dim], the position embeddings [1, seq, dim]),
+# so its 1-D parameters are its LayerNorms' scales and shifts: named here by rule, since
+# fluid stores those embeddings without the unit axes and its stacked norms with a layer axis.
+MAR_NO_DECAY_RULES: tuple[tuple[str, bool], ...] = (
+    NO_DECAY_RULES[0],  # the head
+    NO_DECAY_RULES[1],  # norms
+    (r"\.bias$", False),
+)
+
+
+def decay_mask(params, rules: str = "fluid"):
+    """True where weight decay applies.
+
+    `rules` (`OptimConfig.decay_rules`): `"fluid"`, matrices outside the rules in
+    `NO_DECAY_RULES`; `"mar"`, every parameter outside `MAR_NO_DECAY_RULES` (MAR's: all but
+    the head, biases and norms, embeddings of any rank included).
+    """
+    if rules == "mar":
+        return map_with_names(
+            lambda name, x: x is not None and first_match(name, MAR_NO_DECAY_RULES, True),
+            params,
+        )
     return map_with_names(
         lambda name, x: x is not None
         and x.ndim >= 2
@@ -52,7 +76,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
             b1=config.b1,
             b2=config.b2,
             weight_decay=config.weight_decay,
-            mask=decay_mask,
+            mask=functools.partial(decay_mask, rules=config.decay_rules),
         )
     )
     return optax.chain(*parts)
