@@ -206,6 +206,9 @@ def test_mar_model_is_mars_composition(mar):
     _, weights, _ = mar
     mar_count = sum(int(np.prod(w.shape)) for w in weights.values())
     assert count_params(model) - count_params(model.tokenizer) == mar_count
+    # A tokenizer whose tokens are not the checkpoint's is refused, naming both.
+    with pytest.raises(ValueError, match="16 continuous tokens of 8 channels.*48"):
+        mar_model(weights, num_heads=4, tokenizer=PatchTokenizer(16, 4))
 
 
 def test_mar_parity_conditions_through_the_training_path(mar):
