@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # the same names as `_LAZY`, for static tools
     from .model import FluidModel as FluidModel
     from .model import IncompatibleComponentsError as IncompatibleComponentsError
     from .orders import ORDERS as ORDERS
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import load as load
     from .orders import AbstractGenerationOrder as AbstractGenerationOrder
     from .presets import get_config as get_config
     from .text import CAPTION_TOKENIZERS as CAPTION_TOKENIZERS
@@ -77,6 +79,8 @@ _LAZY = {
     **dict.fromkeys(["FluidModel", "IncompatibleComponentsError"], "fluid.model"),
     **dict.fromkeys(["ORDERS", "AbstractGenerationOrder"], "fluid.orders"),
     "get_config": "fluid.presets",
+    "load": "fluid.pipeline",
+    "Pipeline": "fluid.pipeline",
     **dict.fromkeys(
         ["TEXT_ENCODERS", "CAPTION_TOKENIZERS", "AbstractTextEncoder", "AbstractCaptionTokenizer"],
         "fluid.text",
@@ -117,6 +121,7 @@ __all__ = [
     "MissingInputError",
     "ModelConfig",
     "OptimConfig",
+    "Pipeline",
     "Registry",
     "RegistryError",
     "Slot",
@@ -129,6 +134,7 @@ __all__ = [
     "apply_overrides",
     "build_model",
     "get_config",
+    "load",
 ]
 
 __version__ = "0.1.0"

@@ -126,7 +126,7 @@ LAYERS = {
     "components": ["fluid.tokenizers", "fluid.heads", "fluid.orders", "fluid.backbones",
                    "fluid.text", "fluid.data"],
     "model": ["fluid.model", "fluid.build", "fluid.presets", "fluid.sample", "fluid.viz"],
-    "run folder": ["fluid.run"],
+    "run folder": ["fluid.run", "fluid.pipeline"],
     "trainer": ["fluid.train"],
     "recipes": ["fluid.recipes"],
     "evaluation": ["fluid.eval"],
