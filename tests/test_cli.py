@@ -60,8 +60,8 @@ def test_train_resume_and_sample(tmp_path, capsys):
 
 
 # A class-conditional model as MAR's, composed by overrides: captions are class ids.
-CLASS_LABELS = ['model.text_encoder={"name": "class_labels", "kwargs": {"num_classes": 3, '
-                '"dim": 32}}', "model.text_len=2"]
+CLASS_LABELS = [('model.text_encoder={"name": "class_labels", "kwargs": {"num_classes": 3, '
+                 '"dim": 32}}'), "model.text_len=2"]
 
 
 def test_a_class_conditional_run_samples_classes_by_id_or_name(tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from helpers import mar_state_dict, torch_state_dict, write_mar_checkpoint
 
 from fluid._weights import WeightError
 from fluid.build import load_mar
@@ -45,34 +46,9 @@ def weights(fixture):
     return raw, {k: (0.5 * v + 0.25).astype(np.float32) for k, v in raw.items()}
 
 
-def torch_state(state):
-    return {k: torch.from_numpy(v.copy()) for k, v in state.items()}
-
-
-def mar_checkpoint(path, model, ema=None, **extra):
-    """What MAR's `save_model` writes: both state dicts and the training state."""
-    params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in list(model.values())[:3]]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
-    sum(p.sum() for p in params).backward()
-    optimizer.step()
-    contents = {
-        "model": torch_state(model),
-        "model_ema": None if ema is None else torch_state(ema),
-        "optimizer": optimizer.state_dict(),
-        "epoch": 399,
-        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 10},
-        "args": argparse.Namespace(model="mar_base", diffusion_batch_mul=2,
-                                   num_sampling_steps="100", img_size=64, vae_stride=16,
-                                   output_dir=Path("out")),
-        **extra,
-    }
-    torch.save(contents, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, weights):
-    return mar_checkpoint(tmp_path_factory.mktemp("mar") / "checkpoint-last.pth", *weights)
+    return write_mar_checkpoint(tmp_path_factory.mktemp("mar") / "checkpoint-last.pth", *weights)
 
 
 def user_error(capsys, argv) -> str:
@@ -144,7 +120,7 @@ print("ok", folder.config["weights"], folder.num_heads, parts.head.batch_mul)
 ])
 def test_model_or_model_ema_as_asked(ask, has_ema, taken, weights, tmp_path, capsys):
     raw, ema = weights
-    path = mar_checkpoint(tmp_path / "c.pth", raw, ema if has_ema else None)
+    path = write_mar_checkpoint(tmp_path / "c.pth", raw, ema if has_ema else None)
     argv = ["convert", "mar", path, tmp_path / "out", "--num-heads", HEADS]
     assert main([str(a) for a in argv + (["--weights", ask] if ask else [])]) == 0
     assert f"took {taken!r}" in capsys.readouterr().out
@@ -154,64 +130,30 @@ def test_model_or_model_ema_as_asked(ask, has_ema, taken, weights, tmp_path, cap
 
 
 def test_a_missing_model_ema_is_named(weights, tmp_path, capsys):
-    path = mar_checkpoint(tmp_path / "c.pth", weights[0])
+    path = write_mar_checkpoint(tmp_path / "c.pth", weights[0])
     says = user_error(capsys, ["convert", "mar", path, tmp_path / "out", "--num-heads", HEADS,
                                "--weights", "model_ema"])
     assert "has no 'model_ema' state dict" in says and "--weights model" in says
     assert not (tmp_path / "out").exists()
 
 
-def mar_state(width, depth=1, head_width=16, seq_len=4, buffer=2, token_dim=4, classes=3):
-    """A MAR state dict of any width, shaped as models/mar.py builds it (random values)."""
-    rng = np.random.default_rng(0)
-    shapes = {"z_proj.weight": (width, token_dim), "z_proj.bias": (width,),
-              "z_proj_ln.weight": (width,), "z_proj_ln.bias": (width,),
-              "class_emb.weight": (classes, width), "fake_latent": (1, width),
-              "encoder_pos_embed_learned": (1, buffer + seq_len, width),
-              "decoder_pos_embed_learned": (1, buffer + seq_len, width),
-              "diffusion_pos_embed_learned": (1, seq_len, width), "mask_token": (1, 1, width),
-              "decoder_embed.weight": (width, width), "decoder_embed.bias": (width,)}
-    for part in ("encoder", "decoder"):
-        shapes |= {f"{part}_norm.weight": (width,), f"{part}_norm.bias": (width,)}
-        for i in range(depth):
-            block = f"{part}_blocks.{i}."
-            shapes |= {block + "norm1.weight": (width,), block + "norm1.bias": (width,),
-                       block + "attn.qkv.weight": (3 * width, width),
-                       block + "attn.qkv.bias": (3 * width,),
-                       block + "attn.proj.weight": (width, width),
-                       block + "attn.proj.bias": (width,),
-                       block + "norm2.weight": (width,), block + "norm2.bias": (width,),
-                       block + "mlp.fc1.weight": (4 * width, width),
-                       block + "mlp.fc1.bias": (4 * width,),
-                       block + "mlp.fc2.weight": (width, 4 * width),
-                       block + "mlp.fc2.bias": (width,)}
-    net, w = "diffloss.net.", head_width
-    shapes |= {net + "time_embed.mlp.0.weight": (w, 256), net + "time_embed.mlp.0.bias": (w,),
-               net + "time_embed.mlp.2.weight": (w, w), net + "time_embed.mlp.2.bias": (w,),
-               net + "cond_embed.weight": (w, width), net + "cond_embed.bias": (w,),
-               net + "input_proj.weight": (w, token_dim), net + "input_proj.bias": (w,),
-               net + "res_blocks.0.in_ln.weight": (w,), net + "res_blocks.0.in_ln.bias": (w,),
-               net + "res_blocks.0.mlp.0.weight": (w, w), net + "res_blocks.0.mlp.0.bias": (w,),
-               net + "res_blocks.0.mlp.2.weight": (w, w), net + "res_blocks.0.mlp.2.bias": (w,),
-               net + "res_blocks.0.adaLN_modulation.1.weight": (3 * w, w),
-               net + "res_blocks.0.adaLN_modulation.1.bias": (3 * w,),
-               net + "final_layer.linear.weight": (2 * token_dim, w),
-               net + "final_layer.linear.bias": (2 * token_dim,),
-               net + "final_layer.adaLN_modulation.1.weight": (2 * w, w),
-               net + "final_layer.adaLN_modulation.1.bias": (2 * w,)}
-    return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-
-
 def test_heads_follow_mar_sizes_else_are_required(weights, tmp_path, capsys):
     # MAR-B's width: 12 heads without being told (one block each side keeps the file small).
-    path = mar_checkpoint(tmp_path / "b.pth", mar_state(768))
+    # By the width alone (the run's args name no model), or by MAR's args.model.
+    path = write_mar_checkpoint(tmp_path / "b.pth", mar_state_dict(768),
+                                args=argparse.Namespace(img_size=256))
     assert main(["convert", "mar", str(path), str(tmp_path / "b")]) == 0
-    assert "12 heads (MAR's MAR-B" in capsys.readouterr().out
+    assert "12 heads (MAR's MAR-B, by the width 768)" in capsys.readouterr().out
     folder = read_mar_folder(tmp_path / "b")
     assert folder.num_heads == 12 and folder.config["weights"] == "model"
+    assert folder.config["mar_args"] == {"img_size": 256}
+    assert (folder.config["batch_mul"], folder.config["sampling_steps"]) == (4, 100)  # MAR's
+    path = write_mar_checkpoint(tmp_path / "b2.pth", mar_state_dict(768))
+    assert main(["convert", "mar", str(path), str(tmp_path / "b2")]) == 0
+    assert "(MAR's MAR-B (the checkpoint's args.model 'mar_base'))" in capsys.readouterr().out
     assert load_mar(folder.tensors, **folder.load_kwargs).backbone.encoder.num_heads == 12
     # Any other width needs --num-heads, which must divide it.
-    path = mar_checkpoint(tmp_path / "tiny.pth", weights[0])
+    path = write_mar_checkpoint(tmp_path / "tiny.pth", weights[0])
     says = user_error(capsys, ["convert", "mar", path, tmp_path / "t"])
     assert "width 32 is none of MAR's released sizes" in says and "--num-heads" in says
     says = user_error(capsys, ["convert", "mar", path, tmp_path / "t", "--num-heads", 5])
@@ -235,7 +177,7 @@ def test_foreign_truncated_and_damaged_files_exit_2(checkpoint, weights, tmp_pat
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}},
                tmp_path / "vae.pth")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
-    torch.save({"model": {**torch_state(weights[0]), "extra": "text"}}, tmp_path / "odd.pth")
+    torch.save({"model": {**torch_state_dict(weights[0]), "extra": "text"}}, tmp_path / "odd.pth")
     expected = {
         "cut.pth": "truncated",
         "cut_end.pth": "truncated",
@@ -284,7 +226,7 @@ def test_nothing_is_unpickled_outside_torchs_safe_loader(weights, tmp_path, caps
     # A plain pickle and torch's old format: refused, naming what the file asks to call.
     with open(tmp_path / "plain.pth", "wb") as f:
         pickle.dump({"model": Hostile(marker)}, f, protocol=2)
-    torch.save({"model": torch_state(weights[0]), "model_ema": Hostile(marker)},
+    torch.save({"model": torch_state_dict(weights[0]), "model_ema": Hostile(marker)},
                tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     for name in ("plain.pth", "legacy.pth"):
         says = user_error(capsys, ["convert", "mar", tmp_path / name, tmp_path / "out",
@@ -297,7 +239,7 @@ def test_nothing_is_unpickled_outside_torchs_safe_loader(weights, tmp_path, caps
     says = user_error(capsys, ["convert", "mar", tmp_path / "alone.pth", tmp_path / "out",
                                "--num-heads", HEADS])
     assert "not a MAR checkpoint: it holds a builtins.exec" in says
-    mar_checkpoint(tmp_path / "beside.pth", weights[0], hook=Hostile(marker))
+    write_mar_checkpoint(tmp_path / "beside.pth", weights[0], hook=Hostile(marker))
     assert main(["convert", "mar", str(tmp_path / "beside.pth"), str(tmp_path / "out"),
                  "--num-heads", str(HEADS)]) == 0
     chex.assert_trees_all_equal(read_mar_folder(tmp_path / "out").tensors, weights[0])
@@ -355,7 +297,7 @@ def test_read_mar_folder_names_what_is_wrong(checkpoint, tmp_path, capsys):
 # -- MAR's autoencoder ---------------------------------------------------------------------------
 def test_convert_ldm_through_the_cli(fixture, tmp_path, capsys):
     vae = {k.removeprefix("vae/"): v for k, v in fixture.items() if k.startswith("vae/")}
-    torch.save({"model": torch_state(vae)}, tmp_path / "kl16.ckpt")
+    torch.save({"model": torch_state_dict(vae)}, tmp_path / "kl16.ckpt")
     # The scale is not in the file: the user states it, or --mar.
     for extra, says in (([], "give --scaling-factor"),
                         (["--mar", "--scaling-factor", "0.2"], "not both"),
