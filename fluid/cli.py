@@ -165,11 +165,12 @@ def cmd_sample(args) -> int:
         )
     check_figure_path(args.out)
     weights = find_weights(args.checkpoint, ema=not args.raw)
-    prompts, captions = _sample_prompts(
-        args, load_caption_tokenizer(RunFolder(weights.run_dir).text_tokenizer)
-    )
+    saved = RunFolder(weights.run_dir).text_tokenizer
+    # Without a caption tokenizer (not a generative run), load_model says what is wrong.
+    checked = _sample_prompts(args, load_caption_tokenizer(saved)) if saved.exists() else None
     print(f"loading {weights.describe()}")
     model, text_tokenizer, config = load_model(weights, ema=not args.raw)
+    prompts, captions = checked or _sample_prompts(args, text_tokenizer)
     steps = config.sample_steps if args.steps is None else args.steps
     if args.steps is not None and args.steps > model.seq_len:
         raise ConfigError(
