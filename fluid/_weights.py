@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from ._errors import UserError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -31,8 +33,11 @@ _DTYPES = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-class WeightError(ValueError):
-    """Weights that do not fit the model: a missing, mis-shaped or unused key, a bad file."""
+class WeightError(UserError, ValueError):
+    """Weights that do not fit the model: a missing, mis-shaped or unused key, a bad file.
+
+    A `UserError`: the `fluid` command prints its message alone (it names the file and what
+    is wrong) and exits with status 2."""
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -53,6 +53,51 @@ def test_train_resume_and_sample(tmp_path, capsys):
                  "--steps", "1000"]
     )
     assert not (tmp_path / "no.png").exists()
+    # A text model takes captions, not classes.
+    assert "text-conditional model" in _user_error(
+        capsys, ["sample", str(run), "--class", "3", "--out", str(tmp_path / "no.png")]
+    )
+
+
+# A class-conditional model as MAR's, composed by overrides: captions are class ids.
+CLASS_LABELS = [('model.text_encoder={"name": "class_labels", "kwargs": {"num_classes": 3, '
+                 '"dim": 32}}'), "model.text_len=2"]
+
+
+def test_a_class_conditional_run_samples_classes_by_id_or_name(tmp_path, capsys):
+    data = tmp_path / "data"
+    for label, name in enumerate(("cat", "dog", "fox")):
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (80 * label, 40 * i, 200)).save(data / name / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "tiny-fluid", "--out", str(run), "steps=2", *TINY, *CLASS_LABELS,
+                 "data.dataset=imagefolder", f"data.path={data}"]) == 0
+    capsys.readouterr()
+    grids = {}
+    for way, argv in {"ids": ["--class", "1", "--class", "2"],
+                      "names": ["--class", "dog", "--class", "fox"],
+                      "prompts": ["--prompt", "1", "--prompt", "2"]}.items():
+        grids[way] = tmp_path / f"{way}.png"
+        assert main(["sample", str(run), *argv, "--out", str(grids[way]), "--steps", "2"]) == 0
+        assert str(grids[way]) in capsys.readouterr().out
+    image = np.asarray(Image.open(grids["ids"]))
+    assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+    # A name is its folder's id (sorted: cat 0, dog 1, fox 2), and a class-id prompt the
+    # class: the same seed draws the same grid, captioned "1 dog", "2 fox".
+    assert grids["ids"].read_bytes() == grids["names"].read_bytes()
+    assert grids["ids"].read_bytes() == grids["prompts"].read_bytes()
+    for argv, says in [
+        (["--class", "3"], "class 3 is out of range: the model has 3 classes, 0 to 2"),
+        (["--class", "wolf"], "no class named 'wolf'"),
+        (["--class", "1", "--prompt", "1"], "not both"),
+        ([], "give --prompt"),
+        (["--prompt", "a red circle"], "class-conditional model (3 classes), not a text one"),
+        (["--prompt", "7"], "class 7 is out of range"),
+    ]:
+        assert says in _user_error(
+            capsys, ["sample", str(run), *argv, "--out", str(tmp_path / "no.png")])
+    assert not (tmp_path / "no.png").exists()
 
 
 def _user_error(capsys, argv) -> str:
