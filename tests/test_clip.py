@@ -278,8 +278,30 @@ def test_missing_and_foreign_folders(folder, tmp_path):
     # Older saves also hold position ids; they are buffers, not weights.
     tensors = random_tensors() | {"text_model.embeddings.position_ids": np.arange(CTX)[None]}
     CLIPEncoder.from_pretrained(write_folder(tmp_path / "old", tensors))
+    no_text = {k: v for k, v in config().items() if k != "text_config"}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(no_text))
+    with pytest.raises(WeightError, match="no text_config"):
+        CLIPEncoder.from_pretrained(tmp_path / "old")
     with pytest.raises(WeightError, match="hidden_act 'tanh'"):
         CLIPEncoder.from_pretrained(write_folder(tmp_path / "act", random_tensors(), "tanh"))
+
+
+def early_config() -> dict:
+    """A config as early transformers versions saved it: `text_config_dict` beside a
+    `text_config` that disagrees (and is overridden), defaults left out."""
+    early = config("gelu")
+    early["text_config_dict"] = {k: v for k, v in early["text_config"].items()
+                                 if k != "hidden_act"}
+    early["text_config"] = {**early["text_config"], "max_position_embeddings": CTX + 4}
+    return early
+
+
+def test_an_early_config_reads_as_transformers_reads_it(tmp_path):
+    folder = write_folder(tmp_path / "early", random_tensors())
+    (folder / "config.json").write_text(json.dumps(early_config()))
+    clip = CLIPEncoder.from_pretrained(folder)
+    assert clip.text.layers.activation == "quick_gelu"  # the default, as transformers has it
+    assert clip.vision.layers.activation == "gelu" and clip.context_length == CTX
 
 
 def test_a_folder_without_tokenizer_still_encodes_ids(tmp_path):
@@ -341,9 +363,17 @@ def text_batch():
 
 @pytest.mark.reference
 def test_the_layouts_agree(tmp_path):
+    from transformers import CLIPConfig
+
     _, folder = torch_clip(tmp_path)
     saved = read_safetensors(folder / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == hf_shapes()
+    (folder / "config.json").write_text(json.dumps(early_config()))
+    theirs = CLIPConfig.from_pretrained(folder)
+    assert (theirs.text_config.hidden_act, theirs.vision_config.hidden_act) == ("quick_gelu",
+                                                                               "gelu")
+    assert theirs.text_config.max_position_embeddings == CTX
+    assert theirs.text_config.eos_token_id == EOS
 
 
 @pytest.mark.reference

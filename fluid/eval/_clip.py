@@ -398,6 +398,20 @@ def _arch(config: dict, defaults: dict, folder: str, which: str) -> dict:
     return arch
 
 
+def _tower_config(config: dict, tower: str, folder: str) -> dict:
+    # Configs saved by early transformers versions also hold `<tower>_config_dict`; when
+    # present, transformers builds the tower's config from it alone (defaults for the
+    # rest), whatever `<tower>_config` says.
+    given = config.get(f"{tower}_config_dict")
+    if given is None:
+        given = config.get(f"{tower}_config")
+    if not isinstance(given, dict):
+        raise WeightError(f"{folder}: config.json has no {tower}_config; CLIPEncoder reads a "
+                          "CLIPModel folder (model_type 'clip', with text_config and "
+                          "vision_config).")
+    return given
+
+
 def _square(value: Any, name: str, folder: str) -> int:
     if isinstance(value, list | tuple):
         if len(value) != 2 or value[0] != value[1]:
@@ -471,13 +485,13 @@ def _load(folder: str) -> CLIPEncoder:
         )
     config = read_config(folder)
     model_type = config.get("model_type")
-    if model_type != "clip" or "text_config" not in config or "vision_config" not in config:
+    if model_type != "clip":
         raise WeightError(
             f"{folder}: config.json has model_type {model_type!r}; CLIPEncoder reads a "
             "CLIPModel folder (model_type 'clip', with text_config and vision_config)."
         )
-    text = _arch(config["text_config"], _TEXT_DEFAULTS, folder, "text")
-    vision = _arch(config["vision_config"], _VISION_DEFAULTS, folder, "vision")
+    text = _arch(_tower_config(config, "text", folder), _TEXT_DEFAULTS, folder, "text")
+    vision = _arch(_tower_config(config, "vision", folder), _VISION_DEFAULTS, folder, "vision")
     if not isinstance(text["eos_token_id"], int):
         raise WeightError(f"{folder}: text eos_token_id must be one id, got "
                           f"{text['eos_token_id']!r}.")
