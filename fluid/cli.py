@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._errors import ConfigError, ConfigKeyError, UserError
+from ._errors import ConfigError, ConfigKeyError, MissingInputError, UserError
 
 DEBUG_ENV = "FLUID_DEBUG"
 
@@ -151,12 +151,17 @@ def cmd_train_tokenizer(args) -> int:
 def cmd_sample(args) -> int:
     import jax.random as jr
 
-    from .run import RunFolder, find_weights, load_model
+    from .pipeline import Pipeline, to_pil
+    from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
     from .sample import sample_images
     from .text import load_caption_tokenizer
     from .viz import check_figure_path, save_grid
 
     # Everything that can be refused is refused before the model is loaded or sampled.
+    if args.prompts_file is not None:
+        if args.classes is not None:
+            raise ConfigError("give --prompts-file or --class, not both.")
+        args.prompt = [*(args.prompt or []), *_read_prompts(args.prompts_file)]
     if (args.prompt is None) == (args.classes is None):
         raise ConfigError(
             "give --prompt (captions, for a text-conditional model) or --class (class ids or "
@@ -164,13 +169,22 @@ def cmd_sample(args) -> int:
             + (", not both." if args.prompt is not None else "; repeat it for several.")
         )
     check_figure_path(args.out)
-    weights = find_weights(args.checkpoint, ema=not args.raw)
-    saved = RunFolder(weights.run_dir).text_tokenizer
-    # Without a caption tokenizer (not a generative run), load_model says what is wrong.
-    checked = _sample_prompts(args, load_caption_tokenizer(saved)) if saved.exists() else None
-    print(f"loading {weights.describe()}")
-    model, text_tokenizer, config = load_model(weights, ema=not args.raw)
+    if is_pretrained(args.checkpoint):
+        saved = RunFolder(args.checkpoint).text_tokenizer
+        checked = _sample_prompts(args, load_caption_tokenizer(saved))
+        print(f"loading the pretrained folder {args.checkpoint}")
+        model, text_tokenizer, config = load_pretrained(args.checkpoint)
+    else:
+        weights = find_weights(args.checkpoint, ema=not args.raw)
+        saved = RunFolder(weights.run_dir).text_tokenizer
+        # Without a caption tokenizer (not a generative run), load_model says what is wrong.
+        checked = _sample_prompts(args, load_caption_tokenizer(saved)) if saved.exists() else None
+        print(f"loading {weights.describe()}")
+        model, text_tokenizer, config = load_model(weights, ema=not args.raw)
     prompts, captions = checked or _sample_prompts(args, text_tokenizer)
+    prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    captions = [c for c in captions for _ in range(args.per_prompt)]
+    pipeline = Pipeline(model, text_tokenizer, config)
     steps = config.sample_steps if args.steps is None else args.steps
     if args.steps is not None and args.steps > model.seq_len:
         raise ConfigError(
@@ -181,10 +195,29 @@ def cmd_sample(args) -> int:
         model, text_tokenizer, prompts, text_len=config.model.text_len,
         key=jr.key(args.seed), steps=steps,
         cfg=config.sample_cfg if args.cfg is None else args.cfg,
+        cfg_schedule=args.cfg_schedule or pipeline.default_cfg_schedule,
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )
     print(save_grid(images, args.out, captions=captions))
+    if args.images_dir is not None:
+        folder = Path(args.images_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_pil(images)):
+            image.save(folder / f"{i:04d}.png")
+        print(f"{len(images)} images in {folder}/ (0000.png: the first prompt's first image)")
     return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of a file, one per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MissingInputError(f"cannot read the prompts file {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"the prompts file {path} has no prompt (one per line).")
+    return prompts
 
 
 def _sample_prompts(args, text_tokenizer) -> tuple[list[str], list[str]]:
@@ -425,7 +458,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train_tokenizer)
 
     p = sub.add_parser(
-        "sample", help="sample a grid from a run, one of its checkpoints, or a saved model"
+        "sample", help="sample a grid from a run, one of its checkpoints, a saved model or a "
+        "pretrained folder"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
                    "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
@@ -435,10 +469,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="for a class-conditional model (the class_labels text encoder), "
                    "instead of --prompt: a class id (207) or, for a run trained on "
                    "data.dataset=imagefolder, a class folder's name; repeat for several")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--prompts-file", default=None,
+                   help="a text file of prompts, one per line (with or instead of --prompt)")
+    p.add_argument("--per-prompt", type=_at_least(1, int), default=1,
+                   help="images of each prompt or class (default 1)")
+    p.add_argument("--out", default="samples.png", help="the captioned grid")
+    p.add_argument("--images-dir", default=None,
+                   help="also write one PNG per image here (0000.png, 0001.png, ...)")
     p.add_argument("--cfg", type=_at_least(0.0, float), default=None,
                    help="guidance scale >= 0: 1 is the conditional model, 0 unconditional "
                    "(default: the run's sample_cfg)")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None,
+                   help="guidance over the steps (default: linear for a random order, as "
+                   "MAR; constant for raster, as LlamaGen)")
     p.add_argument("--steps", type=_at_least(1, int), default=None,
                    help="generation steps, 1 to the model's token count (default: the run's "
                    "sample_steps; a raster model makes one token per step whatever this is)")

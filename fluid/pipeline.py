@@ -63,7 +63,8 @@ class Pipeline:
         - `prompts`: captions; `""` asks for an unconditional image.
         - `num_images_per_prompt`: images of each prompt, prompt by prompt in order.
         - `seed`: the images of a call depend only on it and the other arguments (and on
-          `batch_size`, which splits the key per batch).
+          `batch_size`: batch `b > 0` samples with `fold_in(key(seed), b)`; one batch gives
+          what `fluid sample --seed` gives).
         - `steps`, `cfg`, `temperature`: default to the run's `sample_steps`, `sample_cfg`,
           `sample_temperature`.
         - `cfg_schedule`: `"linear"` or `"constant"`; by default `default_cfg_schedule`.
@@ -87,8 +88,9 @@ class Pipeline:
         size = batch_size or len(wanted)
         key = jr.key(seed)
         images = []
-        for start in range(0, len(wanted), size):
-            key, sub = jr.split(key)
+        for batch, start in enumerate(range(0, len(wanted), size)):
+            # The first batch samples with the seed's key itself, as `fluid sample` does.
+            sub = key if batch == 0 else jr.fold_in(key, batch)
             images.append(sample_images(
                 self.model, self.text_tokenizer, wanted[start:start + size],
                 text_len=config.model.text_len, key=sub,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fluid
 from fluid.cli import main
 from fluid.run import RunFolder
 from fluid.train import load_model
@@ -47,6 +48,31 @@ def test_train_resume_and_sample(tmp_path, capsys):
                  "--prompt", "a blue square", "--out", str(grid), "--steps", "2"]) == 0
     image = np.asarray(Image.open(grid))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+    # Prompts from a file, several images each, one PNG per image; from a pretrained folder
+    # the same images as from the run, and as the Python pipeline gives.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    pretrained = fluid.load(run).save_pretrained(tmp_path / "pretrained")
+    for source, images in ((run, tmp_path / "from_run"), (pretrained, tmp_path / "from_folder")):
+        assert main(["sample", str(source), "--prompts-file", str(prompts), "--per-prompt", "2",
+                     "--images-dir", str(images), "--out", str(tmp_path / "g.png"),
+                     "--steps", "2", "--seed", "5"]) == 0
+    written = sorted(p.name for p in (tmp_path / "from_run").iterdir())
+    assert written == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    pipe = fluid.load(pretrained)(["a red circle", "a blue square"], num_images_per_prompt=2,
+                                  seed=5, steps=2)
+    for i, name in enumerate(written):
+        a = np.asarray(Image.open(tmp_path / "from_run" / name))
+        np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "from_folder" / name)))
+        np.testing.assert_array_equal(a, np.asarray(pipe[i]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "has no prompt" in _user_error(
+        capsys, ["sample", str(run), "--prompts-file", str(empty)]
+    )
+    assert "cannot read the prompts file" in _user_error(
+        capsys, ["sample", str(run), "--prompts-file", str(tmp_path / "absent.txt")]
+    )
     # More steps than the model has tokens: refused with the range, nothing sampled or saved.
     assert "give --steps between 1 and" in _user_error(
         capsys, ["sample", str(run), "--prompt", "x", "--out", str(tmp_path / "no.png"),

@@ -65,11 +65,11 @@ def test_the_pipeline_samples_what_sample_images_does_with_the_runs_defaults(pip
     images = pipe(["a red circle", ""], num_images_per_prompt=2, seed=3)
     assert len(images) == 4 and all(isinstance(x, Image.Image) for x in images)
     assert images[0].size == (16, 16) and images[0].mode == "RGB"
-    # The run's steps, guidance and temperature; prompts repeated in order; one key split.
+    # The run's steps, guidance and temperature; prompts repeated in order; the seed's key.
     config = pipe.config
     expected = sample_images(
         pipe.model, pipe.text_tokenizer, ["a red circle"] * 2 + [""] * 2,
-        text_len=config.model.text_len, key=jr.split(jr.key(3))[1], steps=config.sample_steps,
+        text_len=config.model.text_len, key=jr.key(3), steps=config.sample_steps,
         cfg=config.sample_cfg, cfg_schedule="linear", temperature=config.sample_temperature,
     )
     pixels = np.clip(np.round((expected + 1) * 127.5), 0, 255).astype(np.uint8)
