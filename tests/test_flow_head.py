@@ -272,15 +272,18 @@ def test_briefly_trained_head_samples_its_conditional_targets():
 
 
 # -- in a model --------------------------------------------------------------------------------
+FLOW_OVERRIDES = {
+    "model.head": "flow", "model.head.width": "32", "model.head.depth": "1",
+    "model.head.batch_mul": "2", "model.head.sampling_steps": "3",
+}
+
+
 def test_tiny_fluid_model_with_the_flow_head_trains_and_samples():
     from fluid.presets import get_config
     from fluid.recipes import prepare
     from fluid.sample import sample_images
 
-    config = get_config("tiny-fluid", **{
-        "model.head": "flow", "model.head.width": "32", "model.head.depth": "1",
-        "model.head.batch_mul": "2", "model.head.sampling_steps": "3",
-    })
+    config = get_config("tiny-fluid", **FLOW_OVERRIDES)
     assert config.model.head.name == "flow"
     trainer = prepare(config, progress=False)
     assert type(trainer.model().head) is FlowHead is HEADS.get("flow")
@@ -291,4 +294,20 @@ def test_tiny_fluid_model_with_the_flow_head_trains_and_samples():
                            ["a red circle", "two blue squares"],
                            text_len=config.model.text_len, key=jr.key(0), steps=4, cfg=2.0)
     chex.assert_shape(images, (2, 16, 16, 3))
+    assert np.isfinite(images).all()
+
+
+def test_raster_model_samples_with_the_flow_head():
+    # The causal sampler runs the head on per-vector products (`fluid.nn.per_vector`).
+    from fluid.presets import get_config
+    from fluid.recipes import prepare
+    from fluid.sample import sample_images
+
+    config = get_config("tiny-continuous-raster", **FLOW_OVERRIDES)
+    trainer = prepare(config, progress=False)
+    model = trainer.model()
+    model = eqx.tree_at(lambda m: m.head, model, perturbed(model.head, jr.key(1), 0.05))
+    images = sample_images(model, trainer.text_tokenizer, ["a red circle"],
+                           text_len=config.model.text_len, key=jr.key(0), steps=4, cfg=2.0)
+    chex.assert_shape(images, (1, 16, 16, 3))
     assert np.isfinite(images).all()

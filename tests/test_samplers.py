@@ -281,6 +281,12 @@ def test_sample_at_traced_progress_is_sample_with_the_steps_at_it(cls):
         chex.assert_trees_all_close(at_progress(head, jnp.asarray(progress)),
                                     with_steps(head, steps), **TOL)
     assert seen == {12, 6, 3}
+    unguided = eqx.filter_jit(lambda h, p: h.sample_at_progress(p, z, None, 1.0, 1.0,
+                                                                key=jr.key(3)))
+    chex.assert_trees_all_close(
+        unguided(head, jnp.asarray(0.5)),
+        eqx.filter_jit(lambda h: h.sample(z, None, 1.0, 1.0, key=jr.key(3), steps=6))(head),
+        **TOL)
     # Under vmap over positions, one progress for all: the switch keeps one branch.
     batch = eqx.filter_jit(lambda h, p: jax.vmap(
         lambda a, b, k: h.sample_at_progress(p, a, b, 2.0, 1.0, key=k))(
