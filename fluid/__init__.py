@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the same names as `_LAZY`, for static tools
     from .config import TrainConfig as TrainConfig
     from .config import apply_overrides as apply_overrides
     from .heads import HEADS as HEADS
+    from .heads import AbstractIterativeHead as AbstractIterativeHead
     from .heads import AbstractOutputHead as AbstractOutputHead
     from .model import FluidModel as FluidModel
     from .model import IncompatibleComponentsError as IncompatibleComponentsError
@@ -75,7 +76,7 @@ _LAZY = {
          "TrainConfig", "apply_overrides"],
         "fluid.config",
     ),
-    **dict.fromkeys(["HEADS", "AbstractOutputHead"], "fluid.heads"),
+    **dict.fromkeys(["HEADS", "AbstractOutputHead", "AbstractIterativeHead"], "fluid.heads"),
     **dict.fromkeys(["FluidModel", "IncompatibleComponentsError"], "fluid.model"),
     **dict.fromkeys(["ORDERS", "AbstractGenerationOrder"], "fluid.orders"),
     "get_config": "fluid.presets",
@@ -106,6 +107,7 @@ __all__ = [
     "AbstractCausalBackbone",
     "AbstractGenerationOrder",
     "AbstractImageTokenizer",
+    "AbstractIterativeHead",
     "AbstractOutputHead",
     "AbstractTextEncoder",
     "ComponentSpec",
