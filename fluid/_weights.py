@@ -99,7 +99,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     os.replace(tmp, path)  # never a half-written file under the real name
 
 
-def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
+# The configuration file of a Hugging Face or diffusers folder.
+HF_CONFIG = "config.json"
+
+
+def read_config(folder: str | os.PathLike, name: str = HF_CONFIG) -> dict:
     """The JSON config of a Hugging Face-format folder."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):

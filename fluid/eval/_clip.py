@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import MissingInputError
-from .._weights import StateDict, WeightError, read_config, read_folder_weights
+from .._weights import HF_CONFIG, StateDict, WeightError, read_config, read_folder_weights
 from ..nn import attention_mask, dot_product_attention, stacked_field
 
 # transformers' ACT2FN names that CLIP checkpoints use.
@@ -453,7 +453,7 @@ def _layers(state: StateDict, prefix: str, arch: dict) -> _CLIPLayer:
 def _fingerprint(folder: str) -> str:
     digest = hashlib.sha256()
     # Everything that decides the features: architecture, weights, normalisation.
-    names = ["config.json", "preprocessor_config.json",
+    names = [HF_CONFIG, "preprocessor_config.json",
              *sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))]
     for name in (n for n in names if os.path.isfile(os.path.join(folder, n))):
         digest.update(name.encode())
