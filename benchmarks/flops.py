@@ -25,7 +25,7 @@ import re
 
 from fluid.config import ModelConfig
 
-TIMESTEP_FREQUENCIES = 256  # fluid.heads._diffusion.FREQUENCY_DIM
+TIMESTEP_FREQUENCIES = 256  # fluid.heads._adaln_mlp.FREQUENCY_DIM
 
 
 def token_grid(config: ModelConfig) -> tuple[int, int, int | None]:

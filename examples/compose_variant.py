@@ -2,8 +2,8 @@
 
 Discrete palette tokens with the diffusion head are refused (they do not fit); here is a
 cell that does: continuous patch tokens, raster order, but a *bidirectional* backbone (a
-MaskGIT-style model that learns to complete a raster prefix), with the third-party
-flow-matching head when it is installed and MAR's diffusion head otherwise.
+MaskGIT-style model that learns to complete a raster prefix), with the built-in
+flow-matching head (`flow`; the example plug-in `mlp_flow` would do as well once installed).
 
     python examples/compose_variant.py
 """
@@ -27,8 +27,9 @@ text_encoder = TEXT_ENCODERS.build(
     "learned", vocab_size=text_tokenizer.vocab_size, dim=64, depth=1, num_heads=4, max_len=24,
     key=keys[0],
 )
-head_name = "flow" if "flow" in HEADS else "diffusion"
-head = HEADS.build(head_name, cond_dim=width, token_dim=tokenizer.token_dim, key=keys[1])
+head_name = "flow"
+head = HEADS.build(head_name, cond_dim=width, token_dim=tokenizer.token_dim, width=128,
+                   key=keys[1])
 model = FluidModel(
     tokenizer=tokenizer,
     text_encoder=text_encoder,

@@ -44,10 +44,13 @@ if TYPE_CHECKING:  # the same names as `_LAZY`, for static tools
     from .config import TrainConfig as TrainConfig
     from .config import apply_overrides as apply_overrides
     from .heads import HEADS as HEADS
+    from .heads import AbstractIterativeHead as AbstractIterativeHead
     from .heads import AbstractOutputHead as AbstractOutputHead
     from .model import FluidModel as FluidModel
     from .model import IncompatibleComponentsError as IncompatibleComponentsError
     from .orders import ORDERS as ORDERS
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import load as load
     from .orders import AbstractGenerationOrder as AbstractGenerationOrder
     from .presets import get_config as get_config
     from .text import CAPTION_TOKENIZERS as CAPTION_TOKENIZERS
@@ -73,10 +76,12 @@ _LAZY = {
          "TrainConfig", "apply_overrides"],
         "fluid.config",
     ),
-    **dict.fromkeys(["HEADS", "AbstractOutputHead"], "fluid.heads"),
+    **dict.fromkeys(["HEADS", "AbstractOutputHead", "AbstractIterativeHead"], "fluid.heads"),
     **dict.fromkeys(["FluidModel", "IncompatibleComponentsError"], "fluid.model"),
     **dict.fromkeys(["ORDERS", "AbstractGenerationOrder"], "fluid.orders"),
     "get_config": "fluid.presets",
+    "load": "fluid.pipeline",
+    "Pipeline": "fluid.pipeline",
     **dict.fromkeys(
         ["TEXT_ENCODERS", "CAPTION_TOKENIZERS", "AbstractTextEncoder", "AbstractCaptionTokenizer"],
         "fluid.text",
@@ -102,6 +107,7 @@ __all__ = [
     "AbstractCausalBackbone",
     "AbstractGenerationOrder",
     "AbstractImageTokenizer",
+    "AbstractIterativeHead",
     "AbstractOutputHead",
     "AbstractTextEncoder",
     "ComponentSpec",
@@ -117,6 +123,7 @@ __all__ = [
     "MissingInputError",
     "ModelConfig",
     "OptimConfig",
+    "Pipeline",
     "Registry",
     "RegistryError",
     "Slot",
@@ -129,6 +136,7 @@ __all__ = [
     "apply_overrides",
     "build_model",
     "get_config",
+    "load",
 ]
 
 __version__ = "0.1.0"

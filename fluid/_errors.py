@@ -31,5 +31,9 @@ class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the command needs does not exist, or holds nothing usable."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """A file or folder a command would write exists already; nothing is overwritten."""
+
+
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss became infinite or NaN."""

@@ -2,7 +2,7 @@
 
 A registry maps a short name (`"diffusion"`) to a final `eqx.Module` class. Built-ins are
 registered when their package is imported. Third-party packages declare an entry point in the
-kind's group (for heads, `[project.entry-points."fluid.heads"] flow = "my_pkg:FlowHead"`);
+kind's group (for heads, `[project.entry-points."fluid.heads"] my_flow = "my_pkg:FlowHead"`);
 listing names reads only package metadata, and `get(name)` imports just that plug-in.
 
 `SLOTS` is the one table of a model's plug-in slots: for each, the registry its

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from ._errors import UserError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -31,8 +33,11 @@ _DTYPES = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-class WeightError(ValueError):
-    """Weights that do not fit the model: a missing, mis-shaped or unused key, a bad file."""
+class WeightError(UserError, ValueError):
+    """Weights that do not fit the model: a missing, mis-shaped or unused key, a bad file.
+
+    A `UserError`: the `fluid` command prints its message alone (it names the file and what
+    is wrong) and exits with status 2."""
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -94,7 +99,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     os.replace(tmp, path)  # never a half-written file under the real name
 
 
-def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
+# The configuration file of a Hugging Face or diffusers folder.
+HF_CONFIG = "config.json"
+
+
+def read_config(folder: str | os.PathLike, name: str = HF_CONFIG) -> dict:
     """The JSON config of a Hugging Face-format folder."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):

@@ -1,5 +1,5 @@
-"""The `fluid` command: demo, train, train-tokenizer, sample, eval, sweep, components,
-presets."""
+"""The `fluid` command: demo, train, train-tokenizer, sample, eval, sweep, convert,
+components, presets."""
 
 import argparse
 import contextlib
@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._errors import ConfigError, ConfigKeyError, UserError
+from ._errors import ConfigError, ConfigKeyError, MissingInputError, UserError
 
 DEBUG_ENV = "FLUID_DEBUG"
 
@@ -151,15 +151,40 @@ def cmd_train_tokenizer(args) -> int:
 def cmd_sample(args) -> int:
     import jax.random as jr
 
-    from .run import find_weights, load_model
+    from .pipeline import Pipeline, to_pil
+    from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
     from .sample import sample_images
+    from .text import load_caption_tokenizer
     from .viz import check_figure_path, save_grid
 
     # Everything that can be refused is refused before the model is loaded or sampled.
+    if args.prompts_file is not None:
+        if args.classes is not None:
+            raise ConfigError("give --prompts-file or --class, not both.")
+        args.prompt = [*(args.prompt or []), *_read_prompts(args.prompts_file)]
+    if (args.prompt is None) == (args.classes is None):
+        raise ConfigError(
+            "give --prompt (captions, for a text-conditional model) or --class (class ids or "
+            "names, for a class-conditional one)"
+            + (", not both." if args.prompt is not None else "; repeat it for several.")
+        )
     check_figure_path(args.out)
-    weights = find_weights(args.checkpoint, ema=not args.raw)
-    print(f"loading {weights.describe()}")
-    model, text_tokenizer, config = load_model(weights, ema=not args.raw)
+    if is_pretrained(args.checkpoint):
+        saved = RunFolder(args.checkpoint).text_tokenizer
+        checked = _sample_prompts(args, load_caption_tokenizer(saved))
+        print(f"loading the pretrained folder {args.checkpoint}")
+        model, text_tokenizer, config = load_pretrained(args.checkpoint)
+    else:
+        weights = find_weights(args.checkpoint, ema=not args.raw)
+        saved = RunFolder(weights.run_dir).text_tokenizer
+        # Without a caption tokenizer (not a generative run), load_model says what is wrong.
+        checked = _sample_prompts(args, load_caption_tokenizer(saved)) if saved.exists() else None
+        print(f"loading {weights.describe()}")
+        model, text_tokenizer, config = load_model(weights, ema=not args.raw)
+    prompts, captions = checked or _sample_prompts(args, text_tokenizer)
+    prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    captions = [c for c in captions for _ in range(args.per_prompt)]
+    pipeline = Pipeline(model, text_tokenizer, config)
     steps = config.sample_steps if args.steps is None else args.steps
     if args.steps is not None and args.steps > model.seq_len:
         raise ConfigError(
@@ -167,12 +192,115 @@ def cmd_sample(args) -> int:
             f"--steps between 1 and {model.seq_len}."
         )
     images = sample_images(
-        model, text_tokenizer, args.prompt, text_len=config.model.text_len,
+        model, text_tokenizer, prompts, text_len=config.model.text_len,
         key=jr.key(args.seed), steps=steps,
         cfg=config.sample_cfg if args.cfg is None else args.cfg,
+        cfg_schedule=args.cfg_schedule or pipeline.default_cfg_schedule,
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
     )
-    print(save_grid(images, args.out, captions=args.prompt))
+    print(save_grid(images, args.out, captions=captions))
+    if args.images_dir is not None:
+        folder = Path(args.images_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_pil(images)):
+            image.save(folder / f"{i:04d}.png")
+        print(f"{len(images)} images in {folder}/ (0000.png: the first prompt's first image)")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of a file, one per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MissingInputError(f"cannot read the prompts file {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"the prompts file {path} has no prompt (one per line).")
+    return prompts
+
+
+def _sample_prompts(args, text_tokenizer) -> tuple[list[str], list[str]]:
+    """The captions `fluid sample` feeds the model, and those it writes under the images:
+    `--prompt` for a text-conditional model, `--class` (ids or names) for a
+    class-conditional one (its caption tokenizer a `ClassLabelTokenizer`)."""
+    from .recipes import grid_captions
+    from .text import ClassLabelTokenizer
+
+    by_class = isinstance(text_tokenizer, ClassLabelTokenizer)
+    if args.classes is not None:
+        if not by_class:
+            raise ConfigError(
+                f"{args.checkpoint} is a text-conditional model (its captions are read by "
+                f"{type(text_tokenizer).__name__}); --class is for class-conditional models "
+                "(the class_labels text encoder): give --prompt."
+            )
+        prompts = [str(text_tokenizer.label(c)) for c in args.classes]
+    else:
+        prompts = list(args.prompt)
+        if by_class:
+            words = [p for p in prompts if p.strip() and not (p.strip().isascii()
+                                                              and p.strip().isdigit())]
+            if words:
+                raise ConfigError(
+                    f"{args.checkpoint} is a class-conditional model "
+                    f"({text_tokenizer.num_classes} classes), not a text one: give --class "
+                    f"with a class id or name instead of --prompt {words[0]!r}."
+                )
+            for p in prompts:
+                if p.strip():
+                    text_tokenizer.label(p)  # in range, or refused naming the range
+    return prompts, grid_captions(text_tokenizer, prompts)
+
+
+def cmd_convert_mar(args) -> int:
+    from .convert import convert_mar_checkpoint
+
+    result = convert_mar_checkpoint(
+        args.checkpoint, args.out, weights=args.weights, num_heads=args.num_heads
+    )
+    config, a = result.config, result.config["architecture"]
+    taken = {"model_ema": "the EMA weights, which MAR evaluates with",
+             "model": "the raw weights, not the EMA",
+             "state_dict": "the file's top level, a bare state dict"}[config["weights"]]
+    epoch = f", epoch {config['epoch']}" if config["epoch"] is not None else ""
+    print(f"took {config['weights']!r} of {args.checkpoint} ({taken}{epoch})")
+    print(f"MAR of width {a['width']}, {a['depth']} + {a['decoder_depth']} blocks, "
+          f"{config['num_heads']} heads ({config['num_heads_from']}), diffusion head "
+          f"{a['head_depth']} x {a['head_width']}, {a['num_classes']} classes, {a['seq_len']} "
+          f"tokens of {a['token_dim']}: {a['parameters'] / 1e6:.2f}M parameters")
+    print(f"wrote {result.folder}/ (config.json, model.safetensors); it loads without torch: "
+          f"fluid.convert.read_mar_folder({str(result.folder)!r})")
+    return 0
+
+
+def cmd_convert_ldm(args) -> int:
+    from .convert import MAR_DECODER_EXCLUDE, check_new_folder
+    from .tokenizers import MAR_SCALING_FACTOR, convert_ldm_checkpoint
+
+    if args.mar == (args.scaling_factor is not None):
+        raise ConfigError(
+            "the latent scale is not in an LDM checkpoint: give --scaling-factor (0.18215 for "
+            "Stable Diffusion 1.x/2.x's VAE) or --mar (MAR's kl16.ckpt), "
+            + ("not both." if args.mar else "one of them.")
+        )
+    if args.scaling_factor is not None and not args.scaling_factor > 0:
+        raise ConfigError(f"--scaling-factor must be > 0, got {args.scaling_factor}.")
+    check_new_folder(args.out)
+    scale = MAR_SCALING_FACTOR if args.mar else args.scaling_factor
+    result = convert_ldm_checkpoint(
+        args.checkpoint, args.out, scaling_factor=scale, sample_size=args.sample_size,
+        exclude=[MAR_DECODER_EXCLUDE] if args.mar else [],
+    )
+    c = result.config
+    print(f"read the autoencoder of {args.checkpoint}"
+          + (f" under {result.prefix!r}" if result.prefix else "")
+          + (f", leaving out {len(result.ignored)} other tensors" if result.ignored else ""))
+    print(f"AutoencoderKL with channels {c['block_out_channels']}, {c['latent_channels']} "
+          f"latent channels, latents scaled by {scale}")
+    print(f"wrote {result.folder}/ (a diffusers folder); it loads without torch as the kl "
+          f"tokenizer: model.tokenizer='{{\"name\": \"kl\", \"kwargs\": {{\"path\": "
+          f"\"{result.folder}\", \"image_size\": {args.sample_size}}}}}'")
     return 0
 
 
@@ -330,16 +458,30 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train_tokenizer)
 
     p = sub.add_parser(
-        "sample", help="sample a grid from a run, one of its checkpoints, or a saved model"
+        "sample", help="sample a grid from a run, one of its checkpoints, a saved model or a "
+        "pretrained folder"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
                    "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=None,
                    help="a caption; repeat for several")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--class", dest="classes", action="append", default=None, metavar="CLASS",
+                   help="for a class-conditional model (the class_labels text encoder), "
+                   "instead of --prompt: a class id (207) or, for a run trained on "
+                   "data.dataset=imagefolder, a class folder's name; repeat for several")
+    p.add_argument("--prompts-file", default=None,
+                   help="a text file of prompts, one per line (with or instead of --prompt)")
+    p.add_argument("--per-prompt", type=_at_least(1, int), default=1,
+                   help="images of each prompt or class (default 1)")
+    p.add_argument("--out", default="samples.png", help="the captioned grid")
+    p.add_argument("--images-dir", default=None,
+                   help="also write one PNG per image here (0000.png, 0001.png, ...)")
     p.add_argument("--cfg", type=_at_least(0.0, float), default=None,
                    help="guidance scale >= 0: 1 is the conditional model, 0 unconditional "
                    "(default: the run's sample_cfg)")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None,
+                   help="guidance over the steps (default: linear for a random order, as "
+                   "MAR; constant for raster, as LlamaGen)")
     p.add_argument("--steps", type=_at_least(1, int), default=None,
                    help="generation steps, 1 to the model's token count (default: the run's "
                    "sample_steps; a raster model makes one token per step whatever this is)")
@@ -391,6 +533,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, data and parts and say what would run; train nothing")
     p.set_defaults(fn=cmd_sweep)
+
+    from .convert import MAR_WEIGHTS
+
+    p = sub.add_parser(
+        "convert", help="convert MAR's checkpoints (the model, its autoencoder) into folders "
+        "fluid loads without torch",
+        description="Read a checkpoint torch.save wrote, with torch's weights-only loader "
+        "(torch is needed for this step alone; nothing the file names is run), and write a "
+        "folder of config.json and safetensors that fluid reads without torch. OUT must not "
+        "exist yet (or be empty); it appears complete or not at all.",
+    )
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser(
+        "mar", help="MAR's model (LTH14/mar checkpoint-last.pth) to a folder of MAR's weights",
+        description="MAR's checkpoint holds `model`, `model_ema` and training state; one "
+        "state dict is written as OUT/model.safetensors under MAR's names, with "
+        "OUT/config.json (which weights, the architecture read from the tensors, the "
+        "attention heads). Read it with fluid.convert.read_mar_folder; "
+        "fluid.build.load_mar(folder.tensors, **folder.load_kwargs) builds its parts.",
+    )
+    q.add_argument("checkpoint", help="MAR's .pth file")
+    q.add_argument("out", help="the folder to write")
+    q.add_argument("--weights", choices=MAR_WEIGHTS, default=None,
+                   help="which state dict (default: model_ema if the file has it, else model)")
+    q.add_argument("--num-heads", type=_at_least(1, int), default=None,
+                   help="attention heads (not in the weights); default: MAR's for its released "
+                   "widths (12 for MAR-B's 768, 16 for MAR-L's 1024 and MAR-H's 1280), "
+                   "required for any other width")
+    q.set_defaults(fn=cmd_convert_mar)
+    q = kinds.add_parser(
+        "ldm", help="an LDM-layout KL autoencoder (MAR's kl16.ckpt, Stable Diffusion's "
+        "original VAE) to a diffusers folder, the kl tokenizer's path",
+        description="The latent scale is not in the file: give --scaling-factor, or --mar for "
+        "MAR's kl16.ckpt (scale 0.2325, and the decoder MAR's code builds: it has no "
+        "attention in its levels and ignores such weights, which are left out).",
+    )
+    q.add_argument("checkpoint", help="a .ckpt/.pth file, or an LDM-layout .safetensors file")
+    q.add_argument("out", help="the folder to write")
+    q.add_argument("--scaling-factor", type=float, default=None,
+                   help="the latent scale its users apply (0.18215: Stable Diffusion 1.x/2.x)")
+    q.add_argument("--mar", action="store_true",
+                   help="MAR's kl16.ckpt: scale 0.2325 and MAR's decoder")
+    q.add_argument("--sample-size", type=_at_least(1, int), default=256,
+                   help="the image size recorded in config.json (default 256)")
+    q.set_defaults(fn=cmd_convert_ldm)
 
     p = sub.add_parser("components", help="list every registered component, plug-ins included")
     p.set_defaults(fn=cmd_components)

@@ -135,7 +135,7 @@ class ModelConfig:
             raise ConfigTypeError(f"model.token_norm takes true or false, got {self.token_norm!r}.")
 
 
-DATASETS = ("shapes", "folder", "jsonl")
+DATASETS = ("shapes", "folder", "jsonl", "imagefolder")
 # What a resumed loader does with a saved state from another data stream (`data.on_change`,
 # `fluid.data.Loader(on_change=...)`): refuse it, or start the new stream from its beginning.
 ON_CHANGE = ("error", "restart")
@@ -149,8 +149,10 @@ class DataConfig:
     """Where training images and captions come from, and how they are read.
 
     `dataset`: `"shapes"` (built in, procedural), `"folder"` (images with same-named `.txt`
-    captions under `path`) or `"jsonl"` (a file of `{"image": ..., "caption": ...}` lines at
-    `path`). Random flips are off by default: they break left/right captions.
+    captions under `path`), `"jsonl"` (a file of `{"image": ..., "caption": ...}` lines at
+    `path`) or `"imagefolder"` (`path/<class name>/*.png`, torchvision's layout: captions are
+    the class ids, for the `class_labels` text encoder). Random flips are off by default:
+    they break left/right captions.
 
     `cache`: a directory where the frozen tokenizer's tokens (and a frozen text encoder's
     outputs) of every record are computed once, before training, and read from then on
@@ -183,7 +185,7 @@ class DataConfig:
         if self.dataset != "shapes" and not self.path:
             raise ConfigError(
                 f"dataset {self.dataset!r} needs data.path (a folder of images with .txt "
-                "captions, or a JSONL file of image/caption pairs)."
+                "captions, a JSONL file of image/caption pairs, or a folder of class folders)."
             )
         _at_least("data.image_size", self.image_size, 1)
         _at_least("data.object_scale", self.object_scale, 0, integer=False, strict=True)

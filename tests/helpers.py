@@ -65,3 +65,79 @@ def flip_middle(f: Path, count: int = 64) -> None:
     start = len(data) // 2 - count // 2
     data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
     f.write_bytes(bytes(data))
+
+
+# -- MAR checkpoints (LTH14/mar), as `torch.save` writes them ----------------------------
+def mar_state_dict(width, depth=1, head_width=16, seq_len=4, buffer=2, token_dim=4, classes=3):
+    """A MAR state dict of any width, shaped as models/mar.py builds it (random values)."""
+    rng = np.random.default_rng(0)
+    shapes = {"z_proj.weight": (width, token_dim), "z_proj.bias": (width,),
+              "z_proj_ln.weight": (width,), "z_proj_ln.bias": (width,),
+              "class_emb.weight": (classes, width), "fake_latent": (1, width),
+              "encoder_pos_embed_learned": (1, buffer + seq_len, width),
+              "decoder_pos_embed_learned": (1, buffer + seq_len, width),
+              "diffusion_pos_embed_learned": (1, seq_len, width), "mask_token": (1, 1, width),
+              "decoder_embed.weight": (width, width), "decoder_embed.bias": (width,)}
+    for part in ("encoder", "decoder"):
+        shapes |= {f"{part}_norm.weight": (width,), f"{part}_norm.bias": (width,)}
+        for i in range(depth):
+            block = f"{part}_blocks.{i}."
+            shapes |= {block + "norm1.weight": (width,), block + "norm1.bias": (width,),
+                       block + "attn.qkv.weight": (3 * width, width),
+                       block + "attn.qkv.bias": (3 * width,),
+                       block + "attn.proj.weight": (width, width),
+                       block + "attn.proj.bias": (width,),
+                       block + "norm2.weight": (width,), block + "norm2.bias": (width,),
+                       block + "mlp.fc1.weight": (4 * width, width),
+                       block + "mlp.fc1.bias": (4 * width,),
+                       block + "mlp.fc2.weight": (width, 4 * width),
+                       block + "mlp.fc2.bias": (width,)}
+    net, w = "diffloss.net.", head_width
+    shapes |= {net + "time_embed.mlp.0.weight": (w, 256), net + "time_embed.mlp.0.bias": (w,),
+               net + "time_embed.mlp.2.weight": (w, w), net + "time_embed.mlp.2.bias": (w,),
+               net + "cond_embed.weight": (w, width), net + "cond_embed.bias": (w,),
+               net + "input_proj.weight": (w, token_dim), net + "input_proj.bias": (w,),
+               net + "res_blocks.0.in_ln.weight": (w,), net + "res_blocks.0.in_ln.bias": (w,),
+               net + "res_blocks.0.mlp.0.weight": (w, w), net + "res_blocks.0.mlp.0.bias": (w,),
+               net + "res_blocks.0.mlp.2.weight": (w, w), net + "res_blocks.0.mlp.2.bias": (w,),
+               net + "res_blocks.0.adaLN_modulation.1.weight": (3 * w, w),
+               net + "res_blocks.0.adaLN_modulation.1.bias": (3 * w,),
+               net + "final_layer.linear.weight": (2 * token_dim, w),
+               net + "final_layer.linear.bias": (2 * token_dim,),
+               net + "final_layer.adaLN_modulation.1.weight": (2 * w, w),
+               net + "final_layer.adaLN_modulation.1.bias": (2 * w,)}
+    return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+
+
+def torch_state_dict(state):
+    """NumPy arrays as torch tensors (torch imported here)."""
+    import torch
+
+    return {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+
+
+def write_mar_checkpoint(path, model, ema=None, **extra):
+    """What MAR's `util/misc.py save_model` writes with `torch.save`: both state dicts (NumPy
+    here; `ema=None` as MAR saves it without an EMA), an AdamW state dict, the epoch, the loss
+    scaler and the run's `args`; `extra` adds entries."""
+    import argparse
+
+    import torch
+
+    params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in list(model.values())[:3]]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    contents = {
+        "model": torch_state_dict(model),
+        "model_ema": None if ema is None else torch_state_dict(ema),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 399,
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 10},
+        "args": argparse.Namespace(model="mar_base", diffusion_batch_mul=2,
+                                   num_sampling_steps="100", img_size=64, vae_stride=16,
+                                   output_dir=Path("out")),
+        **extra,
+    }
+    torch.save(contents, path)
+    return path

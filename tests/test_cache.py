@@ -88,3 +88,28 @@ def test_unreadable_images_are_left_out_of_the_cache(tmp_path):
     assert len(trainer.source) == 17
     assert "a picture number 7" not in {trainer.source.caption(i) for i in range(17)}
     trainer.run()
+
+
+def test_the_fingerprint_follows_a_tokenizers_settings_not_only_its_arrays():
+    # Two kl tokenizers with the same weights whose latent scale differs give other tokens:
+    # a cache of one must not be read for the other.
+    import equinox as eqx
+    import jax.random as jr
+
+    from fluid.build import abstract_model
+    from fluid.data.shapes import ShapesDataset
+    from fluid.recipes import cache_fingerprint, make_text_tokenizer
+    from fluid.tokenizers import KLTokenizer
+
+    model = abstract_model(get_config("tiny-fluid").model)  # only its tokenizer is read
+    assert model.text_encoder.trainable
+    text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), 64)
+
+    def fingerprint(**kwargs):
+        tokenizer = KLTokenizer(16, patch_size=2, key=jr.key(0), **kwargs)
+        with_kl = eqx.tree_at(lambda m: m.tokenizer, model, tokenizer)
+        return cache_fingerprint(with_kl, {"dataset": "shapes"}, text_tokenizer, 8)
+
+    assert fingerprint() == fingerprint()
+    assert fingerprint()["tokenizer"] != fingerprint(scaling_factor=0.2325)["tokenizer"]
+    assert fingerprint()["tokenizer"] != fingerprint(sample_posterior=True)["tokenizer"]

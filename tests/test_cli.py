@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fluid
 from fluid.cli import main
 from fluid.run import RunFolder
 from fluid.train import load_model
@@ -47,11 +48,81 @@ def test_train_resume_and_sample(tmp_path, capsys):
                  "--prompt", "a blue square", "--out", str(grid), "--steps", "2"]) == 0
     image = np.asarray(Image.open(grid))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+    # Prompts from a file, several images each, one PNG per image; from a pretrained folder
+    # the same images as from the run, and as the Python pipeline gives.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    pretrained = fluid.load(run).save_pretrained(tmp_path / "pretrained")
+    for source, images in ((run, tmp_path / "from_run"), (pretrained, tmp_path / "from_folder")):
+        assert main(["sample", str(source), "--prompts-file", str(prompts), "--per-prompt", "2",
+                     "--images-dir", str(images), "--out", str(tmp_path / "g.png"),
+                     "--steps", "2", "--seed", "5"]) == 0
+    written = sorted(p.name for p in (tmp_path / "from_run").iterdir())
+    assert written == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    pipe = fluid.load(pretrained)(["a red circle", "a blue square"], num_images_per_prompt=2,
+                                  seed=5, steps=2)
+    for i, name in enumerate(written):
+        a = np.asarray(Image.open(tmp_path / "from_run" / name))
+        np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "from_folder" / name)))
+        np.testing.assert_array_equal(a, np.asarray(pipe[i]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "has no prompt" in _user_error(
+        capsys, ["sample", str(run), "--prompts-file", str(empty)]
+    )
+    assert "cannot read the prompts file" in _user_error(
+        capsys, ["sample", str(run), "--prompts-file", str(tmp_path / "absent.txt")]
+    )
     # More steps than the model has tokens: refused with the range, nothing sampled or saved.
     assert "give --steps between 1 and" in _user_error(
         capsys, ["sample", str(run), "--prompt", "x", "--out", str(tmp_path / "no.png"),
                  "--steps", "1000"]
     )
+    assert not (tmp_path / "no.png").exists()
+    # A text model takes captions, not classes.
+    assert "text-conditional model" in _user_error(
+        capsys, ["sample", str(run), "--class", "3", "--out", str(tmp_path / "no.png")]
+    )
+
+
+# A class-conditional model as MAR's, composed by overrides: captions are class ids.
+CLASS_LABELS = [('model.text_encoder={"name": "class_labels", "kwargs": {"num_classes": 3, '
+                 '"dim": 32}}'), "model.text_len=2"]
+
+
+def test_a_class_conditional_run_samples_classes_by_id_or_name(tmp_path, capsys):
+    data = tmp_path / "data"
+    for label, name in enumerate(("cat", "dog", "fox")):
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (80 * label, 40 * i, 200)).save(data / name / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "tiny-fluid", "--out", str(run), "steps=2", *TINY, *CLASS_LABELS,
+                 "data.dataset=imagefolder", f"data.path={data}"]) == 0
+    capsys.readouterr()
+    grids = {}
+    for way, argv in {"ids": ["--class", "1", "--class", "2"],
+                      "names": ["--class", "dog", "--class", "fox"],
+                      "prompts": ["--prompt", "1", "--prompt", "2"]}.items():
+        grids[way] = tmp_path / f"{way}.png"
+        assert main(["sample", str(run), *argv, "--out", str(grids[way]), "--steps", "2"]) == 0
+        assert str(grids[way]) in capsys.readouterr().out
+    image = np.asarray(Image.open(grids["ids"]))
+    assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
+    # A name is its folder's id (sorted: cat 0, dog 1, fox 2), and a class-id prompt the
+    # class: the same seed draws the same grid, captioned "1 dog", "2 fox".
+    assert grids["ids"].read_bytes() == grids["names"].read_bytes()
+    assert grids["ids"].read_bytes() == grids["prompts"].read_bytes()
+    for argv, says in [
+        (["--class", "3"], "class 3 is out of range: the model has 3 classes, 0 to 2"),
+        (["--class", "wolf"], "no class named 'wolf'"),
+        (["--class", "1", "--prompt", "1"], "not both"),
+        ([], "give --prompt"),
+        (["--prompt", "a red circle"], "class-conditional model (3 classes), not a text one"),
+        (["--prompt", "7"], "class 7 is out of range"),
+    ]:
+        assert says in _user_error(
+            capsys, ["sample", str(run), *argv, "--out", str(tmp_path / "no.png")])
     assert not (tmp_path / "no.png").exists()
 
 

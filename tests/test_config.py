@@ -21,9 +21,9 @@ from fluid.config import (
 )
 from fluid.presets import PRESETS, get_config
 
-# The `flow` head is the example plug-in (`examples/plugin_head`), exposed by conftest.py; it
-# takes `width`, `depth` and `sampling_steps`, not the diffusion head's `batch_mul`.
-FLOW = "flow"
+# The `mlp_flow` head is the example plug-in (`examples/plugin_head`), exposed by conftest.py;
+# it takes `width`, `depth` and `sampling_steps`, not the diffusion head's `noise_shift`.
+FLOW = "mlp_flow"
 
 
 # -- order ----------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_kwargs_of_the_same_call_apply_on_top_of_the_same_name():
 
 def test_kwargs_of_a_new_name_are_still_checked_against_its_class():
     # The error is about the kwarg given, not about one the old head carried over.
-    with pytest.raises(TypeError, match="head 'flow' takes no argument 'noise_shift'"):
+    with pytest.raises(TypeError, match=f"head '{FLOW}' takes no argument 'noise_shift'"):
         get_config("tiny-fluid", **{"model.head.noise_shift": "4", "model.head.name": FLOW})
 
 

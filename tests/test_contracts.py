@@ -39,7 +39,8 @@ TINY = {
     "head": {
         "diffusion": {"width": 16, "depth": 2, "batch_mul": 2, "sampling_steps": 10},
         "softmax": {},
-        "flow": {"width": 16, "sampling_steps": 4},
+        "flow": {"width": 16, "depth": 2, "batch_mul": 2, "sampling_steps": 3},
+        "mlp_flow": {"width": 16, "sampling_steps": 4},  # the example plug-in
     },
     "backbone": {
         "causal": {"depth": 2, "num_heads": 2},

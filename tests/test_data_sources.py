@@ -1,6 +1,7 @@
 """User image-caption sources (folder, JSONL) and the Grain `Loader`: decoding, cropping,
 skipping bad records, seeded shuffling, sharding, flips and exact resumption."""
 
+import dataclasses
 import io
 import json
 import warnings
@@ -463,3 +464,97 @@ def test_the_training_loader_takes_on_change_from_the_data_config():
         restarted = make(DataConfig(image_size=16, seed=1, on_change="restart"), state)
     assert restarted.position == 0
     assert make(DataConfig(image_size=16), state).position == first.position > 0
+
+
+# -- class folders (torchvision's ImageFolder layout) ---------------------------------------------
+def class_folders(root):
+    """root/<class>/...: written out of name order, nested, with files and folders that are
+    not data."""
+    layout = {"dog/2.png": 2, "dog/1.png": 1, "cat/z/9.png": 9, "cat/5.jpg": 5, "cat/4.png": 4,
+              "ant/7.png": 7, ".ipynb_checkpoints/3.png": 3, "cat/.hidden.png": 6}
+    for name, i in layout.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(coded(i)).save(root / name, quality=100)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "stray.png").write_bytes((root / "dog" / "1.png").read_bytes())  # not in a class
+    (root / "empty").mkdir()
+    return root
+
+
+def test_image_folder_source_follows_torchvisions_order(tmp_path):
+    from fluid.data import ImageFolderSource
+
+    with pytest.warns(UserWarning, match=r"1 class folders .* hold no images .*: empty"):
+        source = ImageFolderSource(class_folders(tmp_path), 8)
+    # torchvision: classes are the sorted folder names, ids 0..K-1; an empty class keeps its
+    # id; samples go class by class, each class's files in sorted walk order.
+    assert source.classes == ("ant", "cat", "dog", "empty")
+    assert source.class_to_idx == {"ant": 0, "cat": 1, "dog": 2, "empty": 3}
+    assert source.paths == ("ant/7.png", "cat/4.png", "cat/5.jpg", "cat/z/9.png", "dog/1.png",
+                            "dog/2.png")
+    assert source.labels == (0, 1, 1, 1, 2, 2)
+    assert len(source) == 6
+    items = [source[i] for i in range(6)]
+    assert [it["caption"] for it in items] == ["0", "1", "1", "1", "2", "2"]
+    assert [source.caption(i) for i in range(6)] == ["0", "1", "1", "1", "2", "2"]
+    assert [ident(it["image"]) for it in items] == [7, 4, 5, 9, 1, 2]
+    chex.assert_shape(items[0]["image"], (8, 8, 3))
+    # The captions are what the class-label tokenizer reads.
+    from fluid.text import ClassLabelTokenizer
+
+    ids, _ = ClassLabelTokenizer(4).encode([it["caption"] for it in items], 2)
+    np.testing.assert_array_equal(ids[:, 0], source.labels)
+
+
+def test_image_folder_source_refuses_what_holds_no_classes(tmp_path):
+    from fluid import MissingInputError
+    from fluid.data import ImageFolderSource
+
+    with pytest.raises(MissingInputError, match=r"nowhere does not exist; .*root/cat/1.png"):
+        ImageFolderSource(tmp_path / "nowhere", 8)
+    Image.fromarray(coded(0)).save(tmp_path / "0.png")
+    with pytest.raises(MissingInputError, match="no class folders in"):
+        ImageFolderSource(tmp_path, 8)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.txt").write_text("x")
+    with pytest.raises(MissingInputError, match=r"no images \(.png"):
+        ImageFolderSource(tmp_path, 8)
+
+
+def test_image_folder_data_config_and_class_names(tmp_path):
+    from fluid import ConfigError
+    from fluid.config import ComponentSpec, DataConfig
+    from fluid.data import ImageFolderSource
+    from fluid.presets import tiny
+    from fluid.recipes import caption_tokenizer, make_source
+    from fluid.text import ClassLabelTokenizer, load_caption_tokenizer
+
+    with pytest.raises(ConfigError, match="needs data.path"):
+        DataConfig(dataset="imagefolder")
+    with pytest.warns(UserWarning, match="hold no images"):
+        source = make_source(DataConfig(dataset="imagefolder", path=str(class_folders(tmp_path)),
+                                        image_size=8))
+    assert isinstance(source, ImageFolderSource)
+
+    def model(num_classes):
+        spec = ComponentSpec(name="class_labels", kwargs={"num_classes": num_classes, "dim": 8})
+        return dataclasses.replace(tiny("fluid").model, text_encoder=spec)
+
+    # A class-conditional model on class folders keeps their names with its tokenizer.
+    tok = caption_tokenizer(source, model(5))
+    assert isinstance(tok, ClassLabelTokenizer)
+    assert (tok.num_classes, tok.class_names) == (5, ("ant", "cat", "dog", "empty"))
+    tok.save(tmp_path / "tok.model")
+    again = load_caption_tokenizer(tmp_path / "tok.model")
+    assert again.class_names == tok.class_names and again.to_bytes() == tok.to_bytes()
+    assert [again.label(c) for c in ("dog", "1", " ant ", "4")] == [2, 1, 0, 4]
+    assert again.describe(2) == "2 dog" and again.describe(4) == "4"
+    with pytest.raises(ConfigError, match=r"class 5 is out of range: the model has 5 classes"):
+        again.label("5")
+    with pytest.raises(ConfigError, match=r"no class named 'dgo'.*Closest: dog"):
+        again.label("dgo")
+    with pytest.raises(ConfigError, match="no names"):
+        ClassLabelTokenizer(3).label("dog")
+    # Fewer classes in the model than in the data: refused, naming the setting.
+    with pytest.raises(ConfigError, match="kwargs.num_classes=4"):
+        caption_tokenizer(source, model(3))

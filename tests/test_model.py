@@ -188,13 +188,13 @@ def test_head_samples_each_position_exactly_once(trained, variant, steps):
 
 
 def test_plugin_head_from_entry_point_trains():
-    # `flow` comes from examples/plugin_head through its entry point (exposed by conftest);
+    # `mlp_flow` comes from examples/plugin_head through its entry point (exposed by conftest);
     # nothing here imports the plug-in's module.
     config = get_config("tiny-fluid", steps=12)
     config = dataclasses.replace(
         config,
         model=dataclasses.replace(
-            config.model, head=ComponentSpec(name="flow", kwargs={"width": 32, "sampling_steps": 4})
+            config.model, head=ComponentSpec(name="mlp_flow", kwargs={"width": 32, "sampling_steps": 4})
         ),
     )
     trainer = prepare(config, progress=False)

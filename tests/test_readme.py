@@ -5,10 +5,12 @@ Commands that train (`train`, `train-tokenizer`, `demo`, `sweep`) run with `--dr
 resolves the preset and every override, opens the data and builds every part (reading the
 files the command names) without training: what a wrong key, name or path would break.
 Commands that read a run (`sample`, `eval`) run for real on a tiny run made here, with the
-README's placeholders filled in. The files the commands name (`imgs/`, `sd-vae/`,
-`flan-t5-small/`, `runs/kl32/tokenizer`) are made here, tiny and random.
+README's placeholders filled in (`<class run>`: a class-conditional run). The files the
+commands name (`imgs/`, `sd-vae/`, `flan-t5-small/`, `runs/kl32/tokenizer`, `imagenet/train/`,
+MAR's `checkpoint-last.pth` and `kl16.ckpt`) are made here, tiny and random.
 """
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -22,7 +24,8 @@ from fluid.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands named in prose ("`fluid train` calls ..."), which need arguments to run.
-NAMES_ONLY = {"fluid train", "fluid sample", "fluid eval", "fluid train-tokenizer"}
+NAMES_ONLY = {"fluid train", "fluid sample", "fluid eval", "fluid train-tokenizer",
+              "fluid convert"}
 
 
 def test_readme_compose_example_runs(capsys):
@@ -81,8 +84,28 @@ def readme_world(tmp_path_factory):
     vae.save_pretrained(root / "runs" / "kl32" / "tokenizer")
     write_tiny_t5_folder(root / "flan-t5-small")
     run = root / "runs" / "tiny"
-    assert main(["train", "tiny-fluid", "--out", str(run), "steps=2", "checkpoint_every=1",
-                 "model.backbone.depth=1", "data.fit_images=16", "sample_steps=2"]) == 0
+    tiny = ["steps=2", "checkpoint_every=1", "model.backbone.depth=1", "data.fit_images=16",
+            "sample_steps=2"]
+    assert main(["train", "tiny-fluid", "--out", str(run), *tiny]) == 0
+    # Class folders named as ImageNet's, and a class-conditional run trained on them.
+    for name in ("n01440764", "n01443537", "n01484850"):
+        (root / "imagenet" / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "imagenet" / "train" / name / f"{i}.png")
+    assert main(["train", "tiny-fluid", "--out", str(root / "runs" / "classes"), *tiny,
+                 "data.dataset=imagefolder", f"data.path={root / 'imagenet' / 'train'}",
+                 ('model.text_encoder={"name": "class_labels", "kwargs": {"num_classes": 1000, '
+                  '"dim": 32}}'), "model.text_len=2"]) == 0
+    # MAR's checkpoint (MAR-B's width, one block each side) and its autoencoder, pickled.
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+        from helpers import mar_state_dict, torch_state_dict, write_mar_checkpoint
+
+        write_mar_checkpoint(root / "checkpoint-last.pth", mar_state_dict(768))
+        with np.load(Path(__file__).parent / "fixtures" / "mar_tiny.npz") as data:
+            vae = {k[4:]: data[k] for k in data.files if k.startswith("vae/")}
+        torch.save({"model": torch_state_dict(vae)}, root / "kl16.ckpt")
     return root, run
 
 
@@ -90,6 +113,7 @@ def _argv(command: str, run: Path) -> list[str]:
     # The README's placeholder, filled in.
     preset = "tiny-tokenizer-kl" if command.startswith("fluid train-tokenizer") else "tiny-fluid"
     command = command.replace("<run dir or checkpoint>", shlex.quote(str(run)))
+    command = command.replace("<class run>", shlex.quote(str(run.parent / "classes")))
     argv = shlex.split(command.replace("<preset>", preset))[1:]
     assert not any("<" in a for a in argv), f"unknown placeholder in `{command}`"
     if argv[0] in ("train", "train-tokenizer", "demo", "sweep"):
@@ -106,6 +130,8 @@ def test_readme_command_is_accepted(command, readme_world, monkeypatch, capsys):
     root, run = readme_world
     monkeypatch.chdir(root)
     argv = _argv(command, run)
+    if argv[0] == "convert":  # reading pickles needs torch, the `reference` extra
+        pytest.importorskip("torch")
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, f"`{command}` ({argv}) failed:\n{captured.err}"

@@ -25,7 +25,7 @@ from fluid import (
     UnknownComponentError,
 )
 from fluid._registry import BUILTIN_SOURCE
-from fluid.heads import DiffusionHead, SoftmaxHead
+from fluid.heads import DiffusionHead, FlowHead, SoftmaxHead
 
 HEAD_SOURCE = textwrap.dedent(
     """
@@ -212,11 +212,13 @@ def test_slot_check_refuses_derived_unknown_and_misspelt_arguments():
 
 
 def test_example_plugin_is_found_through_the_real_registry():
-    # conftest exposes examples/plugin_head as an installed distribution.
+    # conftest exposes examples/plugin_head as an installed distribution; its name is its
+    # own, beside the built-in `flow` head.
     entries = {e.name: e for e in HEADS.entries()}
-    assert entries["flow"].source == "fluid-flow-head"
-    cls = HEADS.get("flow")
+    assert entries["mlp_flow"].source == "fluid-flow-head"
+    cls = HEADS.get("mlp_flow")
     assert cls.__module__ == "fluid_flow_head"
+    assert entries["flow"].source == BUILTIN_SOURCE and HEADS.get("flow") is FlowHead
 
 
 def test_components_command_lists_plugins_with_source(tmp_path):

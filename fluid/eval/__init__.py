@@ -1,14 +1,22 @@
 """Evaluation: a GenEval-style judge of `shapes` images (`ShapesEval`), the Frechet
 distance between feature statistics with a pluggable feature extractor (`ShapesFeatures`
-for `shapes`, `InceptionFeatures` for FID with a user-supplied network), the validation
-loss measured alike for every variant, `fluid eval` (`evaluate_checkpoint`) and `fluid sweep`
-(`run_sweep`: the four variants trained at several sizes, loss against parameters fitted as
-a power law).
+for `shapes`, `InceptionFeatures` for FID with a user-supplied network, `CLIPFeatures` for
+FD on CLIP features), CLIP itself from a Hugging Face folder (`CLIPEncoder`) and CLIPScore
+(`clip_score`), the validation loss measured alike for every variant, `fluid eval`
+(`evaluate_checkpoint`) and `fluid sweep` (`run_sweep`: the four variants trained at several
+sizes, loss against parameters fitted as a power law).
 
 Runs are read through `fluid.run`; only the sweep, which trains, imports `fluid.train`, so
 this package sits above the trainer and the trainer never imports it."""
 
 from ._abstract import AbstractFeatureExtractor as AbstractFeatureExtractor
+from ._clip import OPENAI_CLIP_MEAN as OPENAI_CLIP_MEAN
+from ._clip import OPENAI_CLIP_STD as OPENAI_CLIP_STD
+from ._clip import CLIPCaptionTokenizer as CLIPCaptionTokenizer
+from ._clip import CLIPEncoder as CLIPEncoder
+from ._clip_score import CLIPFeatures as CLIPFeatures
+from ._clip_score import clip_score as clip_score
+from ._clip_score import clip_scores as clip_scores
 from ._evaluate import DEFAULT_SAMPLES as DEFAULT_SAMPLES
 from ._evaluate import default_out_dir as default_out_dir
 from ._evaluate import evaluate as evaluate

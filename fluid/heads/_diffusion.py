@@ -1,108 +1,24 @@
-import functools
-import math
 import typing
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._types import CONTINUOUS, Condition, Key, Scalar
-from ..nn import DEFAULT_REMAT_POLICY, RematPolicy, dense, scan_layers, stacked_field
+from ..nn import DEFAULT_REMAT_POLICY, RematPolicy, stacked_field
 from . import _gaussian_diffusion as gd
-from ._abstract import AbstractOutputHead
+from ._abstract import AbstractIterativeHead
+from ._adaln_mlp import AdaLNLayers, adaln_mlp, init_adaln_mlp, sliced_blocks
+from ._steps import as_progress_steps
 
-FREQUENCY_DIM = 256
-MAX_PERIOD = 10000
-NORM_EPS = 1e-6
-
-
-# PyTorch's float32 `exp` (MKL's vector exp on CPU) rounds these two of MAR's 128
-# frequencies the other way from the correctly rounded value; both lie within 0.02 ulp of a
-# rounding midpoint. At t near 1000 one ulp of a frequency moves the embedding by ~5e-5, so
-# matching MAR's numbers (and the frequencies its weights were trained with) needs them.
-_TORCH_FREQUENCIES_256 = {12: 0.4216965, 106: 0.00048696753}
-
-
-@functools.lru_cache(maxsize=None)
-def sinusoid_frequencies(dim: int) -> np.ndarray:
-    """The `dim // 2` float32 frequencies of the timestep embedding, from 1 down towards
-    `1 / MAX_PERIOD`, exactly as MAR computes them in float32."""
-    half = dim // 2
-    exponent = np.float32(-math.log(MAX_PERIOD)) * np.arange(half, dtype=np.float32)
-    exponent = exponent / np.float32(half)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    if dim == 256:
-        for i, value in _TORCH_FREQUENCIES_256.items():
-            freqs[i] = value
-    freqs.setflags(write=False)
-    return freqs
-
-
-def timestep_embedding(
-    t: Int[Array, ""], dim: int = FREQUENCY_DIM, dtype: jnp.dtype = jnp.float32
-) -> Float[Array, " freq"]:
-    """Sinusoidal embedding of a timestep index, cosines first (the GLIDE/DiT layout MAR's
-    weights expect). The argument `t * freq` is rounded to float32 as MAR's is, whatever
-    `dtype` the embedding is computed in."""
-    args = t.astype(jnp.float32) * jnp.asarray(sinusoid_frequencies(dim))
-    args = args.astype(dtype)
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
-
-
-def _linear(in_features: int, out_features: int, weight_init, *, key: Key) -> eqx.nn.Linear:
-    # Only the structure of Equinox's Linear is kept: running its own random initialisation
-    # would cost a compilation per shape for values that are overwritten anyway.
-    linear = eqx.filter_eval_shape(eqx.nn.Linear, in_features, out_features, key=key)
-    weight = weight_init(key, (out_features, in_features), jnp.float32)
-    return eqx.tree_at(
-        lambda m: (m.weight, m.bias), linear, (weight, jnp.zeros((out_features,), jnp.float32))
-    )
-
-
-def _modulate(
-    x: Float[Array, " width"], shift: Float[Array, " width"], scale: Float[Array, " width"]
-) -> Float[Array, " width"]:
-    return x * (1 + scale) + shift
-
-
-_xavier = jax.nn.initializers.xavier_uniform()
-_zeros = jax.nn.initializers.zeros
-
-
-# One compilation per configuration (the ints are static under filter_jit) instead of one
-# per parameter shape in eager mode.
-@eqx.filter_jit
-def _init_network(cond_dim: int, token_dim: int, width: int, depth: int, key: Key):
-    """MAR's initialisation: Xavier-uniform linears with zero biases, the timestep MLP
-    normal(0.02), every AdaLN modulation and the output layer zero."""
-    k_time1, k_time2, k_cond, k_input, k_blocks, k_final_mod, k_final_lin = jr.split(key, 7)
-    normal = jax.nn.initializers.normal(0.02)
-
-    def make_block(k):
-        k1, k2, k3 = jr.split(k, 3)
-        return (
-            eqx.nn.LayerNorm(width, eps=NORM_EPS),
-            _linear(width, width, _xavier, key=k1),
-            _linear(width, width, _xavier, key=k2),
-            _linear(width, 3 * width, _zeros, key=k3),
-        )
-
-    return (
-        _linear(FREQUENCY_DIM, width, normal, key=k_time1),
-        _linear(width, width, normal, key=k_time2),
-        _linear(cond_dim, width, _xavier, key=k_cond),
-        _linear(token_dim, width, _xavier, key=k_input),
-        eqx.filter_vmap(make_block)(jr.split(k_blocks, depth)),
-        _linear(width, 2 * width, _zeros, key=k_final_mod),
-        _linear(width, 2 * token_dim, _zeros, key=k_final_lin),
-    )
+SAMPLERS = ("ddpm", "ddim")
 
 
 @typing.final
-class DiffusionHead(AbstractOutputHead):
+class DiffusionHead(AbstractIterativeHead):
     """MAR's diffusion loss: a small AdaLN MLP denoises one continuous token, conditioned
     on the backbone's vector, under a cosine Gaussian diffusion (IDDPM).
 
@@ -111,8 +27,11 @@ class DiffusionHead(AbstractOutputHead):
     (LayerNorm, AdaLN shift/scale/gate from the condition, Linear-SiLU-Linear) and outputs a
     noise prediction and IDDPM's learned-range variance values. Training draws `batch_mul`
     fresh `(t, noise)` pairs and averages MSE + variational bound over them. Sampling runs
-    the process respaced to `sampling_steps` (network fed the original timestep index);
-    guidance mixes the noise predictions, `temperature` scales the injected noise.
+    the process respaced to `sampling_steps` (network fed the original timestep index) with
+    MAR's ancestral sampler (`sampler="ddpm"`: the posterior mean and the learned variance),
+    or with DDIM on the same respaced schedule (`sampler="ddim"`); guidance mixes the noise
+    predictions, `temperature` scales the injected noise (never the initial noise: at
+    `eta = 0` DDIM injects none, and the temperature has no effect).
 
     All AdaLN layers and the output layer start at zero, so an untrained head predicts zero
     noise. The head computes in the dtype of its parameters (float32 as built) whatever the
@@ -125,7 +44,8 @@ class DiffusionHead(AbstractOutputHead):
     - `width`: width of the MLP.
     - `depth`: number of residual blocks.
     - `num_timesteps`: steps of the training diffusion.
-    - `sampling_steps`: steps of the respaced sampling chain.
+    - `sampling_steps`: steps of the respaced sampling chain (at least 2); `sample(...,
+      steps=k)` respaces to `k` instead for that call.
     - `batch_mul`: `(t, noise)` draws per position in the loss.
     - `clip_denoised`: in sampling, clip the predicted `x_0` to `[-c, c]` (IDDPM's
       `clip_denoised`, for tokens in a known range such as pixels in [-1, 1]). `None`, the
@@ -137,6 +57,15 @@ class DiffusionHead(AbstractOutputHead):
     - `remat`: what the training backward pass keeps from each residual block
       (`fluid.nn.scan_layers`' `remat`); `DEFAULT_REMAT_POLICY` by default, `None` for a
       plain scan. It changes memory and speed, never values or gradients.
+    - `sampler`: `"ddpm"` (the default, MAR's sampler: posterior mean plus the learned
+      variance, temperature times its noise) or `"ddim"` (DDIM, Song et al., 2021, eq. 12,
+      as IDDPM's `ddim_sample`: the learned variance is ignored, `eta` sets the noise).
+      Both run the same respaced schedule and feed the network the original timesteps.
+    - `eta`: DDIM's noise scale, in [0, 1]: 0 (the default) is deterministic, 1 injects the
+      DDPM posterior variance of the respaced schedule. Only for `sampler="ddim"`.
+    - `progress_steps`: a step schedule over generation progress (DiSA), read by
+      `steps_at` (see `AbstractIterativeHead`; `fluid.heads.annealed_steps` makes one);
+      `None`, the default, gives `sampling_steps` at every progress.
     - `key`: initialisation key.
     """
 
@@ -163,6 +92,9 @@ class DiffusionHead(AbstractOutputHead):
     clip_denoised: float | None = eqx.field(static=True)
     noise_shift: float = eqx.field(static=True)
     remat: RematPolicy = eqx.field(static=True)
+    sampler: str = eqx.field(static=True)
+    eta: float = eqx.field(static=True)
+    progress_steps: tuple[int, ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -176,6 +108,9 @@ class DiffusionHead(AbstractOutputHead):
         clip_denoised: float | None = None,
         noise_shift: float = 1.0,
         remat: RematPolicy = DEFAULT_REMAT_POLICY,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        progress_steps: Sequence[int] | None = None,
         *,
         key: Key,
     ):
@@ -185,6 +120,16 @@ class DiffusionHead(AbstractOutputHead):
         if noise_shift <= 0:
             raise ValueError(f"noise_shift must be positive, got {noise_shift}.")
         gd.diffusion_schedule(num_timesteps, sampling_steps, float(noise_shift))
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+        if not 0 <= eta <= 1 or (eta != 0 and sampler != "ddim"):
+            raise ValueError(f"eta must be in [0, 1] and is DDIM's only; got {eta} with "
+                             f"sampler {sampler!r}.")
+        self.progress_steps = as_progress_steps(progress_steps, 2)
+        for steps in self.progress_steps or ():
+            gd.diffusion_schedule(num_timesteps, steps, float(noise_shift))
+        self.sampler = sampler
+        self.eta = float(eta)
         self.cond_dim = cond_dim
         self.token_dim = token_dim
         self.width = width
@@ -201,11 +146,14 @@ class DiffusionHead(AbstractOutputHead):
             self.time_fc2,
             self.cond_embed,
             self.input_proj,
-            (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation),
+            self.block_norm,
+            self.block_fc1,
+            self.block_fc2,
+            self.block_modulation,
+            self.final_norm,
             self.final_modulation,
             self.final_linear,
-        ) = _init_network(cond_dim, token_dim, width, depth, key)
-        self.final_norm = eqx.nn.LayerNorm(width, eps=NORM_EPS, use_weight=False, use_bias=False)
+        ) = init_adaln_mlp(cond_dim, token_dim, width, depth, 2 * token_dim, key=key)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -220,7 +168,13 @@ class DiffusionHead(AbstractOutputHead):
     @property
     def gen_schedule(self) -> gd.DiffusionSchedule:
         """The float64 constants of the sampling chain (respaced to `sampling_steps`)."""
-        return gd.diffusion_schedule(self.num_timesteps, self.sampling_steps, self.noise_shift)
+        return self.sampling_schedule()
+
+    def sampling_schedule(self, steps: int | None = None) -> gd.DiffusionSchedule:
+        """The float64 constants of a sampling chain respaced to `steps` (`None`:
+        `sampling_steps`)."""
+        steps = self.sampling_steps if steps is None else steps
+        return gd.diffusion_schedule(self.num_timesteps, steps, self.noise_shift)
 
     def network(
         self, x: Float[Array, " token_dim"], t: Int[Array, ""], c: Condition
@@ -240,53 +194,24 @@ class DiffusionHead(AbstractOutputHead):
         """
         return self._network(x, t, c, None)
 
-    def _stacked_blocks(self) -> tuple[tuple, tuple]:
-        """The residual blocks' `(norm, fc1, fc2, modulation)`, stacked along `depth`, split
-        into arrays and the rest (`eqx.partition`)."""
-        stacked = (self.block_norm, self.block_fc1, self.block_fc2, self.block_modulation)
-        return eqx.partition(stacked, eqx.is_array)
+    def _layers(self) -> AdaLNLayers:
+        return AdaLNLayers(
+            self.time_fc1, self.time_fc2, self.cond_embed, self.input_proj, self.block_norm,
+            self.block_fc1, self.block_fc2, self.block_modulation, self.final_norm,
+            self.final_modulation, self.final_linear,
+        )
 
     def _blocks(self) -> list[tuple]:
         """The residual blocks as `depth` separate `(norm, fc1, fc2, modulation)` tuples."""
-        dynamic, static = self._stacked_blocks()
-        return [
-            eqx.combine(jax.tree.map(lambda a, i=i: a[i], dynamic), static)
-            for i in range(self.depth)
-        ]
+        return sliced_blocks(self._layers(), self.depth)
 
     def _network(
         self, x: Float[Array, " token_dim"], t: Int[Array, ""], c: Condition,
         blocks: list[tuple] | None,
     ) -> Float[Array, " 2*token_dim"]:
-        # `blocks` (from `_blocks`): the residual blocks in a Python loop over weights sliced
-        # once, as sampling does outside its chain (the chain then reads its weights as they
-        # are instead of slicing the stacked ones at every step: 0.95x the `mar256` random
-        # order's sampling time, and raster sampling 8.6 s against 11.1 s; measured again
-        # for issue 21, one scan in sampling too: raster 1.15-1.75x the time); `None`: one
-        # rematerialised scan over the stacked weights, for training.
-        dtype = self.dtype
-        h = dense(self.input_proj, x.astype(dtype))
-        temb = timestep_embedding(t, dtype=dtype)
-        temb = dense(self.time_fc2, jax.nn.silu(dense(self.time_fc1, temb)))
-        y = temb + dense(self.cond_embed, c.astype(dtype))
-        y_act = jax.nn.silu(y)
-
-        def block(h, params):
-            norm, fc1, fc2, modulation = params
-            shift, scale, gate = jnp.split(dense(modulation, y_act), 3)
-            out = dense(fc2, jax.nn.silu(dense(fc1, _modulate(norm(h), shift, scale))))
-            return h + gate * out
-
-        if blocks is None:
-            dynamic, static = self._stacked_blocks()
-            h = scan_layers(
-                lambda h, p: block(h, eqx.combine(p, static)), h, dynamic, remat=self.remat
-            )
-        else:
-            for params in blocks:
-                h = block(h, params)
-        shift, scale = jnp.split(dense(self.final_modulation, y_act), 2)
-        return dense(self.final_linear, _modulate(self.final_norm(h), shift, scale))
+        # `blocks` (from `_blocks`): weights sliced once, outside a sampling chain; `None`:
+        # one rematerialised scan over the stacked weights, for training (`adaln_mlp`).
+        return adaln_mlp(self._layers(), x, t, c, blocks=blocks, remat=self.remat)
 
     def q_sample(
         self,
@@ -379,8 +304,10 @@ class DiffusionHead(AbstractOutputHead):
         temperature: Float[Array, ""] | float,
         *,
         key: Key,
+        steps: int | None = None,
     ) -> Float[Array, " token_dim"]:
-        s = self.gen_schedule
+        steps = self.sampling_steps if steps is None else steps
+        s = self.sampling_schedule(steps)
         timestep_map = jnp.asarray(s.timestep_map, jnp.int32)
         dtype = self.dtype
         temperature = jnp.asarray(temperature, dtype)
@@ -388,20 +315,28 @@ class DiffusionHead(AbstractOutputHead):
         blocks = self._blocks()  # sliced once, outside the chain (see `_network`)
 
         def step(i, x):
-            t_gen = self.sampling_steps - 1 - i
+            t_gen = steps - 1 - i
             t_net = timestep_map[t_gen]
             if z_uncond is None:
                 output = self._network(x, t_net, z, blocks)
             else:
                 output = self._guided_output(x, t_net, z, z_uncond, cfg, blocks)[0]
-            mean, log_variance, _ = gd.p_mean_variance(s, output, x, t_gen, self.clip_denoised)
+            mean, log_variance, pred_xstart = gd.p_mean_variance(
+                s, output, x, t_gen, self.clip_denoised
+            )
+            if self.sampler == "ddim":
+                mean, sigma = gd.ddim_step(s, x, t_gen, pred_xstart, self.eta)
+                if self.eta == 0:
+                    return mean
+                noise = jr.normal(jr.fold_in(k_steps, i), (self.token_dim,), dtype)
+                return mean + sigma * noise * temperature
             noise = jr.normal(jr.fold_in(k_steps, i), (self.token_dim,), dtype)
             # MAR's p_sample: the last step (t = 0) returns the mean.
             scale = jnp.where(t_gen == 0, 0.0, temperature)
             return mean + jnp.exp(0.5 * log_variance) * noise * scale
 
         x = jr.normal(k_init, (self.token_dim,), dtype)
-        return jax.lax.fori_loop(0, self.sampling_steps, step, x)
+        return jax.lax.fori_loop(0, steps, step, x)
 
-    def num_evaluations(self) -> int:
-        return self.sampling_steps
+    def num_evaluations(self, steps: int | None = None) -> int:
+        return self.sampling_steps if steps is None else steps

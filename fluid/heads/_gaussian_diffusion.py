@@ -1,5 +1,6 @@
 """Gaussian diffusion as MAR uses it (after IDDPM): cosine schedule, noise prediction,
-learned-range variance, loss = MSE + variational bound, even respacing for sampling.
+learned-range variance, loss = MSE + variational bound, even respacing for sampling; and
+DDIM's step on the same (respaced) schedules.
 
 Schedules are NumPy float64 arrays computed once per `(num_timesteps, sampling_steps)` and
 cached. Traced code reads them as float32 constants (`jnp.asarray(...)[t]`), exactly as
@@ -195,6 +196,55 @@ def predict_xstart_from_eps(
         _at(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t
         - _at(s.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
     )
+
+
+def predict_eps_from_xstart(
+    s: DiffusionSchedule,
+    x_t: Float[Array, " token_dim"],
+    t: Int[Array, ""],
+    pred_xstart: Float[Array, " token_dim"],
+) -> Float[Array, " token_dim"]:
+    """The noise that takes `pred_xstart` to `x_t` at step `t` (IDDPM's
+    `_predict_eps_from_xstart`)."""
+    return (
+        _at(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
+    ) / _at(s.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+
+def ddim_coefficients(s: DiffusionSchedule, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """DDIM's per-step float64 constants on the schedule `s` (Song et al., 2021, eq. 12):
+    `sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)` and the
+    coefficient of the noise direction, `sqrt(1 - abar_prev - sigma^2)`.
+
+    `eta = 0` is deterministic; with `eta = 1`, `sigma^2` is the DDPM posterior variance of
+    `s`. Computed in float64 on the host, as the schedules are: in float32 the direction's
+    `1 - abar_prev - sigma^2` (about 1e-9 at the first steps with `eta = 1`) would round
+    below zero.
+    """
+    abar, abar_prev = s.alphas_cumprod, s.alphas_cumprod_prev
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+    return sigma, np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0))
+
+
+def ddim_step(
+    s: DiffusionSchedule,
+    x_t: Float[Array, " token_dim"],
+    t: Int[Array, ""],
+    pred_xstart: Float[Array, " token_dim"],
+    eta: float,
+) -> tuple[Float[Array, " token_dim"], Float[Array, ""]]:
+    """Mean and standard deviation of DDIM's step from `x_t` to `x_{t-1}` (eq. 12 of the
+    DDIM paper, as IDDPM's `ddim_sample` computes it): with
+    `eps = predict_eps_from_xstart(x_t, t, pred_xstart)`, the mean is
+    `sqrt(abar_prev) pred_xstart + sqrt(1 - abar_prev - sigma^2) eps`
+    (`ddim_coefficients`). At `t = 0`, `abar_prev = 1`: the mean is `pred_xstart`, `sigma`
+    is 0."""
+    sigma, direction = ddim_coefficients(s, eta)
+    eps = predict_eps_from_xstart(s, x_t, t, pred_xstart)
+    mean = (
+        _at(np.sqrt(s.alphas_cumprod_prev), t, x_t) * pred_xstart + _at(direction, t, x_t) * eps
+    )
+    return mean, _at(sigma, t, x_t)
 
 
 def learned_range_log_variance(

@@ -13,7 +13,9 @@ from ._cache import build_cache as build_cache
 from ._cache import cache_fingerprint as cache_fingerprint
 from ._cache import cached_source as cached_source
 from ._data import caption_tokenizer as caption_tokenizer
+from ._data import demo_prompts as demo_prompts
 from ._data import fit_images as fit_images
+from ._data import grid_captions as grid_captions
 from ._data import make_loader as make_loader
 from ._data import make_source as make_source
 from ._data import make_text_tokenizer as make_text_tokenizer

@@ -17,6 +17,7 @@ The directory appears complete or not at all (written under a temporary name, th
 or text set-up is refused with the first difference named, never silently used.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +36,8 @@ from ..data import BadRecord
 from ..model import FluidModel
 from ..text import CaptionTokenizer
 
-CACHE_VERSION = 1
+# 2: the digest of a part covers its plain settings (static fields), not its arrays alone.
+CACHE_VERSION = 2
 _FILES = ("tokens.npy", "captions.json", "valid.npy", "fingerprint.json")
 
 
@@ -43,8 +45,36 @@ class CacheMismatchError(ValueError):
     """A cache directory computed with another tokenizer, data set or text set-up."""
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(module: Any, prefix: str = "") -> dict[str, Any]:
+    """The plain values of a module's fields, static ones included, by dotted name: what
+    changes a part's output without changing its arrays (a latent scale, a patch size,
+    sampling the posterior)."""
+    out: dict[str, Any] = {}
+    if isinstance(module, eqx.Module):
+        items = [(f.name, getattr(module, f.name, None)) for f in dataclasses.fields(module)]
+    elif isinstance(module, (list, tuple)) and not all(isinstance(x, _PLAIN) for x in module):
+        items = [(str(i), x) for i, x in enumerate(module)]
+    elif isinstance(module, dict):
+        items = [(str(k), v) for k, v in sorted(module.items())]
+    else:
+        return out
+    for name, value in items:
+        if isinstance(value, _PLAIN) or (
+            isinstance(value, tuple) and all(isinstance(x, _PLAIN) for x in value)
+        ):
+            out[f"{prefix}{name}"] = value
+        else:
+            out.update(_settings(value, f"{prefix}{name}."))
+    return out
+
+
 def _arrays_digest(module: Any) -> str:
+    """A digest of a part's class, plain settings and arrays."""
     digest = hashlib.sha256()
+    digest.update(json.dumps(_settings(module), sort_keys=True, default=repr).encode())
     for leaf in jax.tree.leaves(eqx.filter(module, eqx.is_array)):
         leaf = np.asarray(jax.device_get(leaf))
         digest.update(f"{leaf.dtype}{leaf.shape}".encode())
@@ -56,8 +86,9 @@ def cache_fingerprint(
     model: FluidModel, data: dict[str, Any], text_tokenizer: CaptionTokenizer, text_len: int
 ) -> dict[str, Any]:
     """What a cache's contents depend on: the data (its config, as a dict, without the keys
-    that only change how it is read), the tokenizer's class and weights, and, when the text
-    encoder is frozen, the caption tokenizer, text length and the encoder's weights."""
+    that only change how it is read), the tokenizer's class, settings and weights, and, when
+    the text encoder is frozen, the caption tokenizer, text length and the encoder's settings
+    and weights."""
     ignored = {"cache", "workers", "shuffle", "flip", "fit_images", "on_change"}
     fingerprint = {
         "version": CACHE_VERSION,

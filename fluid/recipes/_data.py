@@ -5,10 +5,17 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import ConfigError
 from ..config import DataConfig, ModelConfig
-from ..data import BadRecord, FolderSource, JsonlSource, Loader
-from ..data.shapes import ShapesDataset, shapes_options
-from ..text import TEXT_ENCODERS, CaptionTokenizer, TextTokenizer, train_text_tokenizer
+from ..data import BadRecord, FolderSource, ImageFolderSource, JsonlSource, Loader
+from ..data.shapes import DEMO_PROMPTS, ShapesDataset, shapes_options
+from ..text import (
+    TEXT_ENCODERS,
+    CaptionTokenizer,
+    ClassLabelTokenizer,
+    TextTokenizer,
+    train_text_tokenizer,
+)
 
 # Data-fitted parts (the palette codebook) see images from the far end of the built-in data
 # set's index space, disjoint from what training reads.
@@ -21,6 +28,8 @@ def make_source(config: DataConfig) -> Any:
         return FolderSource(config.path, config.image_size)
     if config.dataset == "jsonl":
         return JsonlSource(config.path, config.image_size)
+    if config.dataset == "imagefolder":
+        return ImageFolderSource(config.path, config.image_size)
     return ShapesDataset(config.image_size, seed=config.seed, size=config.size,
                          **shapes_options(config))
 
@@ -44,7 +53,32 @@ def caption_tokenizer(source: Any, model: ModelConfig) -> CaptionTokenizer:
     trained on the source's captions (`make_text_tokenizer`)."""
     spec = model.text_encoder
     own = TEXT_ENCODERS.get(spec.name).caption_tokenizer(spec.kwargs)
+    if isinstance(own, ClassLabelTokenizer) and isinstance(source, ImageFolderSource):
+        # The data's class names travel with the run's tokenizer (`fluid sample --class`).
+        if len(source.classes) > own.num_classes:
+            raise ConfigError(
+                f"the data has {len(source.classes)} classes (folders of {source.root}), the "
+                f"class_labels text encoder {own.num_classes}: set "
+                f"model.text_encoder.kwargs.num_classes={len(source.classes)}."
+            )
+        return ClassLabelTokenizer(own.num_classes, source.classes)
     return make_text_tokenizer(source, model.text_vocab_size) if own is None else own
+
+
+def demo_prompts(text_tokenizer: CaptionTokenizer | None) -> list[str]:
+    """What a run's sample grids show: the first eight classes of a class-conditional
+    model, else the built-in data's demo captions."""
+    if isinstance(text_tokenizer, ClassLabelTokenizer):
+        return [str(i) for i in range(min(8, text_tokenizer.num_classes))]
+    return list(DEMO_PROMPTS)
+
+
+def grid_captions(text_tokenizer: CaptionTokenizer | None, prompts: list[str]) -> list[str]:
+    """The captions shown under a grid's images: a class-conditional model's classes with
+    their names when known (`"3 tabby"`, `"no class"`), else the prompts."""
+    if not isinstance(text_tokenizer, ClassLabelTokenizer):
+        return list(prompts)
+    return [text_tokenizer.describe(int(p)) if p.strip() else "no class" for p in prompts]
 
 
 def make_text_tokenizer(source: Any, vocab_size: int, n: int = 4096) -> TextTokenizer:

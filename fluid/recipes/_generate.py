@@ -13,16 +13,15 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.typing import DTypeLike
 
+from .. import viz
 from ..build import abstract_model, build_model
 from ..config import to_dict
-from ..data.shapes import DEMO_PROMPTS
 from ..model import FluidModel
 from ..run import RunFolder, save_model_file
 from ..sample import sample_images
 from ..train import AbstractObjective
-from .. import viz
 from ._cache import cache_fingerprint, cached_source
-from ._data import caption_tokenizer, fit_images
+from ._data import caption_tokenizer, demo_prompts, fit_images, grid_captions
 from ._recipe import Recipe
 
 
@@ -132,12 +131,13 @@ class GenerateRecipe(Recipe):
             if self.folder is None:
                 return None
             path = self.folder.sample_grid(self.step)
-        prompts = list(prompts or DEMO_PROMPTS)
+        prompts = list(prompts or demo_prompts(self.text_tokenizer))
         images = self.sample_images(prompts)
         if not self.is_main:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        return viz.save_grid(images, path, captions=prompts, cols=4)
+        captions = grid_captions(self.text_tokenizer, prompts)
+        return viz.save_grid(images, path, captions=captions, cols=4)
 
     def write_model(self, model, directory):
         folder = RunFolder(directory)

@@ -29,4 +29,8 @@ from ._load import load_model as load_model
 from ._metrics import MetricsLog as MetricsLog
 from ._metrics import read_metrics as read_metrics
 from ._metrics import truncate_metrics as truncate_metrics
+from ._pretrained import PretrainedMismatchError as PretrainedMismatchError
+from ._pretrained import is_pretrained as is_pretrained
+from ._pretrained import load_pretrained as load_pretrained
+from ._pretrained import save_pretrained as save_pretrained
 from ._tensorboard import SummaryWriter as SummaryWriter

@@ -15,6 +15,9 @@
   samples.png, loss.png, summary.json   what `fluid train` and `fluid demo` report at the end
   eval/                 `fluid eval`'s report (an EvalReport); eval/step_<n>/ for one checkpoint
 ```
+
+A pretrained folder (`fluid.run.save_pretrained`, `fluid.load`) holds `config.json`, the caption
+tokenizer's two files, `model.safetensors` and a model card, `README.md`.
 """
 
 import dataclasses
@@ -111,6 +114,18 @@ class RunFolder:
     def model_info(self) -> Path:
         """The step, size and checksum of `model` (`fluid.run.read_model_info`)."""
         return model_info_path(self.model)
+
+    @property
+    def weights(self) -> Path:
+        """A pretrained folder's model, every array by its dotted path name
+        (`fluid.run.save_pretrained`): readable without fluid and without pickle."""
+        return self.root / "model.safetensors"
+
+    @property
+    def model_card(self) -> Path:
+        """A pretrained folder's model card: what the model is, how it was trained, its
+        evaluation, how to sample it."""
+        return self.root / "README.md"
 
     @property
     def tokenizer(self) -> Path:

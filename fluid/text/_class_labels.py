@@ -1,5 +1,6 @@
 """Class labels as the condition (MAR's ImageNet models): a caption is a label's number."""
 
+import difflib
 import json
 import typing
 from collections.abc import Mapping, Sequence
@@ -11,11 +12,17 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._errors import ConfigError
 from .._types import Key, TextIds, TextMask
 from .._weights import StateDict
 from ..nn import embedding
 from ._abstract import AbstractTextEncoder
 from ._caption_tokenizer import AbstractCaptionTokenizer
+
+
+def _listing(names: Sequence[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown
+                                       else "")
 
 
 @typing.final
@@ -29,12 +36,52 @@ class ClassLabelTokenizer(AbstractCaptionTokenizer):
     **Arguments:**
 
     - `num_classes`: number of classes (ids `0 .. num_classes - 1`).
+    - `class_names`: optionally, the names of the first classes, in id order (an
+      ImageFolder's folder names), saved with the tokenizer so that `label` (and
+      `fluid sample --class`) also takes a name.
     """
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}.")
         self.num_classes = int(num_classes)
+        names = None if class_names is None else tuple(str(n) for n in class_names)
+        if names is not None:
+            if len(names) > self.num_classes:
+                raise ValueError(f"{len(names)} class names for {self.num_classes} classes.")
+            if len(set(names)) != len(names) or not all(n.strip() for n in names):
+                raise ValueError("class names must be distinct and not blank.")
+        self.class_names: tuple[str, ...] | None = names
+
+    def label(self, text: str) -> int:
+        """The class a user asks for by number (`"207"`) or, when the class names are
+        known, by name (`"tench"`); a number always means the class of that id.
+
+        **Raises:**
+
+        `ConfigError` for a number out of range or an unknown name, saying what exists.
+        """
+        text = text.strip()
+        last = self.num_classes - 1
+        if text.isascii() and text.isdigit():
+            if int(text) > last:
+                raise ConfigError(f"class {text} is out of range: the model has "
+                                  f"{self.num_classes} classes, 0 to {last}.")
+            return int(text)
+        if self.class_names is None:
+            raise ConfigError(f"class {text!r} is not a number from 0 to {last}, and this "
+                              "model's classes have no names.")
+        if text in self.class_names:
+            return self.class_names.index(text)
+        close = difflib.get_close_matches(text, self.class_names, n=3)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ConfigError(f"no class named {text!r}; give a name of the data's classes "
+                          f"({_listing(self.class_names)}) or a number from 0 to {last}.{hint}")
+
+    def describe(self, label: int) -> str:
+        """A class for people: its id, and its name when known (`"3 tabby"`)."""
+        names = self.class_names or ()
+        return f"{label} {names[label]}" if label < len(names) else str(label)
 
     @property
     def vocab_size(self) -> int:
@@ -73,11 +120,15 @@ class ClassLabelTokenizer(AbstractCaptionTokenizer):
         return [] if label == self.num_classes else [str(label)]
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"num_classes": self.num_classes}).encode()
+        record: dict[str, Any] = {"num_classes": self.num_classes}
+        if self.class_names is not None:
+            record["class_names"] = list(self.class_names)
+        return json.dumps(record).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ClassLabelTokenizer":
-        return cls(json.loads(data.decode())["num_classes"])
+        record = json.loads(data.decode())
+        return cls(record["num_classes"], record.get("class_names"))
 
 
 @typing.final

@@ -14,17 +14,20 @@ without torch.
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import pickle
 import re
 import shutil
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .._errors import OutputExistsError
 from .._weights import WeightError, read_safetensors, write_safetensors
 from ._autoencoder import (
     ATTN_DOWN_BLOCK,
@@ -116,12 +119,12 @@ def convert_ldm_checkpoint(
 
     `WeightError` naming the problem for a missing, empty, truncated or foreign file, a
     checkpoint without an LDM autoencoder, or one in a layout fluid does not implement;
-    `FileExistsError` if `folder` is not empty.
+    `OutputExistsError` (a `FileExistsError`) if `folder` is not empty.
     """
     source = os.fspath(checkpoint)
     folder = os.fspath(folder)
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise FileExistsError(f"{folder}: exists and is not an empty folder; choose a new one.")
+        raise OutputExistsError(f"{folder}: exists and is not an empty folder; choose a new one.")
     state = _find_state_dict(_read_checkpoint(source), source)
     ldm, prefix, ignored = _autoencoder_keys(state, source, prefix)
     patterns = [re.compile(p) for p in exclude]
@@ -375,16 +378,41 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _read_checkpoint(path: str) -> Any:
+    if path.endswith(".safetensors"):
+        _check_file(path)
+        return read_safetensors(path)
+    return read_torch_checkpoint(path)
+
+
+def _check_file(path: str) -> int:
+    """The size of the file at `path`; `WeightError` if it is missing or empty."""
     if not os.path.isfile(path):
         raise WeightError(f"{path}: no such file.")
     size = os.path.getsize(path)
     if size == 0:
         raise WeightError(f"{path}: the file is empty; is the download incomplete?")
+    return size
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> Any:
+    """What `torch.save` wrote to `path`, read with `torch.load(weights_only=True)` on the
+    CPU: tensors, containers and numbers; any other object the file names (a training run's
+    callbacks, an `argparse.Namespace`, NumPy scalars) becomes an inert placeholder instead
+    of being constructed, holding as attributes only the plain data the file gives it
+    (`vars(checkpoint["args"])` reads a run's arguments). Nothing the file names is ever
+    called. Needs torch, imported here only.
+
+    The file is checked before torch reads it: a missing, empty or truncated file, or one
+    that is not torch's (a web page saved under the checkpoint's name, random bytes), raises
+    `WeightError` saying so. torch's zip archives are memory-mapped, so tensors the caller
+    never uses (an optimiser's state) are not read from disk.
+    """
+    path = os.fspath(path)
+    size = _check_file(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    if head.startswith(b"PK\x03\x04"):
+    zipped = head.startswith(b"PK\x03\x04")
+    if zipped:
         if not zipfile.is_zipfile(path):
             raise WeightError(
                 f"{path}: truncated: a torch.save file is a zip archive, and this one ({size} "
@@ -394,16 +422,6 @@ def _read_checkpoint(path: str) -> Any:
                 if head.lstrip().startswith(b"<") else f"a file starting {head[:8]!r}")
         raise WeightError(f"{path}: not a torch checkpoint (neither torch.save's zip archive "
                           f"nor a pickle): {kind}.")
-    return read_torch_checkpoint(path)
-
-
-def read_torch_checkpoint(path: str | os.PathLike) -> Any:
-    """What `torch.save` wrote to `path`, read with `torch.load(weights_only=True)` on the
-    CPU: tensors, containers and numbers; any other object the file names (a training run's
-    callbacks, an `argparse.Namespace`, NumPy scalars) becomes an inert placeholder instead
-    of being constructed. Needs torch, imported here only.
-    """
-    path = os.fspath(path)
     try:
         import torch
     except ImportError:
@@ -415,25 +433,42 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
     scan = getattr(serialization, "get_unsafe_globals_in_checkpoint", None)
     allow = contextlib.nullcontext()
     # torch < 2.5 has neither; it reads with the plain weights-only loader.
-    if scan is not None and hasattr(serialization, "safe_globals") and zipfile.is_zipfile(path):
+    if scan is not None and hasattr(serialization, "safe_globals") and zipped:
         try:
             names = scan(path)
         except _LOAD_ERRORS as e:
             raise WeightError(f"{path}: not a readable torch.save archive ({_first_line(e)}); "
                               "is the file truncated or damaged?") from None
         allow = serialization.safe_globals([(_placeholder(name), name) for name in names])
+    # Memory-mapping needs the zip format and torch >= 2.1.
+    mmap = {"mmap": True} if zipped and "mmap" in inspect.signature(torch.load).parameters else {}
     try:
-        with allow:
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with allow, warnings.catch_warnings():
+            # A pickle protocol other than torch's own is read all the same.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, **mmap)
     except _LOAD_ERRORS as e:
-        raise WeightError(
-            f"{path}: torch's weights-only loader could not read it ({type(e).__name__}: "
-            f"{_first_line(e)}); is the file truncated or not a torch checkpoint?"
-        ) from None
+        raise WeightError(_refusal(path, e)) from None
 
 
 # What torch raises for a damaged, truncated or foreign file, or one the safe loader refuses.
 _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError)
+
+
+def _refusal(path: str, error: Exception) -> str:
+    """Why torch's weights-only loader refused `path`, without its advice to load the file
+    unsafely (which fluid never does)."""
+    text = str(error)
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if named:
+        return (f"{path}: refused: the file asks to call {named[1]}, and fluid reads torch "
+                "files only with torch's weights-only loader, which runs nothing a file names "
+                "(nothing of it was run). A genuine checkpoint in torch's old pickle format "
+                "can be re-saved, where you trust it, with torch.save(state_dict, path).")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = detail[1].strip() if detail else _first_line(error)
+    return (f"{path}: torch's weights-only loader could not read it ({type(error).__name__}: "
+            f"{reason}); is the file truncated or not a torch checkpoint?")
 
 
 def _first_line(error: Exception) -> str:
@@ -442,11 +477,18 @@ def _first_line(error: Exception) -> str:
 
 
 def _placeholder(name: str) -> type:
-    """A class standing for the global `name`: calling, constructing or restoring it stores
-    nothing and runs nothing of the file's."""
+    """A class standing for the global `name`: calling or constructing it stores nothing,
+    restoring it keeps the plain data the file gives as its state, and nothing of the file's
+    or of the named class runs."""
 
     def ignore(self: Any, *args: Any, **kwargs: Any) -> None:
         del self, args, kwargs
+
+    def keep(self: Any, state: Any) -> None:
+        # The state was built by the weights-only loader (containers, numbers, strings,
+        # tensors, placeholders): kept as plain attributes, read by no code of the class.
+        if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            self.__dict__.update(state)
 
     def new(cls: type, *args: Any, **kwargs: Any) -> Any:
         del args, kwargs
@@ -454,4 +496,4 @@ def _placeholder(name: str) -> type:
 
     module, _, qualname = name.rpartition(".")
     return type(qualname, (), {"__module__": module, "__new__": new, "__init__": ignore,
-                               "__setstate__": ignore})
+                               "__setstate__": keep})
