@@ -430,6 +430,20 @@ def test_check_config_nested_and_absent_keys():
     check_config({"data": {"categories": ["a", "b"]}}, {"data": {"categories": ("a", "b")}})
 
 
+def test_a_checkpoint_from_before_a_key_existed_matches_its_old_value():
+    # Runs saved before `model.aligner`, `model.token_norm` and `optim.decay_rules` existed
+    # had a transformer aligner, a normed token embedding and fluid's decay rules.
+    current = to_dict(TrainConfig())
+    saved = to_dict(TrainConfig())
+    for section, key in (("model", "aligner"), ("model", "token_norm"), ("optim", "decay_rules")):
+        del saved[section][key]
+    check_config(saved, current)
+    other = to_dict(TrainConfig())
+    other["model"]["aligner"] = "identity"
+    with pytest.raises(CheckpointMismatchError, match=r'model\.aligner="transformer".*"identity"'):
+        check_config(saved, other)
+
+
 def test_resumable_keys_may_differ(tmp_path):
     manager = CheckpointManager(tmp_path)
     save(manager, 1)

@@ -24,6 +24,14 @@ RESUMABLE_CONFIG_KEYS: tuple[str, ...] = (
     "data.on_change",
 )
 
+# Config keys added after runs were saved without them, with the value those earlier runs
+# had: a checkpoint whose config lacks one matches a run that has exactly that value.
+ADDED_CONFIG_KEYS: dict[str, Any] = {
+    "model.aligner": "transformer",
+    "model.token_norm": True,
+    "optim.decay_rules": "fluid",
+}
+
 _ABSENT = object()
 
 
@@ -64,7 +72,8 @@ def check_config(
     """Raise if a checkpoint's config differs from this run's in a key that matters.
 
     Nested dicts are compared key by key under dotted names (`model.head.kwargs.width`);
-    keys matching a pattern of `RESUMABLE_CONFIG_KEYS` are skipped.
+    keys matching a pattern of `RESUMABLE_CONFIG_KEYS` are skipped; a key of
+    `ADDED_CONFIG_KEYS` that the saved config lacks counts as the value runs had before it.
 
     **Arguments:**
 
@@ -89,6 +98,8 @@ def check_config(
             continue
         old = flat_saved.get(key, _ABSENT)
         new = flat_current.get(key, _ABSENT)
+        if old is _ABSENT and key in ADDED_CONFIG_KEYS:
+            old = ADDED_CONFIG_KEYS[key]  # saved before the key existed
         if old is _ABSENT or new is _ABSENT or _json_value(old) != _json_value(new):
             raise CheckpointMismatchError(
                 f"{source} was made with {_show(key, old)}, this run has {_show(key, new)}; "
