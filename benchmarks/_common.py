@@ -113,18 +113,20 @@ def reference_model(width: int, depth: int, *, head_width: int | None = None,
     `width`), and a small text side (a learned encoder of width 128 and one aligner block
     over 16 text tokens) standing in for MAR's class embedding.
 
-    `variant`: `"fluid"` (random order, bidirectional) or `"continuous-raster"` (raster
-    order, causal backbone with a KV cache).
+    `variant`: `"fluid"` (random order, bidirectional), `"continuous-raster"` (raster
+    order, causal backbone with a KV cache) or `"continuous-arpg"` (random order, the
+    `arpg` backbone: causal with position queries and a KV cache, `depth // 2` query
+    blocks).
     """
-    random = variant == "fluid"
+    random = variant in ("fluid", "continuous-arpg")
+    backbone = {"fluid": "bidirectional", "continuous-arpg": "arpg"}.get(variant, "causal")
     return ModelConfig(
         tokenizer=MAR_TOKENIZER,
         head=ComponentSpec(name="diffusion", kwargs={"width": head_width or width,
                                                      "depth": head_depth,
                                                      "batch_mul": batch_mul}),
         order=ComponentSpec(name="random" if random else "raster"),
-        backbone=ComponentSpec(name="bidirectional" if random else "causal",
-                               kwargs={"depth": depth, "num_heads": width // 64}),
+        backbone=ComponentSpec(name=backbone, kwargs={"depth": depth, "num_heads": width // 64}),
         text_encoder=ComponentSpec(name="learned", kwargs={"dim": 128, "depth": 1,
                                                            "num_heads": 2}),
         width=width, aligner_depth=1, aligner_heads=width // 64, text_len=16,

@@ -223,6 +223,29 @@ def sample_flops(config: ModelConfig, *, seq_len: int, token_dim: int, steps: in
         cross_kv = step.pop("cross_kv")
         out["backbone"] = halves * depth * (n * sum(step.values()) + cross_kv)
         out["token_embedding"] = n * 2 * token_dim * d if token_dim else 0
+    elif config.backbone.name == "arpg":
+        # Every token passes the content blocks once, through their cache (`observe`; the
+        # start too), and every query the query blocks once (`decode`), whatever `steps`.
+        query_depth = back.get("query_depth") or depth // 2
+        step = block_flops(1, d, mlp_ratio=back.get("mlp_ratio", 4.0), context=L)
+        step["attn_scores"] = step["attn_values"] = 2 * (n + 1) * d
+        cross_kv = step.pop("cross_kv")
+        content = (depth - query_depth) * ((n + 1) * sum(step.values()) + cross_kv)
+        query = {
+            "memory_kv": 2 * d * 2 * d,  # the new memory entry's keys and values
+            "memory_q": 2 * d * d,
+            "memory_scores": 2 * (n + 1) * d,
+            "memory_values": 2 * (n + 1) * d,
+            "memory_proj": 2 * d * d,
+            "text_q": 2 * d * d,
+            "text_scores": 2 * L * d,
+            "text_values": 2 * L * d,
+            "text_proj": 2 * d * d,
+            "mlp": 2 * d * int(d * back.get("mlp_ratio", 4.0)) * 2,
+        }
+        text_kv = 2 * L * d * 2 * d  # projected once per query block
+        out["backbone"] = halves * (content + query_depth * (n * sum(query.values()) + text_kv))
+        out["token_embedding"] = n * 2 * token_dim * d if token_dim else 0
     else:
         # One `at_positions` pass per step; its count is linear in the positions produced,
         # which add up to `n` over the loop.

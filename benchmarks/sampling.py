@@ -50,6 +50,7 @@ from _common import (
 from _profile import print_profile, profile_call
 from flops import sample_flops, token_grid
 
+from fluid.backbones import AbstractBidirectionalBackbone, AbstractCausalBackbone
 from fluid.build import compose
 from fluid.config import ModelConfig
 from fluid.heads import DiffusionHead, SoftmaxHead
@@ -167,7 +168,7 @@ def time_parts(model: FluidModel, batch: int, *, steps: int, cfg: float, warmup:
     x = jr.normal(jr.key(2), (batch * halves, n, dim))
     ctx = jr.normal(jr.key(3), (batch * halves, model.null_ids.shape[0], dim))
     ctx_mask = jnp.ones(ctx.shape[:2], bool)
-    if backbone.attention == "causal":
+    if isinstance(backbone, AbstractCausalBackbone):
         @jax.jit
         def backbone_only(backbone, x, ctx, ctx_mask):
             def one(x, ctx, ctx_mask):
@@ -178,6 +179,35 @@ def time_parts(model: FluidModel, batch: int, *, steps: int, cfg: float, warmup:
                     return cache, z
 
                 return jax.lax.scan(body, cache, jnp.arange(n))[1]
+
+            return jax.vmap(one)(x, ctx, ctx_mask)
+    elif not isinstance(backbone, AbstractBidirectionalBackbone):
+        # Any other backbone (`arpg`) through the loop's own calls: per step `decode` at
+        # that step's positions and `observe` of the tokens written there, each example
+        # under its `halves` contexts.
+        x = x[:batch]
+        ctx = ctx.reshape(batch, halves, *ctx.shape[1:])
+        ctx_mask = ctx_mask.reshape(batch, halves, -1)
+
+        @jax.jit
+        def backbone_only(backbone, x, ctx, ctx_mask):
+            def one(x, ctx, ctx_mask):
+                state = backbone.init_decode(ctx, ctx_mask)
+                start = 0
+                for k, group in itertools.groupby(model.order.step_counts(n, steps)):
+                    def body(carry, i, k=k, start=start):
+                        h, state = carry
+                        positions = start + i * k + jnp.arange(k)
+                        z, state = backbone.decode(state, h, lambda v: v, positions, ctx,
+                                                   ctx_mask)
+                        h = h.at[positions].add(1e-3 * z[0])
+                        return (h, backbone.observe(state, h, lambda v: v, positions, ctx,
+                                                    ctx_mask)), None
+
+                    length = len(list(group))
+                    (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(length))
+                    start += k * length
+                return x
 
             return jax.vmap(one)(x, ctx, ctx_mask)
     else:

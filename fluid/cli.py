@@ -510,7 +510,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     from .eval import SCALES
-    from .presets import VARIANTS
+    from .presets import ALL_VARIANTS, VARIANTS
 
     p = sub.add_parser(
         "sweep", help="train the four variants at several sizes, fit loss against parameters",
@@ -522,7 +522,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scale", default="small", choices=sorted(SCALES),
                    help="data, sizes, steps and evaluation (default small)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,
+                   help="default: the paper's four; continuous-arpg and discrete-arpg add "
+                   "random order with a KV cache")
     p.add_argument("--sizes", nargs="+", default=None,
                    help="sizes w<width>d<depth> (default: the scale's)")
     p.add_argument("--steps", type=_at_least(1, int), default=None,

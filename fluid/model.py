@@ -385,11 +385,29 @@ class FluidModel(eqx.Module):
     def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature):
         """`generate` without the final decoding: the sampled tokens."""
         guided = cfg != 1.0
+        self._check_steps(steps)
         keys = jr.split(key, text_ids.shape[0])
         return jax.vmap(
             lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
                                                temperature)
         )(text_ids, text_mask, keys)
+
+    def _check_steps(self, steps: int) -> None:
+        """Refuse a step count at which the order produces several positions per step when
+        the backbone decodes one at a time."""
+        counts = self.order.step_counts(self.seq_len, steps)
+        if max(counts) > 1 and not self.backbone.parallel_decode:
+            backs = _names_where(
+                BACKBONES,
+                lambda c: c.parallel_decode and c.attention in self.order.supported_attention,
+            )
+            raise IncompatibleComponentsError(
+                f"the order {type(self.order).__name__} produces up to {max(counts)} positions "
+                f"per step at steps={steps}, but the backbone {type(self.backbone).__name__} "
+                f"decodes one position per step. Sample with steps={self.seq_len} "
+                f"(one position per step, for the random order), or train a backbone that decodes several: "
+                f"{', '.join(backs) or 'none registered'}."
+            )
 
     def _contexts(self, ids, mask, guided):
         ctx = self.encode_text(ids, mask)
@@ -464,7 +482,10 @@ class FluidModel(eqx.Module):
                     z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
                 cfg_value = self._cfg_at(cfg, schedule, first + k)
                 new = self._sample_head(head, z, guided, cfg_value, temperature, sub)
-                return (tokens.at[idx].set(new), state, key), None
+                tokens = tokens.at[idx].set(new)
+                with jax.named_scope("backbone"):
+                    state = backbone.observe(state, tokens, embed, idx, ctx, ctx_mask)
+                return (tokens, state, key), None
 
             (tokens, state, key), _ = jax.lax.scan(
                 body, (tokens, state, key), jnp.arange(length, dtype=jnp.int32)

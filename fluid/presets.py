@@ -10,6 +10,14 @@
 | `discrete-random` | discrete (`palette`) | `random` | `bidirectional` | `softmax` |
 | `discrete-raster` | discrete (`palette`) | `raster` | `causal` | `softmax` |
 
+and random order with a KV cache (the `arpg` backbone: causal, with position queries, several
+positions decoded per step), for each token kind:
+
+| variant | tokens | order | backbone | head |
+|---|---|---|---|---|
+| `continuous-arpg` | continuous (`patch`) | `random` | `arpg` | `diffusion` |
+| `discrete-arpg` | discrete (`palette`) | `random` | `arpg` | `softmax` |
+
 `tokenizer-{kl,vq}-{32,64}` train an image tokenizer instead (`fluid train-tokenizer`).
 `mar-base`, `mar-large`, `mar-huge` are MAR's class-conditional ImageNet models, and
 `tiny-mar` a CPU-sized model of the same composition.
@@ -30,13 +38,19 @@ from .config import (
 )
 from .tokenizers import MAR_KL16
 
+# The paper's four variants, and those that add random order with a KV cache.
 VARIANTS = ("fluid", "continuous-raster", "discrete-random", "discrete-raster")
+CACHED_RANDOM_VARIANTS = ("continuous-arpg", "discrete-arpg")
+ALL_VARIANTS = VARIANTS + CACHED_RANDOM_VARIANTS
 
 
 def _parts(variant: str, *, image_size: int, patch_size: int, vocab: int, head: dict, depth: int,
            heads: int, mask_schedule: str = "mar") -> dict:
-    continuous = variant in ("fluid", "continuous-raster")
-    random = variant in ("fluid", "discrete-random")
+    if variant not in ALL_VARIANTS:
+        raise ConfigKeyError(f"unknown variant {variant!r}; variants are {', '.join(ALL_VARIANTS)}.")
+    continuous = variant in ("fluid", "continuous-raster", "continuous-arpg")
+    random = variant not in ("continuous-raster", "discrete-raster")
+    cached = variant in CACHED_RANDOM_VARIANTS
     tok = {"image_size": image_size, "patch_size": patch_size}
     return dict(
         tokenizer=ComponentSpec(name="patch", kwargs=tok)
@@ -51,7 +65,7 @@ def _parts(variant: str, *, image_size: int, patch_size: int, vocab: int, head: 
         if random
         else ComponentSpec(name="raster"),
         backbone=ComponentSpec(
-            name="bidirectional" if random else "causal",
+            name="arpg" if cached else "bidirectional" if random else "causal",
             kwargs={"depth": depth, "num_heads": heads},
         ),
     )
@@ -337,7 +351,7 @@ def tiny_tokenizer(kind: str) -> TrainConfig:
 PRESETS: dict[str, Callable[[], TrainConfig]] = {"demo": demo, "tiny-mar": tiny_mar}
 for _m in MAR_SIZES:
     PRESETS[f"mar-{_m}"] = lambda m=_m: mar(m)
-for _v in VARIANTS:
+for _v in ALL_VARIANTS:
     PRESETS[f"tiny-{_v}"] = lambda v=_v: tiny(v)
     PRESETS[f"shapes-{_v}"] = lambda v=_v: shapes(v)
 for _s in ("b", "l", "h", "3b", "10b"):

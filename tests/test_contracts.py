@@ -47,6 +47,7 @@ TINY = {
         "bidirectional": {"depth": 2, "num_heads": 2},
         "mae": {"depth": 2, "num_heads": 2, "buffer_size": 3, "max_known": 6,
                 "cross_attention": True},
+        "arpg": {"depth": 2, "num_heads": 2},
     },
     "text_encoder": {
         "learned": {"dim": DIM, "depth": 1, "num_heads": 2},
@@ -191,6 +192,17 @@ def test_backbone_contract(name):
     weights = jr.normal(jr.key(4), (SEQ, DIM))
     grads = eqx.filter_grad(lambda b: jnp.sum(b(*args) * weights))(backbone)
     assert_every_leaf_gets_gradient(grads, name)
+
+    # Sampling's calls: a step's conditions under two contexts, and a state after `decode`
+    # and `observe` with the shapes and dtypes of the one before (a scan carries it).
+    x, _, context, ctx_mask = args
+    contexts, masks = jnp.stack([context, context]), jnp.stack([ctx_mask, ctx_mask])
+    positions = jnp.array([3, 0] if backbone.parallel_decode else [3], jnp.int32)
+    state = backbone.init_decode(contexts, masks)
+    z, after = backbone.decode(state, x, lambda v: v, positions, contexts, masks)
+    chex.assert_shape(z, (2, positions.shape[0], DIM))
+    after = backbone.observe(after, x, lambda v: v, positions, contexts, masks)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, after)
 
     if isinstance(backbone, AbstractCausalBackbone):
         _, _, context, ctx_mask = args

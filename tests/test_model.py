@@ -1,6 +1,7 @@
-"""The composed model end to end: the four tiny variants train and sample; composition errors."""
+"""The composed model end to end: the tiny variants train and sample; composition errors."""
 
 import dataclasses
+import typing
 
 import chex
 import equinox as eqx
@@ -13,8 +14,9 @@ import pytest
 from fluid.build import abstract_model, count_params
 from fluid.config import ComponentSpec, ModelConfig, TrainConfig, from_dict, override, to_dict
 from fluid.heads import AbstractOutputHead, SoftmaxHead
-from fluid.model import IncompatibleComponentsError
-from fluid.presets import VARIANTS, get_config, tiny
+from fluid.model import FluidModel, IncompatibleComponentsError
+from fluid.orders import AbstractGenerationOrder
+from fluid.presets import ALL_VARIANTS, get_config, tiny
 from fluid.recipes import prepare
 from fluid.sample import sample_images
 
@@ -23,21 +25,21 @@ from fluid.sample import sample_images
 def trained():
     """Each tiny variant trained for its preset's 30 steps (shared by the tests below)."""
     out = {}
-    for variant in VARIANTS:
+    for variant in ALL_VARIANTS:
         trainer = prepare(tiny(variant), progress=False)
         history = trainer.run()
         out[variant] = (trainer, [r["loss"] for r in history])
     return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_tiny_variant_loss_falls(trained, variant):
     _, losses = trained[variant]
     assert len(losses) == 30 and np.all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_tiny_variant_generates_finite_images(trained, variant):
     trainer, _ = trained[variant]
     config = trainer.config
@@ -86,13 +88,36 @@ def test_diffusion_head_on_discrete_tokens_is_refused_with_fitting_heads():
     assert "softmax" in str(info.value) and "discrete" in str(info.value)
 
 
-def test_random_order_on_causal_backbone_is_refused_with_fitting_parts():
-    config = tiny("fluid").model
-    bad = dataclasses.replace(config, backbone=ComponentSpec(name="causal", kwargs={"depth": 1, "num_heads": 2}))
+@typing.final
+class MaskedOnlyOrder(AbstractGenerationOrder):
+    """An order that drives bidirectional backbones only."""
+
+    supported_attention: typing.ClassVar[frozenset[str]] = frozenset({"bidirectional"})
+    random_permutation: typing.ClassVar[bool] = False
+
+    def permutation(self, n, *, key):
+        return jnp.arange(n, dtype=jnp.int32)
+
+    def num_known(self, n, *, key):
+        return jnp.asarray(0, jnp.int32)
+
+    def step_counts(self, n, steps):
+        return (n,)
+
+
+def test_order_that_cannot_drive_the_backbone_is_refused_with_fitting_parts():
+    config = dataclasses.replace(
+        tiny("fluid").model,
+        backbone=ComponentSpec(name="causal", kwargs={"depth": 1, "num_heads": 2}),
+    )
+    m = abstract_model(config)
     with pytest.raises(IncompatibleComponentsError) as info:
-        abstract_model(bad)
+        FluidModel(m.tokenizer, m.text_encoder, m.aligner, m.token_embedding, m.backbone,
+                   m.head, MaskedOnlyOrder(), (np.array([1]), np.array([True])))
     message = str(info.value)
-    assert "bidirectional" in message and "raster" in message
+    # Backbones that fit the order; orders that fit the backbone.
+    assert "bidirectional" in message and "mae" in message
+    assert "raster" in message and "random" in message
 
 
 def test_unknown_component_in_config_fails_at_config_time():

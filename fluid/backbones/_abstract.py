@@ -1,4 +1,5 @@
 import abc
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,19 @@ class AbstractBackbone(eqx.Module):
     - `z` never depends on `x[s]` where `known[s]` is False;
     - with `attention == "causal"`, `z[order[j]]` depends only on `x[order[i]]` for `i < j`.
 
-    Sampling goes through `init_decode` and `decode`, the same two calls for every backbone:
-    `FluidModel` asks for the conditions at the positions the order produces at each step,
-    samples their tokens, and writes them before the next call. `AbstractCausalBackbone`
-    and `AbstractBidirectionalBackbone` implement these for the two kinds of attention.
+    Sampling goes through `init_decode`, `decode` and `observe`, the same calls for every
+    backbone: `FluidModel` asks for the conditions at the positions the order produces at
+    each step (`decode`), samples their tokens, writes them, and tells the backbone
+    (`observe`) before the next step. `AbstractCausalBackbone` and
+    `AbstractBidirectionalBackbone` implement these for the two kinds of attention.
+
+    `parallel_decode` says whether `decode` takes several positions at one step (an order
+    that produces several, such as the random order's cosine schedule); `FluidModel` refuses
+    to sample such an order with a backbone that cannot, naming those that can.
     """
 
     attention: eqx.AbstractClassVar[str]
+    parallel_decode: typing.ClassVar[bool] = True
     dim: eqx.AbstractVar[int]
     seq_len: eqx.AbstractVar[int]
 
@@ -103,6 +110,25 @@ class AbstractBackbone(eqx.Module):
         - `contexts`, `context_masks`: as given to `init_decode`.
         """
 
+    def observe(
+        self,
+        state: Any,
+        tokens: Array,
+        embed: Embed,
+        positions: Int[Array, " k"],
+        contexts: Float[Array, "c ctx dim"],
+        context_masks: Bool[Array, "c ctx"],
+    ) -> Any:
+        """The state after this step's tokens were written: `tokens` now holds them at
+        `positions` (the positions `decode` was just given). Arguments as `decode`'s.
+
+        The default returns `state` as it is, for a backbone whose `decode` reads what it
+        needs from `tokens` (every position at each step, or the previous step's token).
+        A backbone that caches what it has read appends the new tokens here.
+        """
+        del tokens, embed, positions, contexts, context_masks
+        return state
+
 
 class AbstractBidirectionalBackbone(AbstractBackbone):
     """A backbone that reads the known positions in any order, and at sampling re-reads
@@ -152,8 +178,10 @@ class AbstractCausalBackbone(AbstractBackbone):
 
     Decoding `order[0], order[1], ..., order[t]` with `decode_step` gives the same
     `z[order[t]]` as `__call__` on the full sequence with that `order` and every position
-    known.
+    known. It decodes one position per step (`parallel_decode` is False).
     """
+
+    parallel_decode: typing.ClassVar[bool] = False
 
     @abc.abstractmethod
     def init_cache(self, context: Context, context_mask: TextMask) -> Any:

@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike
 from .._types import CONTINUOUS
 from ..build import abstract_model, count_params, non_embedding_params
 from ..config import TrainConfig, override
-from ..presets import VARIANTS, shapes
+from ..presets import ALL_VARIANTS, VARIANTS, shapes
 from ..recipes import prepare
 from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
 from ..tokenizers import TOKENIZERS
@@ -139,7 +139,8 @@ def sweep_config(
 
     **Arguments:**
 
-    - `variant`: one of `fluid.presets.VARIANTS`.
+    - `variant`: one of `fluid.presets.ALL_VARIANTS` (the paper's four and the cached
+      random-order ones).
     - `size`: `w<width>d<depth>`.
     - `scale`: the sweep's setting.
     - `steps`: the step budget, `scale.steps` by default.
@@ -147,8 +148,8 @@ def sweep_config(
     EMA weights are evaluated; their decay is `1 - 10 / steps` (clipped to [0.9, 0.9999]),
     an average over the last tenth of the run whatever its length.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; variants are {VARIANTS}.")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants are {ALL_VARIANTS}.")
     width, depth, heads = parse_size(size)
     steps = scale.steps if steps is None else steps
     config = shapes(variant)
@@ -361,7 +362,7 @@ def run_sweep(
     - `out`: the sweep's directory: one run directory per (variant, size), and
       `sweep.json`, `sweep.md`, `loss_vs_params.png` and `metrics_vs_params.png`.
     - `scale`: a name of `SCALES`.
-    - `variants`: which of `fluid.presets.VARIANTS`.
+    - `variants`: which of `fluid.presets.ALL_VARIANTS` (the paper's four by default).
     - `sizes`: `w<width>d<depth>` names; the scale's by default.
     - `steps`, `samples`: override the scale's step budget and evaluation samples.
     - `progress`: print progress and show progress bars.
@@ -376,9 +377,9 @@ def run_sweep(
         raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
     setting = SCALES[scale]
     sizes = list(sizes or setting.sizes)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; variants are {VARIANTS}.")
+        raise ValueError(f"unknown variants {unknown}; variants are {ALL_VARIANTS}.")
     out = Path(out)
     counted = {
         (v, s): _model_size(sweep_config(v, s, setting, steps=steps))

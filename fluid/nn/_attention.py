@@ -184,3 +184,34 @@ class SelfAttention(eqx.Module):
             heads_first_min_queries=self.heads_first_min_queries,
         )
         return dense(self.proj, out.reshape(x.shape)), k_cache, v_cache
+
+    def decode_chunk(
+        self,
+        x: Float[Array, "k dim"],
+        t: Int[Array, ""],
+        k_cache: Float[Array, "seq heads head_dim"],
+        v_cache: Float[Array, "seq heads head_dim"],
+    ) -> tuple[
+        Float[Array, "k dim"], Float[Array, "seq heads head_dim"], Float[Array, "seq heads head_dim"]
+    ]:
+        """Causal attention for the `k` consecutive positions `t, ..., t + k - 1` at once.
+
+        Writes their keys and values into the caches from `t` on (`t + k` must not exceed
+        the cache's length), then attends position `t + i` to cache positions `<= t + i`.
+        Equal to `decode` called on each position in turn.
+
+        **Returns:**
+
+        The outputs at the `k` positions and the updated caches.
+        """
+        q, k, v = self._split(dense(self.qkv, x))
+        zero = jnp.zeros((), t.dtype)
+        at = (t, zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+        rows = t + jnp.arange(x.shape[0], dtype=t.dtype)
+        visible = jnp.arange(k_cache.shape[0])[None, :] <= rows[:, None]
+        out = dot_product_attention(
+            q, k_cache, v_cache, visible, heads_first_min_queries=self.heads_first_min_queries
+        )
+        return dense(self.proj, out.reshape(x.shape)), k_cache, v_cache

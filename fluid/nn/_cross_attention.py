@@ -63,11 +63,14 @@ class CrossAttention(eqx.Module):
         x: Float[Array, "seq dim"],
         k: Float[Array, "ctx heads head_dim"],
         v: Float[Array, "ctx heads head_dim"],
-        context_mask: Bool[Array, " ctx"],
+        context_mask: Bool[Array, " ctx"] | Bool[Array, "seq ctx"],
     ) -> Float[Array, "seq dim"]:
-        """Attend `x` to precomputed context keys and values, skipping padding."""
+        """Attend `x` to precomputed context keys and values, skipping padding.
+
+        `context_mask` is the same for every query (`[ctx]`) or given per query
+        (`[seq, ctx]`: which entries each query may read)."""
         q = dense(self.q, x).reshape(x.shape[0], self.num_heads, -1)
-        mask = jnp.broadcast_to(context_mask[None, :], (x.shape[0], k.shape[0]))
+        mask = jnp.broadcast_to(context_mask, (x.shape[0], k.shape[0]))
         out = dot_product_attention(
             q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries
         )

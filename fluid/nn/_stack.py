@@ -149,3 +149,28 @@ class TransformerStack(eqx.Module):
         xs = (params, cache.k, cache.v, cache.context_k, cache.context_v)
         x, (k, v) = jax.lax.scan(body, x, xs)
         return x, KVCache(k=k, v=v, context_k=cache.context_k, context_v=cache.context_v)
+
+    def decode_chunk(
+        self,
+        x: Float[Array, "k dim"],
+        t: Int[Array, ""],
+        cache: KVCache,
+        context_mask: Bool[Array, " ctx"],
+    ) -> tuple[Float[Array, "k dim"], KVCache]:
+        """Every block at the `k` consecutive positions `t, ..., t + k - 1` (causal
+        self-attention through `cache`; `decode` on each position in turn, in one call).
+
+        **Returns:**
+
+        The outputs at those positions and `cache` with them written in every block.
+        """
+        params, static = eqx.partition(self.layers, eqx.is_array)
+
+        def body(h, xs):
+            p, k, v, ck, cv = xs
+            h, k, v = eqx.combine(p, static).decode_chunk(h, t, k, v, ck, cv, context_mask)
+            return h, (k, v)
+
+        xs = (params, cache.k, cache.v, cache.context_k, cache.context_v)
+        x, (k, v) = jax.lax.scan(body, x, xs)
+        return x, KVCache(k=k, v=v, context_k=cache.context_k, context_v=cache.context_v)

@@ -134,3 +134,32 @@ class TransformerBlock(eqx.Module):
             h = self.cross.attend(self.cross_norm(x)[None], context_k, context_v, context_mask)
             x = x + h[0]
         return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+
+    def decode_chunk(
+        self,
+        x: Float[Array, "k dim"],
+        t: Int[Array, ""],
+        k_cache: Float[Array, "seq heads head_dim"],
+        v_cache: Float[Array, "seq heads head_dim"],
+        context_k: Float[Array, "ctx heads head_dim"] | None = None,
+        context_v: Float[Array, "ctx heads head_dim"] | None = None,
+        context_mask: Bool[Array, " ctx"] | None = None,
+    ) -> tuple[
+        Float[Array, "k dim"], Float[Array, "seq heads head_dim"], Float[Array, "seq heads head_dim"]
+    ]:
+        """The block at the `k` consecutive positions `t, ..., t + k - 1` (`decode` on each
+        in turn, in one call).
+
+        **Returns:**
+
+        The outputs at those positions and the self-attention caches with them written.
+        """
+        h, k_cache, v_cache = self.attn.decode_chunk(jax.vmap(self.attn_norm)(x), t, k_cache,
+                                                     v_cache)
+        x = x + h
+        if self.cross is not None:
+            if context_k is None or context_v is None or context_mask is None:
+                raise ValueError("a cross-attention block needs the context keys and values.")
+            x = x + self.cross.attend(jax.vmap(self.cross_norm)(x), context_k, context_v,
+                                      context_mask)
+        return x + jax.vmap(self.mlp)(jax.vmap(self.mlp_norm)(x)), k_cache, v_cache

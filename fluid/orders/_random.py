@@ -7,7 +7,7 @@ import jax.random as jr
 import equinox as eqx
 from jaxtyping import Array, Int
 
-from .._types import BIDIRECTIONAL, Key
+from .._types import BIDIRECTIONAL, CAUSAL, Key
 from ._abstract import AbstractBoundedOrder
 
 MASK_SCHEDULES = ("mar", "cosine")
@@ -50,9 +50,15 @@ class RandomOrder(AbstractBoundedOrder):
 
     In training at most `max_num_known(n)` positions are known: `n - ceil(0.7 n)` under
     `"mar"` (76 of 256), `n - 1` under `"cosine"`.
+
+    It drives causal backbones too: teacher forcing over the example's permutation in
+    training (the mask ratio is then not drawn), and at sampling the cosine schedule's
+    counts, several positions per step, for a backbone that decodes them in one pass from
+    a cache (`arpg`), or one per step with `steps = n` (`causal`, whose position queries
+    make it RandAR-like).
     """
 
-    supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL})
+    supported_attention: typing.ClassVar[frozenset[str]] = frozenset({BIDIRECTIONAL, CAUSAL})
     random_permutation: typing.ClassVar[bool] = True
     mask_schedule: str = eqx.field(static=True, default="mar")
 
