@@ -197,6 +197,8 @@ def cmd_sample(args) -> int:
         cfg=config.sample_cfg if args.cfg is None else args.cfg,
         cfg_schedule=args.cfg_schedule or pipeline.default_cfg_schedule,
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
+        negative_prompts=None if args.negative_prompt is None
+        else [args.negative_prompt] * len(prompts),
     )
     print(save_grid(images, args.out, captions=captions))
     if args.images_dir is not None:
@@ -482,6 +484,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None,
                    help="guidance over the steps (default: linear for a random order, as "
                    "MAR; constant for raster, as LlamaGen)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="a caption the images are pushed away from: guidance's "
+                   "unconditional half reads it in place of the empty caption (needs cfg "
+                   "above 1)")
     p.add_argument("--steps", type=_at_least(1, int), default=None,
                    help="generation steps, 1 to the model's token count (default: the run's "
                    "sample_steps; a raster model makes one token per step whatever this is)")

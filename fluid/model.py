@@ -354,6 +354,8 @@ class FluidModel(eqx.Module):
         cfg: float = 1.0,
         cfg_schedule: str = "linear",
         temperature: float = 1.0,
+        negative_ids: Int[Array | np.ndarray, "batch ctx"] | None = None,
+        negative_mask: Bool[Array | np.ndarray, "batch ctx"] | None = None,
     ) -> Float[Array, "batch h w 3"]:
         """Generate one image per caption.
 
@@ -367,6 +369,10 @@ class FluidModel(eqx.Module):
           `m` the positions still masked after it, counted as at least one) or `"constant"`
           (static).
         - `temperature`: passed to the head.
+        - `negative_ids`, `negative_mask`: tokenized negative prompts, one per caption: the
+          unconditional half of guidance reads them in place of the empty caption, so the
+          samples are pushed away from them. Only with guidance (`cfg != 1`). A negative
+          prompt that is the empty caption gives the images of no negative prompt.
 
         **Returns:**
 
@@ -375,22 +381,45 @@ class FluidModel(eqx.Module):
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
+        negative = None
+        if (negative_ids is None) != (negative_mask is None):
+            raise ValueError("give both negative_ids and negative_mask, or neither.")
+        if negative_ids is not None:
+            negative = (jnp.asarray(negative_ids), jnp.asarray(negative_mask))
         tokens = self.generate_tokens(
             jnp.asarray(text_ids), jnp.asarray(text_mask), key=key, steps=steps, cfg=cfg,
-            cfg_schedule=cfg_schedule, temperature=temperature,
+            cfg_schedule=cfg_schedule, temperature=temperature, negative=negative,
         )
         with jax.named_scope("tokenizer"):
             return jax.vmap(self.tokenizer.decode)(tokens)
 
-    def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature):
-        """`generate` without the final decoding: the sampled tokens."""
+    def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature,
+                        negative=None):
+        """`generate` without the final decoding: the sampled tokens. `negative`: the
+        negative prompts' `(ids, mask)`, or None."""
         guided = cfg != 1.0
         self._check_steps(steps)
         keys = jr.split(key, text_ids.shape[0])
+        if negative is None:
+            return jax.vmap(
+                lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
+                                                   temperature)
+            )(text_ids, text_mask, keys)
+        if not guided:
+            raise ValueError(
+                "a negative prompt acts through guidance (the unconditional half reads it); "
+                "with cfg=1 there is none. Set cfg above 1, or leave the negative prompt out."
+            )
+        negative_ids, negative_mask = negative
+        if negative_ids.shape != text_ids.shape or negative_mask.shape != text_mask.shape:
+            raise ValueError(
+                f"negative prompts must be tokenized as the captions, one per caption: "
+                f"{negative_ids.shape} ids for captions of {text_ids.shape}."
+            )
         return jax.vmap(
-            lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
-                                               temperature)
-        )(text_ids, text_mask, keys)
+            lambda i, m, ni, nm, k: self._generate_one(i, m, k, steps, guided, cfg,
+                                                       cfg_schedule, temperature, (ni, nm))
+        )(text_ids, text_mask, negative_ids, negative_mask, keys)
 
     def _check_steps(self, steps: int) -> None:
         """Refuse a step count at which the order produces several positions per step when
@@ -409,12 +438,15 @@ class FluidModel(eqx.Module):
                 f"{', '.join(backs) or 'none registered'}."
             )
 
-    def _contexts(self, ids, mask, guided):
+    def _contexts(self, ids, mask, guided, negative=None):
+        """The caption's context and, under guidance, the unconditional one: the empty
+        caption's, or the negative prompt's (`negative`: its ids and mask)."""
         ctx = self.encode_text(ids, mask)
         if not guided:
             return ctx[None], mask[None]
-        null = self.encode_text(self.null_ids, self.null_mask)
-        return jnp.stack([ctx, null]), jnp.stack([mask, self.null_mask])
+        null_ids, null_mask = (self.null_ids, self.null_mask) if negative is None else negative
+        null = self.encode_text(null_ids, null_mask)
+        return jnp.stack([ctx, null]), jnp.stack([mask, null_mask])
 
     def _cfg_at(self, cfg, schedule, produced):
         """The guidance scale of the step after which `produced` positions are known."""
@@ -446,7 +478,8 @@ class FluidModel(eqx.Module):
             return jnp.zeros((n, self.tokenizer.token_dim), jnp.float32)
         return jnp.zeros((n,), jnp.int32)
 
-    def _generate_one(self, ids, mask, key, steps, guided, cfg, schedule, temperature):
+    def _generate_one(self, ids, mask, key, steps, guided, cfg, schedule, temperature,
+                      negative=None):
         """One example: the order's steps, each asking the backbone for the conditions at
         the positions it produces (`init_decode`/`decode`, the same for every backbone),
         the head for their tokens, and writing them."""
@@ -456,7 +489,7 @@ class FluidModel(eqx.Module):
         else:  # a fixed order leaves the whole key to the steps
             k_perm = key
         perm = self.order.permutation(n, key=k_perm)
-        ctx, ctx_mask = self._contexts(ids, mask, guided)
+        ctx, ctx_mask = self._contexts(ids, mask, guided, negative)
         counts = self.order.step_counts(n, steps)
         with jax.named_scope("backbone"):
             state = self.backbone.init_decode(ctx, ctx_mask)

@@ -55,6 +55,7 @@ class Pipeline:
         cfg_schedule: str | None = None,
         temperature: float | None = None,
         batch_size: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
     ) -> list:
         """Sample images of `prompts` (one string, or several).
 
@@ -69,6 +70,9 @@ class Pipeline:
           `sample_temperature`.
         - `cfg_schedule`: `"linear"` or `"constant"`; by default `default_cfg_schedule`.
         - `batch_size`: images per compiled call (default: all at once).
+        - `negative_prompt`: what guidance's unconditional half reads in place of the empty
+          caption, pushing the images away from it: one string for every prompt, or one
+          per prompt. Needs guidance (`cfg` above 1).
 
         **Returns:**
 
@@ -85,6 +89,16 @@ class Pipeline:
         wanted = [p for p in prompts for _ in range(num_images_per_prompt)]
         if not wanted:
             raise ConfigError("give at least one prompt.")
+        negatives = None
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * len(prompts)
+            if len(negative_prompt) != len(prompts):
+                raise ConfigError(
+                    f"give one negative prompt for all prompts, or one per prompt: "
+                    f"{len(negative_prompt)} for {len(prompts)} prompts."
+                )
+            negatives = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
         size = batch_size or len(wanted)
         key = jr.key(seed)
         images = []
@@ -98,6 +112,7 @@ class Pipeline:
                 cfg=config.sample_cfg if cfg is None else cfg,
                 cfg_schedule=cfg_schedule or self.default_cfg_schedule,
                 temperature=config.sample_temperature if temperature is None else temperature,
+                negative_prompts=None if negatives is None else negatives[start:start + size],
             ))
         return to_pil(np.concatenate(images))
 

@@ -29,10 +29,11 @@ def warn_truncated(text_tokenizer: CaptionTokenizer, prompts: Sequence[str], tex
 
 
 @eqx.filter_jit
-def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature):
+def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative=None):
+    negative_ids, negative_mask = (None, None) if negative is None else negative
     return model.generate(
         ids, mask, key=key, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-        temperature=temperature,
+        temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
     )
 
 
@@ -47,6 +48,7 @@ def sample_images(
     cfg: float = 3.0,
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
+    negative_prompts: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1], one per prompt, by one jitted call.
 
@@ -56,6 +58,8 @@ def sample_images(
     - `text_tokenizer`: the tokenizer it was trained with.
     - `prompts`: captions; the empty string asks for an unconditional sample.
     - `text_len`: caption length the model was trained with (`ModelConfig.text_len`).
+    - `negative_prompts`: one per prompt, read by guidance's unconditional half in place of
+      the empty caption (`""`: as without one); only with `cfg != 1`.
     - the rest: as `FluidModel.generate`.
     """
     if isinstance(prompts, str):
@@ -64,6 +68,20 @@ def sample_images(
         raise ConfigError("give at least one prompt.")
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
     warn_truncated(text_tokenizer, prompts, text_len)
+    negative = None
+    if negative_prompts is not None:
+        if isinstance(negative_prompts, str) or len(negative_prompts) != len(prompts):
+            raise ConfigError(
+                f"give one negative prompt per prompt ({len(prompts)}), as a sequence of "
+                "strings; \"\" for a prompt that has none."
+            )
+        if cfg == 1.0:
+            raise ConfigError(
+                "a negative prompt acts through guidance, which cfg=1 turns off; set cfg "
+                "above 1 (the run's sample_cfg is the default), or leave it out."
+            )
+        warn_truncated(text_tokenizer, negative_prompts, text_len)
+        negative = text_tokenizer.encode(list(negative_prompts), text_len)
     key = jr.key(0) if key is None else key
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}.")
@@ -80,5 +98,6 @@ def sample_images(
             stacklevel=2,
         )
         steps = model.seq_len
-    out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature))
+    out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature),
+                    negative)
     return np.asarray(out)
