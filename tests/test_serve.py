@@ -300,6 +300,23 @@ def test_the_batcher_groups_by_settings_fills_batches_and_refuses_when_closed(pi
     assert isinstance(late.error, ServerClosed) and late.images is None
 
 
+def test_closing_refuses_a_job_waiting_for_company(pipe, monkeypatch):
+    monkeypatch.setattr(batcher_module, "sample_images_per_key", None)  # never called
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    batcher = Batcher(pipe, batch_size=4, max_wait=600.0)
+    job = Job("a red circle", "", 0, 1, Settings(2, 3.0, "linear", 1.0))
+    waiting = threading.Thread(target=batcher.submit, args=(job,))
+    waiting.start()
+    while batcher.pending() < 1:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.5)  # the worker holds the job, waiting for others to join it
+    batcher.close()  # returns once the worker has stopped
+    waiting.join(30)
+    assert not waiting.is_alive() and isinstance(job.error, ServerClosed)
+    assert batcher.calls == 0 and crashed == []  # the worker stopped, it did not fail
+
+
 def test_sample_images_per_key_draws_each_image_as_a_batch_of_its_own(pipe):
     config = pipe.config
     kw = {"text_len": config.model.text_len, "steps": config.sample_steps,

@@ -141,6 +141,8 @@ class Batcher:
                 if sum(j.num_images for j in batch) == self.batch_size or left <= 0:
                     break
                 self._changed.wait(left)
+            if self._closed:  # `close` refused the queued jobs
+                return []
             batch = self._fitting()
             self._queue = [job for job in self._queue if job not in batch]
             return batch
@@ -156,7 +158,8 @@ class Batcher:
                 for job in batch:
                     job.images = images[start:start + job.num_images]
                     start += job.num_images
-            except Exception as error:  # noqa: BLE001 (a failed call fails its jobs, not the server)
+            except Exception as error:  # noqa: BLE001
+                # A failed call fails its jobs, not the server.
                 if not isinstance(error, UserError):
                     traceback.print_exc()
                 for job in batch:

@@ -203,6 +203,8 @@ def make_server(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 0,
     try:
         return SamplingServer((host, port), pipeline, batch_size=batch_size, max_wait=max_wait,
                               log=log)
+    except FileNotFoundError:  # the page is missing: a broken install, not the address
+        raise
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; give "
                         "another --port (0: any free one) or --host.") from None
