@@ -190,6 +190,7 @@ def test_concurrent_requests_share_one_call_and_keep_their_own_images(pipe, serv
 BAD = [
     (b"{not json", "the body is not JSON"),
     (b"\xff\xfe", "the body is not JSON"),
+    (b"[" * 60000, "the body is not JSON"),  # nested too deep for the parser
     (b'["a red circle"]', "send a JSON object"),
     (b"{}", 'give "prompt"'),
     (b'{"prompt": "   "}', "the prompt is empty"),

@@ -272,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(size)
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise BadRequest(f"the body is not JSON ({error}); send an object such as "
                              '{"prompt": "a red circle", "seed": 0}.') from None
 
