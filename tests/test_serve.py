@@ -35,6 +35,7 @@ from fluid.sample import sample_images, sample_images_per_key
 from fluid.serve import (
     MAX_BODY,
     NEGATIVE_UNSUPPORTED,
+    BadRequest,
     Batcher,
     Job,
     ServerClosed,
@@ -220,6 +221,28 @@ def test_a_bad_request_is_answered_400_saying_what_to_send(server, body, says):
     status, answer = call(server, "/api/generate", raw=body)
     assert status == 400 and says in answer["error"], answer
     assert server.batcher.calls == calls  # nothing was sampled
+
+
+def test_a_class_conditional_model_takes_class_ids_and_names():
+    from fluid.config import apply_overrides
+    from fluid.text import ClassLabelTokenizer
+
+    config = apply_overrides(_config(), {
+        "model.text_encoder": '{"name": "class_labels", "kwargs": {"num_classes": 3, "dim": 32}}',
+        "model.text_len": "2",
+    })
+    tokenizer = ClassLabelTokenizer(3, ["cat", "dog", "fox"])
+    model = build_model(config.model, text_tokenizer=tokenizer, key=jr.key(0))
+    server = make_server(fluid.Pipeline(model, tokenizer, config), port=0, batch_size=BATCH)
+    try:
+        assert server.info()["conditioning"] == "class"
+        assert server.parse({"prompt": "dog"}).prompt == "1"
+        assert server.parse({"prompt": " 2 "}).prompt == "2"
+        for prompt, says in [("wolf", "no class named 'wolf'"), ("3", "out of range")]:
+            with pytest.raises(BadRequest, match=says):
+                server.parse({"prompt": prompt})
+    finally:
+        server.close()
 
 
 def test_requests_the_api_does_not_take_are_answered_in_json(server):
