@@ -14,6 +14,7 @@ Dimension names used in annotations:
 from typing import TypeAlias
 
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Key as TypedKey
 
 Image: TypeAlias = Float[Array, "h w 3"]
 ContinuousTokens: TypeAlias = Float[Array, "seq token_dim"]
@@ -26,6 +27,7 @@ TextIds: TypeAlias = Int[Array, " ctx"]
 TextMask: TypeAlias = Bool[Array, " ctx"]
 Context: TypeAlias = Float[Array, "ctx dim"]
 Key: TypeAlias = PRNGKeyArray
+Keys: TypeAlias = TypedKey[Array, " batch"]  # one typed key per example
 Scalar: TypeAlias = Float[Array, ""]
 
 CONTINUOUS = "continuous"
@@ -48,6 +50,7 @@ __all__ = [
     "TextMask",
     "Context",
     "Key",
+    "Keys",
     "Scalar",
     "CONTINUOUS",
     "DISCRETE",

@@ -1,4 +1,4 @@
-"""The `fluid` command: demo, train, train-tokenizer, sample, eval, sweep, convert,
+"""The `fluid` command: demo, train, train-tokenizer, sample, serve, eval, sweep, convert,
 components, presets."""
 
 import argparse
@@ -210,6 +210,30 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .pipeline import load
+    from .serve import serve
+
+    print(f"loading {args.checkpoint}")
+    pipeline = load(args.checkpoint, ema=not args.raw)
+
+    def ready(url: str) -> None:
+        print(f"serving at {url} (Ctrl-C stops)", flush=True)
+        if not _is_loopback(args.host):
+            print(f"warning: listening on {args.host}: whoever reaches this machine can use the "
+                  "model (there is no authentication)", file=sys.stderr, flush=True)
+
+    serve(pipeline, host=args.host, port=args.port, batch_size=args.batch_size,
+          max_wait=args.batch_wait, log=lambda line: print(line, file=sys.stderr, flush=True),
+          ready=ready)
+    print("stopped", flush=True)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _read_prompts(path: str) -> list[str]:
     """The prompts of a file, one per line (blank lines skipped)."""
     try:
@@ -338,6 +362,13 @@ def cmd_sweep(args) -> int:
         print(f"{variant:<18} L = {fit['a']:.4g} * N^-{fit['alpha']:.4f}")
     print(f"report: {out / 'sweep.md'} ({report['seconds']:.0f} s)")
     return 0
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def _at_least(low, kind):
@@ -496,6 +527,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser(
+        "serve", help="a local web page and JSON API that sample from a run or pretrained folder",
+        description="Serve a sampling page at http://HOST:PORT/ (prompt, negative prompt, seed, "
+        "steps, guidance; a grid of results) and a JSON API: GET /api/info, POST /api/generate "
+        '{"prompt": ..., "seed": ..., "steps": ..., "cfg": ..., "num_images": ...}. Concurrent '
+        "requests with the same steps and guidance are sampled by one call of --batch-size "
+        "images; a request's images depend on its own prompt and seed alone. Ctrl-C stops.",
+    )
+    p.add_argument("checkpoint", metavar="RUN", help="a run's --out directory, "
+                   "<run>/checkpoints/<step>, or a pretrained folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="default 8000; 0: any free port")
+    p.add_argument("--batch-size", type=_at_least(1, int), default=4,
+                   help="images per sampling call, and the most one request may ask for "
+                   "(default 4)")
+    p.add_argument("--batch-wait", type=_at_least(0.0, float), default=0.05,
+                   help="seconds a request waits for others to share its call (default 0.05)")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser(
         "eval", help="validation loss, ShapesEval and Frechet distance of a run or checkpoint"

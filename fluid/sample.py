@@ -4,11 +4,12 @@ import warnings
 from collections.abc import Sequence
 
 import equinox as eqx
+import jax
 import jax.random as jr
 import numpy as np
 
 from ._errors import ConfigError
-from ._types import Key
+from ._types import Key, Keys
 from .model import FluidModel
 from .text import CaptionTokenizer
 
@@ -26,6 +27,46 @@ def warn_truncated(text_tokenizer: CaptionTokenizer, prompts: Sequence[str], tex
             f"are cut to that length: {listed}.",
             stacklevel=3,
         )
+
+
+def _checked_steps(model: FluidModel, steps: int, cfg: float, temperature: float) -> int:
+    """`steps`, at most the model's tokens (with a warning); bad settings refused."""
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}.")
+    if temperature < 0:
+        raise ConfigError(
+            f"temperature must be >= 0 (0: the most likely token), got {temperature}."
+        )
+    if cfg < 0:
+        raise ConfigError(f"cfg must be >= 0 (1: no guidance, 0: unconditional), got {cfg}.")
+    if steps > model.seq_len:
+        warnings.warn(
+            f"steps={steps} is more than the model's {model.seq_len} tokens; sampling in "
+            f"{model.seq_len} steps (one token each).",
+            stacklevel=3,
+        )
+        return model.seq_len
+    return steps
+
+
+def _encode_negatives(text_tokenizer: CaptionTokenizer, prompts: Sequence[str],
+                      negative_prompts: Sequence[str] | None, cfg: float,
+                      text_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The negative prompts' `(ids, mask)`, one per prompt, or None; bad ones refused."""
+    if negative_prompts is None:
+        return None
+    if isinstance(negative_prompts, str) or len(negative_prompts) != len(prompts):
+        raise ConfigError(
+            f"give one negative prompt per prompt ({len(prompts)}), as a sequence of "
+            "strings; \"\" for a prompt that has none."
+        )
+    if cfg == 1.0:
+        raise ConfigError(
+            "a negative prompt acts through guidance, which cfg=1 turns off; set cfg "
+            "above 1 (the run's sample_cfg is the default), or leave it out."
+        )
+    warn_truncated(text_tokenizer, negative_prompts, text_len)
+    return text_tokenizer.encode(list(negative_prompts), text_len)
 
 
 @eqx.filter_jit
@@ -68,36 +109,63 @@ def sample_images(
         raise ConfigError("give at least one prompt.")
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
     warn_truncated(text_tokenizer, prompts, text_len)
-    negative = None
-    if negative_prompts is not None:
-        if isinstance(negative_prompts, str) or len(negative_prompts) != len(prompts):
-            raise ConfigError(
-                f"give one negative prompt per prompt ({len(prompts)}), as a sequence of "
-                "strings; \"\" for a prompt that has none."
-            )
-        if cfg == 1.0:
-            raise ConfigError(
-                "a negative prompt acts through guidance, which cfg=1 turns off; set cfg "
-                "above 1 (the run's sample_cfg is the default), or leave it out."
-            )
-        warn_truncated(text_tokenizer, negative_prompts, text_len)
-        negative = text_tokenizer.encode(list(negative_prompts), text_len)
+    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, cfg, text_len)
     key = jr.key(0) if key is None else key
-    if steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {steps}.")
-    if temperature < 0:
-        raise ConfigError(
-            f"temperature must be >= 0 (0: the most likely token), got {temperature}."
-        )
-    if cfg < 0:
-        raise ConfigError(f"cfg must be >= 0 (1: no guidance, 0: unconditional), got {cfg}.")
-    if steps > model.seq_len:
-        warnings.warn(
-            f"steps={steps} is more than the model's {model.seq_len} tokens; sampling in "
-            f"{model.seq_len} steps (one token each).",
-            stacklevel=2,
-        )
-        steps = model.seq_len
+    steps = _checked_steps(model, steps, cfg, temperature)
     out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature),
                     negative)
+    return np.asarray(out)
+
+
+@eqx.filter_jit
+def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperature,
+                      negative=None):
+    # Each image is a batch of one of its own: what it draws depends on its key alone, not on
+    # its row or on the other rows (the vmap adds a batch axis, nothing crosses it).
+    def one(i, m, k, n):
+        negative_ids, negative_mask = (None, None) if n is None else (n[0][None], n[1][None])
+        return model.generate(
+            i[None], m[None], key=k, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
+            temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
+        )[0]
+
+    return jax.vmap(one)(ids, mask, keys, negative)
+
+
+def sample_images_per_key(
+    model: FluidModel,
+    text_tokenizer: CaptionTokenizer,
+    prompts: Sequence[str],
+    keys: Keys,
+    *,
+    text_len: int,
+    steps: int = 64,
+    cfg: float = 3.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    negative_prompts: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Images `[len(prompts), h, w, 3]` in [-1, 1] by one jitted call, each drawn with its
+    own key: image `i` is what `sample_images(model, text_tokenizer, [prompts[i]],
+    key=keys[i], ...)` gives, whatever the other prompts and keys are. A server batches
+    unrelated requests this way (`fluid.serve`).
+
+    **Arguments:**
+
+    - `keys`: one typed key per prompt (`jnp.stack([jr.key(0), jr.key(7)])`).
+    - the rest: as `sample_images`.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string.")
+    if len(prompts) == 0:
+        raise ConfigError("give at least one prompt.")
+    if keys.shape != (len(prompts),):
+        raise ConfigError(f"give one key per prompt: {len(prompts)} prompts, keys of shape "
+                          f"{keys.shape}.")
+    ids, mask = text_tokenizer.encode(list(prompts), text_len)
+    warn_truncated(text_tokenizer, prompts, text_len)
+    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, cfg, text_len)
+    steps = _checked_steps(model, steps, cfg, temperature)
+    out = _generate_per_key(model, ids, mask, keys, steps, float(cfg), cfg_schedule,
+                            float(temperature), negative)
     return np.asarray(out)

@@ -131,7 +131,7 @@ LAYERS = {
     "trainer": ["fluid.train"],
     "recipes": ["fluid.recipes"],
     "evaluation": ["fluid.eval"],
-    "command line": ["fluid.cli", "fluid.__main__"],
+    "command line": ["fluid.cli", "fluid.__main__", "fluid.serve"],
 }
 
 

@@ -4,8 +4,9 @@ it shows is accepted.
 Commands that train (`train`, `train-tokenizer`, `demo`, `sweep`) run with `--dry-run`, which
 resolves the preset and every override, opens the data and builds every part (reading the
 files the command names) without training: what a wrong key, name or path would break.
-Commands that read a run (`sample`, `eval`) run for real on a tiny run made here, with the
-README's placeholders filled in (`<class run>`: a class-conditional run). The files the
+Commands that read a run (`sample`, `eval`, `serve`: its server stopped once it listens) run
+for real on a tiny run made here, with the README's placeholders filled in (`<class run>`: a
+class-conditional run). The files the
 commands name (`imgs/`, `sd-vae/`, `flan-t5-small/`, `runs/kl32/tokenizer`, `imagenet/train/`,
 MAR's `checkpoint-last.pth` and `kl16.ckpt`) are made here, tiny and random.
 """
@@ -25,7 +26,7 @@ from fluid.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands named in prose ("`fluid train` calls ..."), which need arguments to run.
 NAMES_ONLY = {"fluid train", "fluid sample", "fluid eval", "fluid train-tokenizer",
-              "fluid convert"}
+              "fluid convert", "fluid serve"}
 
 
 def test_readme_compose_example_runs(capsys):
@@ -132,6 +133,16 @@ def test_readme_command_is_accepted(command, readme_world, monkeypatch, capsys):
     argv = _argv(command, run)
     if argv[0] == "convert":  # reading pickles needs torch, the `reference` extra
         pytest.importorskip("torch")
+    if argv[0] == "serve":  # the real server on a free port, stopped as Ctrl-C would
+        import fluid.serve
+
+        def stop(url):
+            raise KeyboardInterrupt
+
+        real = fluid.serve.serve
+        monkeypatch.setattr(fluid.serve, "serve",
+                            lambda pipeline, **kw: real(pipeline, **{**kw, "port": 0,
+                                                                     "ready": stop}))
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, f"`{command}` ({argv}) failed:\n{captured.err}"
@@ -139,3 +150,5 @@ def test_readme_command_is_accepted(command, readme_world, monkeypatch, capsys):
         assert "dry run: nothing trained" in captured.out
     if argv[0] in ("sample", "eval"):  # which weights were read, and from which step
         assert "step 2 from the " in captured.out, captured.out
+    if argv[0] == "serve":
+        assert captured.out.strip().endswith("stopped"), captured.out
