@@ -199,6 +199,7 @@ def cmd_sample(args) -> int:
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
         negative_prompts=None if args.negative_prompt is None
         else [args.negative_prompt] * len(prompts),
+        **_switch_args(args, model),
     )
     print(save_grid(images, args.out, captions=captions))
     if args.images_dir is not None:
@@ -232,6 +233,41 @@ def cmd_serve(args) -> int:
 
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _switch_args(args, model=None) -> dict:
+    """The fast-sampling switches of `fluid sample` and `fluid eval` as
+    `FluidModel.generate`'s arguments; refused here when the model (if given) cannot take
+    them."""
+    from .heads import AbstractIterativeHead
+
+    out = {}
+    if args.cfg_interval is not None:
+        lo, hi = args.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"--cfg-interval takes LO HI with 0 <= LO <= HI <= 1 (the part "
+                              f"of the generation, by tokens produced, that is guided); got "
+                              f"{lo:g} {hi:g}.")
+        out["cfg_interval"] = (lo, hi)
+    if args.head_steps is not None:
+        if model is not None and not isinstance(model.head, AbstractIterativeHead):
+            raise ConfigError(f"--head-steps sets the chain of a diffusion or flow head; this "
+                              f"model's head ({type(model.head).__name__}) samples in one "
+                              "evaluation.")
+        steps = args.head_steps
+        out["head_steps"] = steps[0] if len(steps) == 1 else tuple(steps)
+    return out
+
+
+def _add_switch_args(p) -> None:
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only the steps whose progress (fraction of tokens produced "
+                   "before them) is in [LO, HI): e.g. 0 0.5 guides the first half and "
+                   "halves the head's work on the rest (default: every step)")
+    p.add_argument("--head-steps", type=_at_least(1, int), nargs="+", default=None,
+                   metavar="N", help="chain length of a diffusion or flow head: one number for "
+                   "every token, or several for a DiSA schedule over progress (e.g. 50 35 20 5: "
+                   "many steps for the first tokens, few for the last; default: the head's own)")
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -338,6 +374,7 @@ def cmd_eval(args) -> int:
         args.checkpoint, out=args.out, raw=args.raw, verbose=True, samples=args.samples,
         seed=args.seed,
         validation_examples=args.validation_examples, min_count=args.min_count,
+        **_switch_args(args),
     )
     val, fd = result["validation"], result["frechet"]
     print(f"validation loss {val['loss']:.4f} ({val['units']})")
@@ -515,6 +552,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None,
                    help="guidance over the steps (default: linear for a random order, as "
                    "MAR; constant for raster, as LlamaGen)")
+    _add_switch_args(p)
     p.add_argument("--negative-prompt", default=None,
                    help="a caption the images are pushed away from: guidance's "
                    "unconditional half reads it in place of the empty caption (needs cfg "
@@ -565,6 +603,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="accept fewer samples than 192 for a rough Frechet distance")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
+    _add_switch_args(p)
     p.set_defaults(fn=cmd_eval)
 
     from .eval import SCALES

@@ -17,7 +17,13 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
-from .heads import HEADS, AbstractOutputHead
+from .heads import (
+    HEADS,
+    AbstractIterativeHead,
+    AbstractOutputHead,
+    as_progress_steps,
+    progress_level,
+)
 from .nn import dense, per_vector
 from .orders import ORDERS, AbstractBoundedOrder, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
@@ -356,6 +362,8 @@ class FluidModel(eqx.Module):
         temperature: float = 1.0,
         negative_ids: Int[Array | np.ndarray, "batch ctx"] | None = None,
         negative_mask: Bool[Array | np.ndarray, "batch ctx"] | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        head_steps: int | tuple[int, ...] | None = None,
     ) -> Float[Array, "batch h w 3"]:
         """Generate one image per caption.
 
@@ -373,6 +381,15 @@ class FluidModel(eqx.Module):
           unconditional half of guidance reads them in place of the empty caption, so the
           samples are pushed away from them. Only with guidance (`cfg != 1`). A negative
           prompt that is the empty caption gives the images of no negative prompt.
+        - `cfg_interval`: `(lo, hi)`, guidance only at the steps whose progress (the fraction
+          of the tokens produced before the step) lies in `[lo, hi)`; the others sample the
+          conditional model alone, with half the head's work (LlamaGen's `cfg_interval` is
+          `(0, t / n)`). `None` (the default): every step; `(0, 1)` is the same (static).
+        - `head_steps`: the chain of an iterative head (diffusion, flow) in place of its own:
+          an int for every token, or a step schedule over progress as DiSA's (a tuple: the
+          progress `[0, 1]` cut into that many equal intervals, `annealed_steps` makes one).
+          `None`: the head's `progress_steps` if it has them, else its `sampling_steps`
+          (static).
 
         **Returns:**
 
@@ -381,6 +398,12 @@ class FluidModel(eqx.Module):
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
+        if cfg_interval is not None:
+            lo, hi = cfg_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got "
+                                 f"{cfg_interval!r}.")
+            cfg_interval = (float(lo), float(hi))
         negative = None
         if (negative_ids is None) != (negative_mask is None):
             raise ValueError("give both negative_ids and negative_mask, or neither.")
@@ -389,21 +412,23 @@ class FluidModel(eqx.Module):
         tokens = self.generate_tokens(
             jnp.asarray(text_ids), jnp.asarray(text_mask), key=key, steps=steps, cfg=cfg,
             cfg_schedule=cfg_schedule, temperature=temperature, negative=negative,
+            cfg_interval=cfg_interval, head_steps=head_steps,
         )
         with jax.named_scope("tokenizer"):
             return jax.vmap(self.tokenizer.decode)(tokens)
 
     def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature,
-                        negative=None):
+                        negative=None, cfg_interval=None, head_steps=None):
         """`generate` without the final decoding: the sampled tokens. `negative`: the
         negative prompts' `(ids, mask)`, or None."""
         guided = cfg != 1.0
         self._check_steps(steps)
         keys = jr.split(key, text_ids.shape[0])
+        switches = {"cfg_interval": cfg_interval, "head_steps": head_steps}
         if negative is None:
             return jax.vmap(
                 lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
-                                                   temperature)
+                                                   temperature, **switches)
             )(text_ids, text_mask, keys)
         if not guided:
             raise ValueError(
@@ -418,7 +443,8 @@ class FluidModel(eqx.Module):
             )
         return jax.vmap(
             lambda i, m, ni, nm, k: self._generate_one(i, m, k, steps, guided, cfg,
-                                                       cfg_schedule, temperature, (ni, nm))
+                                                       cfg_schedule, temperature, (ni, nm),
+                                                       **switches)
         )(text_ids, text_mask, negative_ids, negative_mask, keys)
 
     def _check_steps(self, steps: int) -> None:
@@ -460,17 +486,47 @@ class FluidModel(eqx.Module):
         return 1.0 + (cfg - 1.0) * (n - masked).astype(jnp.float32) / n
 
     @staticmethod
-    def _sample_head(head, z, guided, cfg_value, temperature, key):
-        """Sample tokens at the `k` positions given by `z`: `[1 or 2, k, dim]`."""
+    def _sample_head(head, z, guided, cfg_value, temperature, key, steps=None):
+        """Sample tokens at the `k` positions given by `z`: `[1 or 2, k, dim]`; `steps`: the
+        chain length of an iterative head (static; `None`: its own)."""
         keys = jr.split(key, z.shape[1])
+        chain = {} if steps is None else {"steps": steps}
         with jax.named_scope("head"):
             if guided:
                 return jax.vmap(
-                    lambda c, u, k: head.sample(c, u, cfg_value, temperature, key=k)
+                    lambda c, u, k: head.sample(c, u, cfg_value, temperature, key=k, **chain)
                 )(z[0], z[1], keys)
             return jax.vmap(
-                lambda c, k: head.sample(c, None, 1.0, temperature, key=k)
+                lambda c, k: head.sample(c, None, 1.0, temperature, key=k, **chain)
             )(z[0], keys)
+
+    def _step_plan(self, counts, guided, cfg_interval, head_steps):
+        """Per sampling step, what is static about it: `(positions produced, guided, head
+        chain length or None)`. Progress at a step is the fraction of the tokens produced
+        before it (0 at the first step), as DiSA and a guidance interval read it."""
+        n = self.seq_len
+        iterative = isinstance(self.head, AbstractIterativeHead)
+        if head_steps is not None and not iterative:
+            raise ValueError(
+                f"head_steps sets the chain of an iterative head (diffusion, flow); the head "
+                f"{type(self.head).__name__} samples in one evaluation. Leave it out."
+            )
+        if isinstance(head_steps, int):
+            head_steps = (head_steps,)
+        if head_steps is not None:
+            head_steps = as_progress_steps(head_steps, 1)
+        elif iterative and self.head.progress_steps is not None:
+            head_steps = self.head.progress_steps
+        plan, produced = [], 0
+        for k in counts:
+            progress = produced / n
+            on = guided and (cfg_interval is None
+                             or cfg_interval[0] <= progress < cfg_interval[1])
+            chain = None if head_steps is None else head_steps[
+                progress_level(len(head_steps), progress)]
+            plan.append((k, on, chain))
+            produced += k
+        return plan
 
     def _empty_tokens(self):
         n = self.seq_len
@@ -479,7 +535,7 @@ class FluidModel(eqx.Module):
         return jnp.zeros((n,), jnp.int32)
 
     def _generate_one(self, ids, mask, key, steps, guided, cfg, schedule, temperature,
-                      negative=None):
+                      negative=None, cfg_interval=None, head_steps=None):
         """One example: the order's steps, each asking the backbone for the conditions at
         the positions it produces (`init_decode`/`decode`, the same for every backbone),
         the head for their tokens, and writing them."""
@@ -501,12 +557,14 @@ class FluidModel(eqx.Module):
         embed = token_embedding.embed_one
         tokens = self._empty_tokens()
         start = 0
-        # Steps that produce the same number of tokens share one scan: shapes stay static
-        # and the head runs on exactly the positions produced at each step.
-        for k, run in itertools.groupby(counts):
+        # Steps that produce the same number of tokens, with the same guidance and head chain,
+        # share one scan: shapes stay static and the head runs on exactly the positions
+        # produced at each step.
+        plan = self._step_plan(counts, guided, cfg_interval, head_steps)
+        for (k, guided_step, chain), run in itertools.groupby(plan):
             length = len(list(run))
 
-            def body(carry, i, k=k, start=start):
+            def body(carry, i, k=k, start=start, guided_step=guided_step, chain=chain):
                 tokens, state, key = carry
                 key, sub = jr.split(key)
                 first = start + i * k
@@ -514,7 +572,8 @@ class FluidModel(eqx.Module):
                 with jax.named_scope("backbone"):
                     z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
                 cfg_value = self._cfg_at(cfg, schedule, first + k)
-                new = self._sample_head(head, z, guided, cfg_value, temperature, sub)
+                new = self._sample_head(head, z, guided_step, cfg_value, temperature, sub,
+                                        chain)
                 tokens = tokens.at[idx].set(new)
                 with jax.named_scope("backbone"):
                     state = backbone.observe(state, tokens, embed, idx, ctx, ctx_mask)

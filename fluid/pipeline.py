@@ -56,6 +56,8 @@ class Pipeline:
         temperature: float | None = None,
         batch_size: int | None = None,
         negative_prompt: str | Sequence[str] | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        head_steps: int | Sequence[int] | None = None,
     ) -> list:
         """Sample images of `prompts` (one string, or several).
 
@@ -73,6 +75,9 @@ class Pipeline:
         - `negative_prompt`: what guidance's unconditional half reads in place of the empty
           caption, pushing the images away from it: one string for every prompt, or one
           per prompt. Needs guidance (`cfg` above 1).
+        - `cfg_interval`, `head_steps`: fast-sampling switches, as `FluidModel.generate`'s
+          (guidance only over a part of the progress; the head's chain length, or a DiSA
+          schedule of them). Off by default.
 
         **Returns:**
 
@@ -113,6 +118,7 @@ class Pipeline:
                 cfg_schedule=cfg_schedule or self.default_cfg_schedule,
                 temperature=config.sample_temperature if temperature is None else temperature,
                 negative_prompts=None if negatives is None else negatives[start:start + size],
+                cfg_interval=cfg_interval, head_steps=head_steps,
             ))
         return to_pil(np.concatenate(images))
 

@@ -70,12 +70,26 @@ def _encode_negatives(text_tokenizer: CaptionTokenizer, prompts: Sequence[str],
 
 
 @eqx.filter_jit
-def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative=None):
+def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative=None,
+              switches=()):
     negative_ids, negative_mask = (None, None) if negative is None else negative
     return model.generate(
         ids, mask, key=key, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
         temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
+        **dict(switches),
     )
+
+
+def _switches(cfg_interval, head_steps) -> tuple:
+    """The sampling switches `FluidModel.generate` takes beyond the basic settings, as a
+    hashable (static) tuple of those that are set."""
+    out = []
+    if cfg_interval is not None:
+        out.append(("cfg_interval", tuple(float(v) for v in cfg_interval)))
+    if head_steps is not None:
+        out.append(("head_steps", head_steps if isinstance(head_steps, int)
+                    else tuple(int(s) for s in head_steps)))
+    return tuple(out)
 
 
 def sample_images(
@@ -90,6 +104,8 @@ def sample_images(
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
     negative_prompts: Sequence[str] | None = None,
+    cfg_interval: tuple[float, float] | None = None,
+    head_steps: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1], one per prompt, by one jitted call.
 
@@ -101,6 +117,8 @@ def sample_images(
     - `text_len`: caption length the model was trained with (`ModelConfig.text_len`).
     - `negative_prompts`: one per prompt, read by guidance's unconditional half in place of
       the empty caption (`""`: as without one); only with `cfg != 1`.
+    - `cfg_interval`, `head_steps`: the fast-sampling switches of `FluidModel.generate`
+      (a guidance interval over progress; the head's chain, or a DiSA schedule of them).
     - the rest: as `FluidModel.generate`.
     """
     if isinstance(prompts, str):
@@ -113,13 +131,13 @@ def sample_images(
     key = jr.key(0) if key is None else key
     steps = _checked_steps(model, steps, cfg, temperature)
     out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature),
-                    negative)
+                    negative, _switches(cfg_interval, head_steps))
     return np.asarray(out)
 
 
 @eqx.filter_jit
 def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperature,
-                      negative=None):
+                      negative=None, switches=()):
     # Each image is a batch of one of its own: what it draws depends on its key alone, not on
     # its row or on the other rows (the vmap adds a batch axis, nothing crosses it).
     def one(i, m, k, n):
@@ -127,6 +145,7 @@ def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperat
         return model.generate(
             i[None], m[None], key=k, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
             temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
+            **dict(switches),
         )[0]
 
     return jax.vmap(one)(ids, mask, keys, negative)
@@ -144,6 +163,8 @@ def sample_images_per_key(
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
     negative_prompts: Sequence[str] | None = None,
+    cfg_interval: tuple[float, float] | None = None,
+    head_steps: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1] by one jitted call, each drawn with its
     own key: image `i` is what `sample_images(model, text_tokenizer, [prompts[i]],
@@ -167,5 +188,5 @@ def sample_images_per_key(
     negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, cfg, text_len)
     steps = _checked_steps(model, steps, cfg, temperature)
     out = _generate_per_key(model, ids, mask, keys, steps, float(cfg), cfg_schedule,
-                            float(temperature), negative)
+                            float(temperature), negative, _switches(cfg_interval, head_steps))
     return np.asarray(out)

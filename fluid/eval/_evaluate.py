@@ -15,7 +15,9 @@ import jax.random as jr
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._errors import ConfigError
 from .._types import CAUSAL, DISCRETE
+from ..heads import AbstractIterativeHead
 from ..run import EvalReport, RunFolder, find_weights, load_model
 from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
 from ._shapes_eval import ShapesEval
@@ -55,6 +57,8 @@ def generate_images(
     temperature: float = 1.0,
     batch_size: int = GENERATION_BATCH,
     progress: bool = True,
+    cfg_interval: tuple[float, float] | None = None,
+    head_steps: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """One image per prompt, in batches of one shape (the last padded), so one compilation.
 
@@ -66,6 +70,7 @@ def generate_images(
     - `steps`, `cfg`, `temperature`: sampling settings (a run's `sample_*`).
     - `batch_size`: images per call.
     - `progress`: show a progress bar.
+    - `cfg_interval`, `head_steps`: fast-sampling switches (`FluidModel.generate`).
 
     **Returns:**
 
@@ -82,7 +87,8 @@ def generate_images(
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         images = sample_images(
             model, text_tokenizer, padded, text_len=text_len, key=jr.fold_in(jr.key(seed), b),
-            steps=steps, cfg=cfg, temperature=temperature,
+            steps=steps, cfg=cfg, temperature=temperature, cfg_interval=cfg_interval,
+            head_steps=head_steps,
         )
         out.append(images[: len(chunk)])
     return np.concatenate(out)
@@ -113,6 +119,8 @@ def evaluate(
     min_count: int | None = None,
     batch_size: int = GENERATION_BATCH,
     progress: bool = True,
+    cfg_interval: tuple[float, float] | None = None,
+    head_steps: int | Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """Evaluate a model of a run on the built-in `shapes` data.
 
@@ -133,6 +141,8 @@ def evaluate(
     - `noise_draws`: as for `validation_loss`.
     - `min_count`: fewest samples the Frechet distance accepts, for quick checks with fewer
       than 192 images; the distance is then rough (`frechet.rough` in the result).
+    - `cfg_interval`, `head_steps`: fast-sampling switches for the generated images
+      (`FluidModel.generate`), recorded under `sampling` in the result.
     - `batch_size`: images per generation call.
     - `progress`: show progress bars.
 
@@ -173,12 +183,16 @@ def evaluate(
     }
     t1 = time.perf_counter()
 
+    if head_steps is not None and not isinstance(model.head, AbstractIterativeHead):
+        raise ConfigError(f"head_steps sets the chain of a diffusion or flow head; this model's "
+                          f"head ({type(model.head).__name__}) samples in one evaluation.")
     judge = ShapesEval()
     prompts = judge.prompts(per_category, seed=seed, categories=categories)
     images = generate_images(
         model, text_tokenizer, prompts, text_len=config.model.text_len, seed=seed,
         steps=config.sample_steps, cfg=config.sample_cfg,
         temperature=config.sample_temperature, batch_size=batch_size, progress=progress,
+        cfg_interval=cfg_interval, head_steps=head_steps,
     )
     t2 = time.perf_counter()
 
@@ -212,6 +226,9 @@ def evaluate(
             "cfg": config.sample_cfg,
             "temperature": config.sample_temperature,
             "seed": seed,
+            "cfg_interval": None if cfg_interval is None else list(cfg_interval),
+            "head_steps": head_steps if head_steps is None or isinstance(head_steps, int)
+            else list(head_steps),
         },
         "seconds": {
             "validation": t1 - t0, "generation": t2 - t1, "scoring": t3 - t2,

@@ -12,6 +12,8 @@ from ._mar_convert import MarCheckpointError as MarCheckpointError  # noqa: E402
 from ._mar_convert import load_mar_diffloss as load_mar_diffloss  # noqa: E402
 from ._softmax import SoftmaxHead as SoftmaxHead  # noqa: E402
 from ._steps import annealed_steps as annealed_steps  # noqa: E402
+from ._steps import as_progress_steps as as_progress_steps  # noqa: E402
+from ._steps import progress_level as progress_level  # noqa: E402
 
 HEADS.register("softmax", SoftmaxHead)
 HEADS.register("diffusion", DiffusionHead)

@@ -70,7 +70,10 @@ class CrossAttention(eqx.Module):
         `context_mask` is the same for every query (`[ctx]`) or given per query
         (`[seq, ctx]`: which entries each query may read)."""
         q = dense(self.q, x).reshape(x.shape[0], self.num_heads, -1)
-        mask = jnp.broadcast_to(context_mask, (x.shape[0], k.shape[0]))
+        # One mask for every query is broadcast from `[1, ctx]`, as it always was: another
+        # spelling of the same broadcast changed XLA's fusion and the samples' last bits.
+        rows = context_mask[None, :] if context_mask.ndim == 1 else context_mask
+        mask = jnp.broadcast_to(rows, (x.shape[0], k.shape[0]))
         out = dot_product_attention(
             q, k, v, mask, heads_first_min_queries=self.heads_first_min_queries
         )
