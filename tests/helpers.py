@@ -5,9 +5,11 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import sentencepiece as spm
 
 
@@ -42,6 +44,56 @@ def perturbed(module, key, scale=0.3):
         for x, k in zip(leaves, keys)
     ]
     return jtu.tree_unflatten(treedef, out)
+
+
+def fit_class_means(head, steps: int):
+    """`head` (a continuous head) briefly trained to sample one point per class, and those
+    points: the condition is a class one-hot (`head.cond_dim` classes), the target the
+    class's point (uniform in [-0.8, 0.8], `jr.key(1)`) plus normal noise of 0.02; Adam at
+    2e-3, `steps` steps of 128 draws (`jr.key(2)`).
+
+    **Returns:**
+
+    The trained head and the points, `[classes, token_dim]`.
+    """
+    C, D = head.cond_dim, head.token_dim
+    means = jr.uniform(jr.key(1), (C, D), minval=-0.8, maxval=0.8)
+    opt = optax.adam(2e-3)
+    params, static = eqx.partition(head, eqx.is_inexact_array)
+
+    @jax.jit
+    def train(params, key):
+        def step(carry, k):
+            params, st = carry
+            k1, k2, k3 = jr.split(k, 3)
+            cls = jr.randint(k1, (128,), 0, C)
+            z = jax.nn.one_hot(cls, C)
+            x = means[cls] + 0.02 * jr.normal(k2, (128, D))
+
+            def loss(p):
+                h = eqx.combine(p, static)
+                return jnp.mean(jax.vmap(lambda a, b, kk: h.loss(a, b, key=kk))(
+                    z, x, jr.split(k3, 128)))
+
+            g = jax.grad(loss)(params)
+            with jax.numpy_dtype_promotion("standard"):
+                u, st = opt.update(g, st)
+            return (eqx.apply_updates(params, u), st), None
+
+        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jr.split(key, steps))
+        return params
+
+    return eqx.combine(train(params, jr.key(2)), static), means
+
+
+def class_samples(head, steps: int | None = None):
+    """One unguided sample of each class of a head from `fit_class_means` (`jr.key(3)`), in
+    `steps` steps (the head's own by default)."""
+    C = head.cond_dim
+    z = jax.nn.one_hot(jnp.arange(C), C)
+    keys = jr.split(jr.key(3), C)
+    return eqx.filter_jit(lambda h: jax.vmap(
+        lambda zz, k: h.sample(zz, None, 1.0, 1.0, key=k, steps=steps))(z, keys))(head)
 
 
 def arrays(tree):

@@ -462,37 +462,8 @@ def test_clip_denoised_clips_predicted_x0_before_the_posterior():
 def test_briefly_trained_head_samples_its_conditional_targets():
     # A head fitted to four condition-dependent points must sample near them: this checks the
     # whole chain (training timesteps, respacing, guidance-free sampling) end to end.
-    import optax
-
-    D, C = 8, 4
-    head = DiffusionHead(C, D, width=64, depth=2, batch_mul=4, sampling_steps=50,
+    head = DiffusionHead(4, 8, width=64, depth=2, batch_mul=4, sampling_steps=50,
                          clip_denoised=1.0, key=jr.key(0))
-    means = jr.uniform(jr.key(1), (C, D), minval=-0.8, maxval=0.8)
-    opt = optax.adam(2e-3)
-    params, static = eqx.partition(head, eqx.is_inexact_array)
-
-    @jax.jit
-    def train(params, key):
-        def step(carry, k):
-            params, st = carry
-            k1, k2, k3 = jr.split(k, 3)
-            cls = jr.randint(k1, (128,), 0, C)
-            z = jax.nn.one_hot(cls, C)
-            x = means[cls] + 0.02 * jr.normal(k2, (128, D))
-
-            def loss(p):
-                h = eqx.combine(p, static)
-                return jnp.mean(jax.vmap(lambda a, b, kk: h.loss(a, b, key=kk))(z, x, jr.split(k3, 128)))
-
-            g = jax.grad(loss)(params)
-            with jax.numpy_dtype_promotion("standard"):
-                u, st = opt.update(g, st)
-            return (eqx.apply_updates(params, u), st), None
-
-        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jr.split(key, 800))
-        return params
-
-    h = eqx.combine(train(params, jr.key(2)), static)
-    z = jax.nn.one_hot(jnp.arange(C), C)
-    samples = jax.vmap(lambda zz, k: h.sample(zz, None, 1.0, 1.0, key=k))(z, jr.split(jr.key(3), C))
+    trained, means = helpers.fit_class_means(head, 800)
+    samples = helpers.class_samples(trained)
     assert float(jnp.abs(samples - means).max()) < 0.25

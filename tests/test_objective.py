@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+import pytest
 
 import fluid
 from fluid.config import OptimConfig, TrainConfig
-from fluid.train import AbstractObjective, Trainer
+from fluid.train import AbstractObjective, Trainer, open_checkpoints
 
 TRAIN = Path(fluid.__file__).parent / "train"
 
@@ -65,6 +66,21 @@ def test_the_trainer_trains_an_objective_it_never_heard_of(tmp_path):
                       config=_config(), out_dir=tmp_path, progress=False)
     assert resumed.step == 150
     np.testing.assert_array_equal(resumed.model(ema=False).weight, trained.weight)
+
+
+def test_the_trainer_takes_the_checkpoints_of_its_out_dir_and_no_others(tmp_path):
+    # A recipe opens a run's checkpoints once, before the loader exists, and hands them over.
+    w, b = np.ones((2, 3), np.float32), np.zeros(2, np.float32)
+    config = _config()
+    opened = open_checkpoints(tmp_path / "run", config)
+    trainer = Trainer(eqx.nn.Linear(3, 2, key=jr.key(0)), LeastSquares(), _batches(w, b),
+                      config=config, out_dir=tmp_path / "run", progress=False,
+                      checkpoints=opened)
+    assert trainer.checkpoints is opened and opened.keep == config.keep_checkpoints
+    for out_dir in (tmp_path / "other", None):
+        with pytest.raises(ValueError, match="not those of out_dir"):
+            Trainer(eqx.nn.Linear(3, 2, key=jr.key(0)), LeastSquares(), _batches(w, b),
+                    config=config, out_dir=out_dir, progress=False, checkpoints=opened)
 
 
 def test_the_loss_is_the_objectives_mean_and_the_filter_decides_what_trains():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import helpers
 import jax
 import jax.random as jr
 import numpy as np
@@ -85,11 +86,17 @@ def test_raster_models_default_to_constant_guidance(pipe):
     assert pipe.default_cfg_schedule == "linear"
     config = _config("discrete-raster")
     text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
-    raster = fluid.Pipeline(build_model(config.model, text_tokenizer=text_tokenizer,
-                                        key=jr.key(0), fit_images=np.zeros((16, 16, 16, 3),
-                                                                           np.float32)),
-                            text_tokenizer, config)
+    model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0),
+                        fit_images=np.zeros((16, 16, 16, 3), np.float32))
+    # Off its zero-initialised layers, so that the caption moves the logits and guidance acts.
+    raster = fluid.Pipeline(helpers.perturbed(model, jr.key(1)), text_tokenizer, config)
     assert raster.default_cfg_schedule == "constant"
+    # The default reaches the sampler: a call without a schedule draws what "constant" draws
+    # and, with guidance on (cfg != 1), not what "linear" draws.
+    images = [np.stack([np.asarray(x) for x in raster("a red circle", seed=2, cfg=3.0, **kw)])
+              for kw in ({}, {"cfg_schedule": "constant"}, {"cfg_schedule": "linear"})]
+    np.testing.assert_array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
 
 
 def test_load_reads_run_folders_and_pretrained_folders_alike(tmp_path):

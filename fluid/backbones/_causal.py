@@ -7,8 +7,9 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int
 
 from .._types import CAUSAL, Context, Key, TextMask
-from ..nn import KVCache, TransformerStack, attention_mask, embedding, layer_norm
+from ..nn import KVCache, TransformerStack, attention_mask, embedding
 from ._abstract import AbstractCausalBackbone
+from ._positioned import positioned_stack
 
 
 @typing.final
@@ -64,12 +65,10 @@ class CausalTransformer(AbstractCausalBackbone):
         self.dim = dim
         self.seq_len = seq_len
         self.start_embed = embedding((dim,), key=k_start)
-        self.pos_embed = embedding((seq_len, dim), key=k_pos)
-        self.blocks = TransformerStack(
-            depth, dim, num_heads, mlp_ratio, cross_attention=True, key=k_blocks
+        self.pos_embed, self.blocks, self.norm, self.out_pos_embed = positioned_stack(
+            dim, depth, num_heads, mlp_ratio, seq_len, seq_len, pos_key=k_pos,
+            blocks_key=k_blocks, out_key=k_out, cross_attention=True,
         )
-        self.norm = layer_norm(dim)
-        self.out_pos_embed = embedding((seq_len, dim), key=k_out)
 
     def __call__(
         self,

@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Float, Int
 from .._types import BIDIRECTIONAL, Context, Key, TextMask
 from ..nn import TransformerStack, attention_mask, dense, embedding, layer_norm, linear
 from ._abstract import AbstractBidirectionalBackbone
+from ._positioned import positioned_stack
 
 
 @typing.final
@@ -119,12 +120,10 @@ class MaskedAutoencoder(AbstractBidirectionalBackbone):
         self.encoder_norm = layer_norm(dim)
         self.decoder_proj = linear(dim, dim, key=k_dec_embed)
         self.mask_embed = embedding((dim,), key=k_mask)
-        self.decoder_pos_embed = embedding((total, dim), key=k_dec_pos)
-        self.decoder = TransformerStack(
-            decoder_depth, dim, num_heads, mlp_ratio, key=k_dec, **blocks
+        self.decoder_pos_embed, self.decoder, self.decoder_norm, self.out_pos_embed = (
+            positioned_stack(dim, decoder_depth, num_heads, mlp_ratio, total, seq_len,
+                             pos_key=k_dec_pos, blocks_key=k_dec, out_key=k_out, **blocks)
         )
-        self.decoder_norm = layer_norm(dim)
-        self.out_pos_embed = embedding((seq_len, dim), key=k_out)
 
     @property
     def cross_attention(self) -> bool:

@@ -136,6 +136,35 @@ def init_adaln_mlp(
                        final_mod, final_lin)
 
 
+def init_adaln_head(
+    head: eqx.Module,
+    cond_dim: int,
+    token_dim: int,
+    width: int,
+    depth: int,
+    out_dim: int,
+    batch_mul: int,
+    noise_shift: float,
+    remat: RematPolicy,
+    *,
+    key: Key,
+) -> None:
+    """Set, from a head's `__init__`, the fields every head on this network has: its sizes
+    (`cond_dim`, `token_dim`, `width`, `depth`), `batch_mul`, `noise_shift`, `remat`, and
+    the network's layers (`init_adaln_mlp`, outputting `out_dim`), each under its
+    `AdaLNLayers` name."""
+    head.cond_dim, head.token_dim, head.width, head.depth = cond_dim, token_dim, width, depth
+    head.batch_mul, head.noise_shift, head.remat = batch_mul, float(noise_shift), remat
+    layers = init_adaln_mlp(cond_dim, token_dim, width, depth, out_dim, key=key)
+    for name, layer in zip(AdaLNLayers._fields, layers):
+        setattr(head, name, layer)
+
+
+def adaln_layers(head: eqx.Module) -> AdaLNLayers:
+    """The `AdaLNLayers` view of the layers `init_adaln_head` set on `head`."""
+    return AdaLNLayers._make(getattr(head, name) for name in AdaLNLayers._fields)
+
+
 def _stacked_blocks(layers: AdaLNLayers) -> tuple[tuple, tuple]:
     """The residual blocks' `(norm, fc1, fc2, modulation)`, stacked along `depth`, split
     into arrays and the rest (`eqx.partition`)."""

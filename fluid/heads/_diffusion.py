@@ -11,7 +11,7 @@ from .._types import CONTINUOUS, Condition, Key, Scalar
 from ..nn import DEFAULT_REMAT_POLICY, RematPolicy, stacked_field
 from . import _gaussian_diffusion as gd
 from ._abstract import AbstractIterativeHead
-from ._adaln_mlp import AdaLNLayers, adaln_mlp, init_adaln_mlp, sliced_blocks
+from ._adaln_mlp import adaln_layers, adaln_mlp, init_adaln_head, sliced_blocks
 from ._steps import as_progress_steps
 
 SAMPLERS = ("ddpm", "ddim")
@@ -130,30 +130,11 @@ class DiffusionHead(AbstractIterativeHead):
             gd.diffusion_schedule(num_timesteps, steps, float(noise_shift))
         self.sampler = sampler
         self.eta = float(eta)
-        self.cond_dim = cond_dim
-        self.token_dim = token_dim
-        self.width = width
-        self.depth = depth
         self.num_timesteps = num_timesteps
         self.sampling_steps = sampling_steps
-        self.batch_mul = batch_mul
         self.clip_denoised = None if clip_denoised is None else float(clip_denoised)
-        self.noise_shift = float(noise_shift)
-        self.remat = remat
-
-        (
-            self.time_fc1,
-            self.time_fc2,
-            self.cond_embed,
-            self.input_proj,
-            self.block_norm,
-            self.block_fc1,
-            self.block_fc2,
-            self.block_modulation,
-            self.final_norm,
-            self.final_modulation,
-            self.final_linear,
-        ) = init_adaln_mlp(cond_dim, token_dim, width, depth, 2 * token_dim, key=key)
+        init_adaln_head(self, cond_dim, token_dim, width, depth, 2 * token_dim, batch_mul,
+                        noise_shift, remat, key=key)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -194,16 +175,9 @@ class DiffusionHead(AbstractIterativeHead):
         """
         return self._network(x, t, c, None)
 
-    def _layers(self) -> AdaLNLayers:
-        return AdaLNLayers(
-            self.time_fc1, self.time_fc2, self.cond_embed, self.input_proj, self.block_norm,
-            self.block_fc1, self.block_fc2, self.block_modulation, self.final_norm,
-            self.final_modulation, self.final_linear,
-        )
-
     def _blocks(self) -> list[tuple]:
         """The residual blocks as `depth` separate `(norm, fc1, fc2, modulation)` tuples."""
-        return sliced_blocks(self._layers(), self.depth)
+        return sliced_blocks(adaln_layers(self), self.depth)
 
     def _network(
         self, x: Float[Array, " token_dim"], t: Int[Array, ""], c: Condition,
@@ -211,7 +185,7 @@ class DiffusionHead(AbstractIterativeHead):
     ) -> Float[Array, " 2*token_dim"]:
         # `blocks` (from `_blocks`): weights sliced once, outside a sampling chain; `None`:
         # one rematerialised scan over the stacked weights, for training (`adaln_mlp`).
-        return adaln_mlp(self._layers(), x, t, c, blocks=blocks, remat=self.remat)
+        return adaln_mlp(adaln_layers(self), x, t, c, blocks=blocks, remat=self.remat)
 
     def q_sample(
         self,

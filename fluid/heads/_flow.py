@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from .._types import CONTINUOUS, Condition, Key, Scalar
 from ..nn import DEFAULT_REMAT_POLICY, RematPolicy, stacked_field
 from ._abstract import AbstractIterativeHead
-from ._adaln_mlp import AdaLNLayers, adaln_mlp, init_adaln_mlp, sliced_blocks
+from ._adaln_mlp import adaln_layers, adaln_mlp, init_adaln_head, sliced_blocks
 from ._steps import as_progress_steps
 
 PREDICTIONS = ("velocity", "noise", "clean")
@@ -204,37 +204,16 @@ class FlowHead(AbstractIterativeHead):
         if not 0 < t_eps < 1 or noise_shift <= 0:
             raise ValueError(f"t_eps must be in (0, 1) and noise_shift positive; got {t_eps}, "
                              f"{noise_shift}.")
-        self.cond_dim, self.token_dim, self.width, self.depth = cond_dim, token_dim, width, depth
         self.prediction, self.loss_space, self.solver = prediction, loss_space, solver
-        self.sampling_steps, self.batch_mul = sampling_steps, batch_mul
-        self.t_eps, self.noise_shift = float(t_eps), float(noise_shift)
+        self.sampling_steps, self.t_eps = sampling_steps, float(t_eps)
         self.progress_steps = as_progress_steps(progress_steps, 1)
-        self.remat = remat
-        (
-            self.time_fc1,
-            self.time_fc2,
-            self.cond_embed,
-            self.input_proj,
-            self.block_norm,
-            self.block_fc1,
-            self.block_fc2,
-            self.block_modulation,
-            self.final_norm,
-            self.final_modulation,
-            self.final_linear,
-        ) = init_adaln_mlp(cond_dim, token_dim, width, depth, token_dim, key=key)
+        init_adaln_head(self, cond_dim, token_dim, width, depth, token_dim, batch_mul,
+                        noise_shift, remat, key=key)
 
     @property
     def dtype(self) -> jnp.dtype:
         """The working precision: that of the parameters."""
         return self.input_proj.weight.dtype
-
-    def _layers(self) -> AdaLNLayers:
-        return AdaLNLayers(
-            self.time_fc1, self.time_fc2, self.cond_embed, self.input_proj, self.block_norm,
-            self.block_fc1, self.block_fc2, self.block_modulation, self.final_norm,
-            self.final_modulation, self.final_linear,
-        )
 
     def network(
         self, x_t: Float[Array, " token_dim"], t: Float[Array, ""], c: Condition
@@ -246,7 +225,7 @@ class FlowHead(AbstractIterativeHead):
         # `blocks`: weights sliced once outside a sampling chain, `None`: the training scan
         # (see `fluid.heads._adaln_mlp.adaln_mlp`).
         t_net = jnp.asarray(t, jnp.float32) * TIME_SCALE
-        return adaln_mlp(self._layers(), x_t, t_net, c, blocks=blocks, remat=self.remat)
+        return adaln_mlp(adaln_layers(self), x_t, t_net, c, blocks=blocks, remat=self.remat)
 
     def velocity(
         self, x_t: Float[Array, " token_dim"], t: Float[Array, ""], c: Condition
@@ -318,7 +297,7 @@ class FlowHead(AbstractIterativeHead):
         steps = self.sampling_steps if steps is None else steps
         dtype = self.dtype
         ts = jnp.asarray(time_grid(steps, self.noise_shift), dtype)
-        blocks = sliced_blocks(self._layers(), self.depth)  # once, outside the chain
+        blocks = sliced_blocks(adaln_layers(self), self.depth)  # once, outside the chain
 
         def velocity(x, t):
             if z_uncond is None:

@@ -25,10 +25,8 @@ from ._generate import cast_backbone as cast_backbone
 from ._generate import resolve_precision as resolve_precision
 from ._generate import trainable_mask as trainable_mask
 from ._recipe import Recipe as Recipe
-from ._recipe import get_recipe as get_recipe
-from ._recipe import prepare as prepare
+from ._registry import RECIPES as RECIPES
+from ._registry import get_recipe as get_recipe
+from ._registry import prepare as prepare
 from ._tokenizer import EVAL_IMAGES as EVAL_IMAGES
 from ._tokenizer import TokenizerRecipe as TokenizerRecipe
-
-# `fluid.config.TASKS` lists these names for validating a config (tests keep the two equal).
-RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (GenerateRecipe, TokenizerRecipe)}

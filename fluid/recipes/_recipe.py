@@ -18,14 +18,22 @@ from .._types import Key
 from ..config import TrainConfig
 from ..run import RunFolder, read_metrics
 from ..text import CaptionTokenizer, load_caption_tokenizer
-from ..train import AbstractObjective, CheckpointManager, Trainer, config_mesh, place_model
+from ..train import (
+    AbstractObjective,
+    CheckpointManager,
+    Trainer,
+    config_mesh,
+    is_main_process,
+    open_checkpoints,
+    place_model,
+)
 from ..viz import save_loss_curve
 from ._data import caption_tokenizer, make_loader, make_source
 
 
 class Recipe(abc.ABC):
     """One training run of a `TrainConfig`, wired: a subclass per `TrainConfig.task`
-    (`RECIPES`), its `trainer` ready to `run`.
+    (`fluid.recipes.RECIPES`), its `trainer` ready to `run`.
 
     Building one reads the data source `config.data` names, fits or reuses the caption
     tokenizer when the run reads captions (a resumed run reuses the one it saved), builds
@@ -66,12 +74,16 @@ class Recipe(abc.ABC):
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.folder = RunFolder(self.out_dir) if self.out_dir is not None else None
-        self.is_main = jax.process_index() == 0
-        self.progress = progress and self.is_main
+        self._progress = progress
         self.mesh = config_mesh(config, devices)
         self.source = make_source(config.data)
+        # Opened once, here, to look for a checkpoint before the loader exists; the trainer
+        # resumes from the same manager.
+        checkpoints = (
+            open_checkpoints(self.out_dir, config) if self.out_dir is not None else None
+        )
         self.text_tokenizer = (
-            self._text_tokenizer(reuse=resume and self._has_checkpoint())
+            self._text_tokenizer(reuse=resume and _has_checkpoint(checkpoints))
             if self.reads_captions else None
         )
         k_model, k_train = jr.split(jr.key(config.seed))
@@ -95,10 +107,23 @@ class Recipe(abc.ABC):
             out_dir=self.out_dir,
             progress=progress,
             resume=resume,
+            checkpoints=checkpoints,
             optimizer=optimizer,
             evaluate=lambda trainer: self.evaluate(),
             sample=lambda trainer, path: self.sample_grid(path=path),
         )
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (`fluid.train.is_main_process`, as
+        the trainer's `is_main`)."""
+        return is_main_process()
+
+    @property
+    def progress(self) -> bool:
+        """Whether progress bars show: asked for, and this is the main process (as the
+        trainer's `progress`)."""
+        return self._progress and self.is_main
 
     # -- what a subclass says -------------------------------------------------------------
     @abc.abstractmethod
@@ -220,12 +245,6 @@ class Recipe(abc.ABC):
         return summary
 
     # -- shared wiring ----------------------------------------------------------------------
-    def _has_checkpoint(self) -> bool:
-        # Whether the trainer will resume: a complete checkpoint in the run folder.
-        if self.folder is None or not self.folder.checkpoints.exists():
-            return False
-        return CheckpointManager(self.folder.checkpoints, keep=None).latest_step() is not None
-
     def _text_tokenizer(self, reuse: bool) -> CaptionTokenizer:
         # A resumed run must read captions exactly as before: reuse the saved tokenizer.
         saved = self.folder.text_tokenizer if self.folder is not None else None
@@ -238,16 +257,6 @@ class Recipe(abc.ABC):
         return tokenizer
 
 
-def get_recipe(name: str) -> type[Recipe]:
-    """The recipe class of a `TrainConfig.task` name."""
-    from . import RECIPES as recipes
-
-    try:
-        return recipes[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; the tasks are {sorted(recipes)}.") from None
-
-
-def prepare(config: TrainConfig, **kwargs) -> Recipe:
-    """The run of `config`, wired by the recipe of `config.task` (arguments: `Recipe`)."""
-    return get_recipe(config.task)(config, **kwargs)
+def _has_checkpoint(checkpoints: CheckpointManager | None) -> bool:
+    """Whether the trainer will resume: a complete checkpoint in the run folder."""
+    return checkpoints is not None and checkpoints.latest_step() is not None

@@ -30,4 +30,6 @@ from ._sharding import state_shardings as state_shardings
 from ._trainer import Trainer as Trainer
 from ._trainer import TrainState as TrainState
 from ._trainer import config_mesh as config_mesh
+from ._trainer import is_main_process as is_main_process
+from ._trainer import open_checkpoints as open_checkpoints
 from ._trainer import place_model as place_model

@@ -7,6 +7,7 @@ a recipe's business (`fluid.recipes`).
 """
 
 import functools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,6 +62,19 @@ def place_model(model: Any, mesh: Mesh, config: TrainConfig) -> Any:
     if callable(model) and not isinstance(model, eqx.Module):
         return create_sharded(model, mesh, rules, min_size=min_size)
     return put_sharded(model, mesh, rules, min_size=min_size)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints: on several hosts every process
+    computes, process 0 alone writes and prints (orbax coordinates the checkpoint writes
+    itself)."""
+    return jax.process_index() == 0
+
+
+def open_checkpoints(out_dir: str | Path, config: TrainConfig) -> CheckpointManager:
+    """The checkpoints of a run writing into `out_dir` (its `checkpoints/`, keeping the
+    newest `config.keep_checkpoints`), as the `Trainer` opens them."""
+    return CheckpointManager(RunFolder(out_dir).checkpoints, keep=config.keep_checkpoints)
 
 
 def _init_state(params, key: Key, *, optimizer: optax.GradientTransformation) -> TrainState:
@@ -152,6 +166,9 @@ class Trainer:
     - `out_dir`: where checkpoints, metrics and the config go; `None` writes nothing.
     - `progress`: show a progress bar.
     - `resume`: continue from the latest checkpoint in `out_dir` if there is one.
+    - `checkpoints`: `open_checkpoints(out_dir, config)` when the caller has opened them
+      already (a recipe looks for a checkpoint to resume before it builds the loader);
+      opened here when `None`.
     - `optimizer`: an optax transformation to use instead of the config's AdamW (the
       trainable mask and clipping are then up to it).
     - `evaluate`: called with the trainer every `log_every` steps and at the end; the metrics
@@ -173,6 +190,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         progress: bool = True,
         resume: bool = True,
+        checkpoints: CheckpointManager | None = None,
         optimizer: optax.GradientTransformation | None = None,
         evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
         sample: Callable[["Trainer", Path], Any] | None = None,
@@ -183,17 +201,19 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # Every path under `out_dir` (`fluid.run.RunFolder`).
         self.folder = RunFolder(self.out_dir) if self.out_dir is not None else None
-        # On several hosts every process computes, process 0 alone writes files and prints
-        # (orbax coordinates the checkpoint writes itself).
-        self.is_main = jax.process_index() == 0
+        self.is_main = is_main_process()
         self.progress = progress and self.is_main
         self.mesh = config_mesh(config) if mesh is None else mesh
         self._evaluate, self._sample = evaluate, sample
-        self.checkpoints = None
-        if self.out_dir is not None:
-            self.checkpoints = CheckpointManager(
-                self.folder.checkpoints, keep=config.keep_checkpoints
-            )
+        if checkpoints is not None and (
+            self.out_dir is None
+            or str(checkpoints.directory) != os.path.abspath(self.folder.checkpoints)
+        ):
+            raise ValueError(f"checkpoints in {checkpoints.directory} are not those of out_dir "
+                             f"{self.out_dir}: open them with open_checkpoints(out_dir, config).")
+        if self.out_dir is not None and checkpoints is None:
+            checkpoints = open_checkpoints(self.out_dir, config)
+        self.checkpoints = checkpoints
         resuming = resume and self.checkpoints is not None and (
             self.checkpoints.latest_step() is not None
         )
