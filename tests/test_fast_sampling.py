@@ -19,7 +19,7 @@ from fluid.heads import AbstractIterativeHead
 from fluid.presets import tiny
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from model_samples_golden import (  # noqa: E402
+from model_samples_golden import (
     SETTINGS,
     TEXT_LEN,
     VOCAB,
