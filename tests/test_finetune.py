@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fluid
-from fluid import ConfigError
+from fluid import ConfigError, abstract_model
 from fluid.cli import main
 from fluid.config import TrainConfig, override, to_dict
 from fluid.nn import LoRALinear, TransformerStack, add_lora, dense, merge_lora, per_vector
@@ -27,6 +27,7 @@ from fluid.run import (
     load_model,
     named_leaves,
 )
+from fluid.train import make_mesh, param_shardings
 
 TINY = {"model.backbone.depth": 1, "data.fit_images": 16}
 
@@ -205,3 +206,17 @@ def test_config_keys_of_fine_tuning():
         override(TrainConfig(), "freeze", "backbone,tokenizer")
     with pytest.raises(ConfigError, match="model.lora_rank must be >= 0"):
         override(TrainConfig(), "model.lora_rank", "-1")
+
+
+def test_fsdp_never_splits_the_depth_axis_of_stacked_adapters():
+    # 64 blocks: the depth axis is the adapters' largest, which fsdp would split were the
+    # adapters not found stacked.
+    config = get_config("tiny-fluid", **{"model.lora_rank": 1, "model.backbone.depth": 64})
+    model = abstract_model(config.model)
+    shardings = param_shardings(model, make_mesh({"data": 2}, jax.devices()[:2]), "fsdp",
+                                min_size=0)
+    qkv = shardings.backbone.blocks.layers.attn.qkv
+    assert model.backbone.blocks.layers.attn.qkv.lora_a.shape == (64, 1, 32)
+    # Split inside a layer, never along the depth axis the scan slices.
+    assert qkv.lora_a.spec[0] is None and qkv.lora_b.spec[0] is None
+    assert "data" in tuple(qkv.lora_a.spec) + tuple(qkv.lora_b.spec)
