@@ -20,6 +20,7 @@ from .backbones import MaskedAutoencoder, load_mar_backbone
 from .config import ComponentSpec, ModelConfig, TokenizerLossConfig
 from .heads import DiffusionHead, load_mar_diffloss
 from .model import FluidModel, TokenEmbedding
+from .nn import add_lora
 from .orders import RandomOrder
 from .text import (
     CaptionTokenizer,
@@ -68,6 +69,10 @@ def _build_parts(config, token_kind, token_dim, vocab_size, seq_len, text_vocab_
         normalize=config.token_norm, key=k_embed,
     )
     backbone = _build("backbone", config.backbone, {"dim": config.width, "seq_len": seq_len}, k_back)
+    if config.lora_rank:
+        # Its own key (folded, not split), so every other part initialises as without LoRA.
+        alpha = config.lora_rank if config.lora_alpha is None else config.lora_alpha
+        backbone = add_lora(backbone, config.lora_rank, float(alpha), key=jr.fold_in(k_back, 1))
     head = _build(
         "head",
         config.head,

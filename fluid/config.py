@@ -24,6 +24,7 @@ __all__ = [
     "ALIGNERS",
     "DATASETS",
     "DECAY_RULES",
+    "FREEZABLE",
     "LAYOUTS",
     "ON_CHANGE",
     "PRECISIONS",
@@ -114,6 +115,8 @@ class ModelConfig:
     caption_dropout: float = 0.1
     aligner: str = "transformer"
     token_norm: bool = True
+    lora_rank: int = 0
+    lora_alpha: float | None = None
 
     def __post_init__(self):
         # The config's one hook into the components: an unknown name or a kwarg the class
@@ -133,6 +136,10 @@ class ModelConfig:
         _choice("model.aligner", self.aligner, ALIGNERS)
         if not isinstance(self.token_norm, bool):
             raise ConfigTypeError(f"model.token_norm takes true or false, got {self.token_norm!r}.")
+        _at_least("model.lora_rank", self.lora_rank, 0, why="0: no adapters")
+        if self.lora_alpha is not None:
+            _at_least("model.lora_alpha", self.lora_alpha, 0, integer=False, strict=True,
+                      why="or None: scale 1")
 
 
 DATASETS = ("shapes", "folder", "jsonl", "imagefolder")
@@ -280,6 +287,9 @@ class MeshConfig:
 
 
 TASKS = ("generate", "tokenizer")
+# The parts of a `FluidModel` that `TrainConfig.freeze` may name (the image tokenizer is
+# always frozen).
+FREEZABLE = ("text_encoder", "aligner", "token_embedding", "backbone", "head")
 # Image tokenizers `task="tokenizer"` can train: the autoencoders, through their losses in
 # `fluid.tokenizers` (`patch` has nothing to train; `palette` is fitted by k-means).
 TRAINABLE_TOKENIZERS = ("kl", "vq")
@@ -325,6 +335,15 @@ class TrainConfig:
     `task`: `"generate"` trains the `FluidModel` that `model` describes; `"tokenizer"` trains
     the image tokenizer `model.tokenizer` alone (one of `TRAINABLE_TOKENIZERS`) as an
     autoencoder with the loss `tokenizer_loss`, and the rest of `model` is ignored.
+
+    Fine-tuning: `init_from` starts a fresh run from trained weights (a run folder, one of
+    its checkpoints, a saved or a pretrained folder; their EMA weights): the model `model`
+    describes is built, then every array whose dotted path the source has is copied, with
+    its shape and dtype or the run is refused; arrays the source lacks (new adapters, a new
+    part) keep their initialisation. With `init_strict` (the default), source arrays the new
+    model has no place for are refused too; `init_strict=false` drops them. A resumed run
+    continues from its checkpoint and reads no source. `freeze`: parts of the model
+    (`FREEZABLE`) that do not train.
     """
 
     task: str = "generate"
@@ -347,6 +366,9 @@ class TrainConfig:
     sample_cfg: float = 3.0
     sample_temperature: float = 1.0
     tokenizer_loss: TokenizerLossConfig = TokenizerLossConfig()
+    init_from: str | None = None
+    init_strict: bool = True
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -379,6 +401,13 @@ class TrainConfig:
             if self.precision == "bfloat16":
                 raise ConfigError("precision sets the generative model's backbone; a tokenizer "
                                   "trains in float32: use precision=auto or float32.")
+        if not isinstance(self.init_strict, bool):
+            raise ConfigTypeError(f"init_strict takes true or false, got {self.init_strict!r}.")
+        if self.init_from is not None and self.task != "generate":
+            raise ConfigError("init_from starts a generative model from trained weights; a "
+                              "tokenizer run reads them with model.tokenizer.path.")
+        for part in self.freeze:
+            _choice("freeze", part, FREEZABLE)
         _number("grad_accum", self.grad_accum, integer=True)
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ConfigError(

@@ -13,6 +13,11 @@ from ._init import embedding as embedding
 from ._init import layer_norm as layer_norm
 from ._init import linear as linear
 from ._init import per_vector as per_vector
+from ._lora import LoRALinear as LoRALinear
+from ._lora import add_lora as add_lora
+from ._lora import has_lora as has_lora
+from ._lora import lora_mask as lora_mask
+from ._lora import merge_lora as merge_lora
 from ._mlp import Mlp as Mlp
 from ._scan import DEFAULT_REMAT_POLICY as DEFAULT_REMAT_POLICY
 from ._scan import RematPolicy as RematPolicy

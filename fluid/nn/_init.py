@@ -11,6 +11,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from .._types import Key
+from ._lora import LoRALinear
 
 # MAR initialises learned embeddings (positions, mask and start tokens) as N(0, 0.02^2).
 EMBED_STD = 0.02
@@ -78,7 +79,8 @@ def dense(
 ) -> Float[Array, "... out"]:
     """`layer` applied along the last axis of `x`: for an `eqx.nn.Linear`, as
     `x @ weight.T + bias`; any other module that stands in for one (a wrapper, an adapter,
-    a `PerVectorLinear`) is called on each vector.
+    a `PerVectorLinear`) is called on each vector, except a `LoRALinear`, which takes the
+    rows whole.
 
     Equal to `layer(x)` (or `jax.vmap(layer)(x)`), but the product keeps the rows of `x`
     leading: `eqx.nn.Linear` computes `weight @ x`, and under `vmap` XLA:CPU then lays out
@@ -87,6 +89,8 @@ def dense(
     `mar512` step about 0.82x the time (`benchmarks/README.md`). Where per-vector products
     are faster (a decoding loop), `per_vector` wraps the layers.
     """
+    if isinstance(layer, LoRALinear):
+        return layer(x)
     if not isinstance(layer, eqx.nn.Linear):
         for _ in range(x.ndim - 1):
             layer = jax.vmap(layer)

@@ -17,7 +17,8 @@ from .. import viz
 from ..build import abstract_model, build_model
 from ..config import to_dict
 from ..model import FluidModel
-from ..run import RunFolder, save_model_file
+from ..nn import has_lora, lora_mask
+from ..run import RunFolder, copy_weights, load_source, save_model_file
 from ..sample import sample_images
 from ..train import AbstractObjective
 from ._cache import cache_fingerprint, cached_source
@@ -48,16 +49,32 @@ def cast_backbone(model: FluidModel, dtype: DTypeLike) -> FluidModel:
     return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(cast, model.backbone))
 
 
-def trainable_mask(model: FluidModel):
+def trainable_mask(model: FluidModel, freeze: Sequence[str] = ()):
     """True at the floating-point leaves of a `FluidModel` the optimiser updates: the image
     tokenizer is always frozen; the text encoder unless it declares itself trainable;
-    integer buffers (the empty caption) never train."""
+    integer buffers (the empty caption) never train. A backbone with LoRA adapters
+    (`ModelConfig.lora_rank`) trains its adapters alone; the parts named in `freeze`
+    (`TrainConfig.freeze`, of `fluid.config.FREEZABLE`) do not train at all."""
     mask = jtu.tree_map(eqx.is_inexact_array, model)
     frozen = lambda tree: jtu.tree_map(lambda _: False, tree)
     mask = eqx.tree_at(lambda m: m.tokenizer, mask, replace=frozen(model.tokenizer))
     if not model.text_encoder.trainable:
         mask = eqx.tree_at(lambda m: m.text_encoder, mask, replace=frozen(model.text_encoder))
+    if has_lora(model.backbone):
+        mask = eqx.tree_at(lambda m: m.backbone, mask, replace=lora_mask(model.backbone))
+    for part in freeze:
+        mask = eqx.tree_at(lambda m, p=part: getattr(m, p), mask,
+                           replace=frozen(getattr(model, part)))
     return mask
+
+
+def _reads_other_captions(config, source) -> bool:
+    # Whether a tokenizer made for this run would differ from the source's: another text
+    # encoder, or other captions to fit one to.
+    data = ("dataset", "path", "categories", "layout", "size", "seed")
+    return config.model.text_encoder != source.model.text_encoder or any(
+        getattr(config.data, k) != getattr(source.data, k) for k in data
+    )
 
 
 class FluidObjective(AbstractObjective):
@@ -78,12 +95,43 @@ class GenerateRecipe(Recipe):
 
     name = "generate"
     reads_captions = True
+    # What `config.init_from` names, read when a fresh run starts (`_text_tokenizer`).
+    _init_source = None
+
+    def _text_tokenizer(self, reuse):
+        # A fine-tuning run (`init_from`) reads captions as its source did: the text
+        # embedding was trained on that vocabulary. A resumed run (`reuse`) continues from its
+        # checkpoint, with the tokenizer it saved, and reads no source.
+        if reuse or self.config.init_from is None:
+            return super()._text_tokenizer(reuse)
+        source = self._init_source = load_source(self.config.init_from)
+        tokenizer = source.text_tokenizer
+        saved = self.folder.text_tokenizer if self.folder is not None else None
+        if saved is not None and self.is_main:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(saved)
+        if self.is_main:
+            print(f"init_from: starting from {source.description}")
+            note = ""
+            if _reads_other_captions(self.config, source.config):
+                note = ("; the new data or text encoder would have another one: kept the "
+                        "source's, which its text embedding was trained with")
+            print(f"init_from: captions are read with the source's caption tokenizer "
+                  f"(vocabulary {tokenizer.vocab_size}){note}")
+        return tokenizer
 
     def builder(self, *, key):
         config = self.config
         images = fit_images(self.source, config.data.fit_images)
         build = functools.partial(build_model, config.model, text_tokenizer=self.text_tokenizer,
                                   key=key, fit_images=images)
+        if self._init_source is not None:
+            # Built on the host, the source's arrays copied in by name, then placed.
+            model, report = copy_weights(build(), self._init_source.model,
+                                         strict=config.init_strict, source_name=config.init_from)
+            if self.is_main:
+                print("\n".join(report.lines()))
+            return model
         if any("path" in spec.kwargs for spec in (config.model.tokenizer,
                                                    config.model.text_encoder)):
             # Pretrained weights read from files: under jit they would become constants of
@@ -102,7 +150,7 @@ class GenerateRecipe(Recipe):
         return FluidObjective(resolve_precision(self.config.precision))
 
     def trainable(self, model):
-        return trainable_mask(model)
+        return trainable_mask(model, self.config.freeze)
 
     def training_source(self, model):
         config = self.config

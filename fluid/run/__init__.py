@@ -15,6 +15,11 @@ from ._checkpoint import CheckpointManager as CheckpointManager
 from ._compat import RESUMABLE_CONFIG_KEYS as RESUMABLE_CONFIG_KEYS
 from ._compat import CheckpointMismatchError as CheckpointMismatchError
 from ._compat import check_config as check_config
+from ._finetune import CopyReport as CopyReport
+from ._finetune import InitFromMismatchError as InitFromMismatchError
+from ._finetune import SourceModel as SourceModel
+from ._finetune import copy_weights as copy_weights
+from ._finetune import load_source as load_source
 from ._integrity import CorruptModelError as CorruptModelError
 from ._integrity import file_digest as file_digest
 from ._integrity import load_model_file as load_model_file

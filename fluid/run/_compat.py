@@ -30,6 +30,11 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "model.aligner": "transformer",
     "model.token_norm": True,
     "optim.decay_rules": "fluid",
+    "model.lora_rank": 0,
+    "model.lora_alpha": None,
+    "init_from": None,
+    "init_strict": True,
+    "freeze": [],
 }
 
 _ABSENT = object()
