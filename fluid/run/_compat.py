@@ -30,6 +30,7 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "model.aligner": "transformer",
     "model.token_norm": True,
     "optim.decay_rules": "fluid",
+    "data.style": "flat",
 }
 
 _ABSENT = object()
