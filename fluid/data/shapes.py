@@ -92,8 +92,9 @@ _FILL_TEXTURE = 0.04
 # Edges are blurred by a Gaussian of this standard deviation (a fraction of the image side:
 # 0.6 px at 32 px).
 _EDGE_BLUR = 0.6 / 32
-# Standard deviation of the per-pixel noise (channels in [0, 1]).
-_NOISE = 0.02
+# Standard deviation of the per-pixel noise (channels in [0, 1]): enough that a palette of
+# 512 patches reproduces almost no pixel of a shaded image exactly.
+_NOISE = 0.025
 
 
 def _article(word: str) -> str:
@@ -181,7 +182,7 @@ def render(
       `"shaded"`: each object's colour scaled by a brightness of 0.6-1.15 that varies across
       it (a ramp or a highlight, faint stripes), on a tinted background with a gradient and
       soft waves, edges blurred (a Gaussian of 0.6 px at 32 px, in proportion at other
-      sizes) and noise added (0.02 per channel).
+      sizes) and noise added (0.025 per channel, in [0, 1]).
     - `rng`: draws the shading, background and noise of `"shaded"` (a fixed seed when
       `None`); `"flat"` uses none.
 

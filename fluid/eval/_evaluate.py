@@ -199,7 +199,7 @@ def evaluate(
             "non_embedding_parameters": non_embedding_params(model),
         },
         "validation": validation,
-        "shapes_eval": {k: scores[k] for k in ("overall", "categories", "counts")},
+        "shapes_eval": {k: scores[k] for k in ("overall", "categories", "intervals", "counts")},
         "frechet": {
             "distance": generated.distance(reference),
             "samples": len(images),
@@ -271,8 +271,10 @@ def _markdown(result: dict[str, Any], *, samples: str) -> str:
         lines.append(f"| validation loss at mask ratio {ratio} | {loss:.4f} |")
     lines.append(f"| ShapesEval overall | {shapes['overall']:.3f} |")
     for category, accuracy in shapes["categories"].items():
+        # Results saved before intervals were reported have none.
+        low, high = shapes.get("intervals", {}).get(category, (float("nan"),) * 2)
         lines.append(f"| ShapesEval {category} ({shapes['counts'][category]} images) | "
-                     f"{accuracy:.3f} |")
+                     f"{accuracy:.3f} (95% CI {low:.3f}-{high:.3f}) |")
     rough = " (rough: fewer samples than features)" if fd["rough"] else ""
     lines += [
         (

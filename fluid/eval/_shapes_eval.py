@@ -3,13 +3,21 @@
 GenEval (Ghosh et al., 2023) scores a text-to-image model by detecting the objects in its
 images and checking each prompt's requirements: an object, two objects, a count, a colour, a
 relative position, colours attributed to two objects. On `shapes` images an object detector
-needs no training: objects are flat colours from a known palette on a known background, so
-each pixel is unmixed into (palette colour, coverage) along the segment between the
-background and that colour (which is exactly how anti-aliased edges are rendered), covered
-pixels are grouped into connected components per colour, and each component's shape is read
-from its geometry: how much of its bounding box it fills (square 1, circle pi/4, triangle
-1/2) and how far its mass sits below the box's centre (a triangle points up, so 1/6 of its
-height; circles and squares 0).
+needs no training: objects have colours from a known palette on a dark background, so each
+pixel is unmixed into (palette colour, amount) along the ray from its background (the mean
+of the dark, greyish pixels around it) in that colour's direction: the colour is the ray at
+the smallest angle (hue and chroma, not brightness), and the amount is how far along it the
+pixel lies (the palette colour on the plain background is 1; anti-aliased edges, shading and
+dimming scale it). Coverage is the amount over the object's own brightness nearby (the
+largest amount of its colour within 2 px); covered pixels are grouped into connected
+components per colour, and each component's shape is read from its geometry: how much of
+its bounding box it fills (square 1, circle pi/4, triangle 1/2) and how far its mass sits
+below the box's centre (a triangle points up, so 1/6 of its height; circles and squares 0).
+A component whose pixels scatter about their colour as noise does is no shape.
+
+On flat images (the `flat` style) the background found is `BACKGROUND` and the brightness
+1, so the judge finds what it found before it judged shaded ones (measured on 720 data-set
+images: the same objects, shapes and colours; boxes within 0.13 px).
 """
 
 import itertools
@@ -221,7 +229,8 @@ class ShapesEval:
     **Arguments:**
 
     - `color_tolerance`: how far (RGB distance, channels in [0, 1]) a pixel may lie from
-      the blend of background and a palette colour and still count as that colour.
+      the ray from its background through a palette colour (that colour at any
+      brightness, blended with the background) and still count as that colour.
     - `min_area`: components smaller than this fraction of the image are noise. The
       smallest objects of the data set (a triangle a quarter of the image wide) cover
       about 3%.
@@ -430,8 +439,9 @@ class ShapesEval:
         **Returns:**
 
         A dict with `overall` (the mean of the per-category accuracies, as GenEval reports
-        it, over the categories present), `categories` (accuracy per category), `counts`
-        (images per category) and `details`: per image, a dict with `prompt`, `category`,
+        it, over the categories present), `categories` (accuracy per category),
+        `intervals` (per category, the 95% Wilson interval `(low, high)` of its accuracy
+        over its prompts, see `wilson_interval`), `counts` (images per category) and `details`: per image, a dict with `prompt`, `category`,
         `correct`, `reason` (why it failed) and `detections`.
         """
         prompts = list(prompts)
@@ -458,9 +468,27 @@ class ShapesEval:
         return {
             "overall": float(np.mean(list(accuracy.values()))) if accuracy else float("nan"),
             "categories": accuracy,
+            "intervals": {c: wilson_interval(sum(outcomes[c]), len(outcomes[c])) for c in accuracy},
             "counts": {c: len(outcomes[c]) for c in accuracy},
             "details": details,
         }
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval of a proportion: `successes` of `trials`, at `z` standard
+    errors (1.96: 95%). Unlike the normal approximation it stays inside [0, 1] and is not
+    empty at 0 or `trials` successes, which a judge of a good model often scores.
+
+    **Returns:**
+
+    `(low, high)`; `(0.0, 1.0)` for no trials.
+    """
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials**2))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _point(xy: tuple[float, float]) -> str:
