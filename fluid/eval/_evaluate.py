@@ -272,9 +272,10 @@ def _markdown(result: dict[str, Any], *, samples: str) -> str:
     lines.append(f"| ShapesEval overall | {shapes['overall']:.3f} |")
     for category, accuracy in shapes["categories"].items():
         # Results saved before intervals were reported have none.
-        low, high = shapes.get("intervals", {}).get(category, (float("nan"),) * 2)
+        interval = shapes.get("intervals", {}).get(category)
+        shown = "" if interval is None else f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
         lines.append(f"| ShapesEval {category} ({shapes['counts'][category]} images) | "
-                     f"{accuracy:.3f} (95% CI {low:.3f}-{high:.3f}) |")
+                     f"{accuracy:.3f}{shown} |")
     rough = " (rough: fewer samples than features)" if fd["rough"] else ""
     lines += [
         (
