@@ -59,9 +59,12 @@ _MIN_EDGE_COVERAGE = 0.1
 # plain background) are too faint to start an object; they may still be one's edge.
 _MIN_AMOUNT = 0.25
 # A component whose covered pixels lie further than this (RMS, channels in [0, 1]) from their
-# mean offset from the colour's ray is noise, not an object: measured at most 0.06 for the
-# data set's objects, flat or shaded, and at least 0.13 for blobs of noise.
+# mean offset from the colour's ray is noise, not an object: measured at most 0.07 for the
+# data set's objects, flat or shaded, and 0.12-0.2 (1% below 0.135) for blobs of noise.
 _MAX_SCATTER = 0.12
+# An object's extent is read from its coverage clipped here: above the plateau only shading
+# and noise, which would otherwise lift the plateau of its profile more than its edges.
+_MAX_PROFILE = 1.05
 # Coverage is left unclipped (up to this) where it is summed, so that noise averages out.
 _MAX_COVERAGE = 1.5
 # Images detected at once: bounds the memory of the per-pixel, per-colour arrays.
@@ -329,7 +332,8 @@ class ShapesEval:
             ids, component = np.unique(owner[image], return_inverse=True)
             component = component.reshape(h, w)
             area = np.bincount(component.ravel(), weight[image].ravel(), len(ids))
-            # A covered pixel's coverage is at least 0.5, so the plateau at least halves.
+            # Inner pixels are covered (at least 0.5), so dividing by their plateau at most
+            # doubles an area: smaller components cannot reach `min_area`.
             for k in np.nonzero((ids >= 0) & (area >= self.min_area * h * w / 2))[0]:
                 patch = np.where(component == k, weight[image], 0.0)
                 # Shading and noise leave the largest amount nearby above a covered
@@ -341,13 +345,15 @@ class ShapesEval:
                 solid = core[image] & (component == k)
                 scatter = off_ray[image][solid] - off_ray[image][solid].mean(0)
                 rough = np.sqrt((scatter**2).sum(-1).mean()) > _MAX_SCATTER
+                patch = patch / plateau
                 # Brighter than that is shading, not more of the object.
-                patch = np.minimum(patch / plateau, 1.0)
-                area[k] = patch.sum()
+                area[k] = np.minimum(patch, 1.0).sum()
                 if area[k] < self.min_area * h * w:
                     continue
-                x, width = _extent(patch.max(0))
-                y, height = _extent(patch.max(1))
+                profile = np.minimum(patch, _MAX_PROFILE)
+                x, width = _extent(profile.max(0))
+                y, height = _extent(profile.max(1))
+                patch = np.minimum(patch, 1.0)
                 fill = float(area[k] / (width * height))
                 offset = float(((patch * rows).sum() / area[k] - y) / height)
                 aspect = max(width, height) / min(width, height)
