@@ -28,6 +28,7 @@ __all__ = [
     "LAYOUTS",
     "ON_CHANGE",
     "PRECISIONS",
+    "STYLES",
     "TASKS",
     "TRAINABLE_TOKENIZERS",
     "ComponentSpec",
@@ -149,6 +150,9 @@ ON_CHANGE = ("error", "restart")
 # Where the built-in data set places its objects (`data.layout`, `ShapesDataset(layout=...)`).
 # Both live here, the lowest layer, so that checking a config imports no data code.
 LAYOUTS = ("random", "slots")
+# How the built-in data set draws its objects (`data.style`, `ShapesDataset(style=...)`): flat
+# colours on a plain background, or shaded ones on a textured background.
+STYLES = ("flat", "shaded")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,6 +181,7 @@ class DataConfig:
     categories: tuple[str, ...] | None = None  # shapes only; None: every category
     object_scale: float = 1.0  # shapes only: multiplies object sizes
     layout: str = "random"  # shapes only: "random" (anywhere) or "slots" (near fixed places)
+    style: str = "flat"  # shapes only: "flat" colours or "shaded" (gradients, soft edges, noise)
     size: int | None = None  # shapes only: number of distinct items; None = unbounded
     cache: str | None = None  # directory of precomputed tokens (built on first use)
     seed: int = 0
@@ -213,6 +218,8 @@ class DataConfig:
 
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown data.layout {self.layout!r}; choose one of {LAYOUTS}.")
+        if self.style not in STYLES:
+            raise ConfigError(f"unknown data.style {self.style!r}; choose one of {STYLES}.")
 
 
 # Which parameters weight decay applies to (`OptimConfig.decay_rules`,

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from fluid import UserError
-from fluid.config import TrainConfig, override, to_dict
+from fluid.config import DataConfig, TrainConfig, override, to_dict
 from fluid.run import (
     COMMIT_FILE,
     RESUMABLE_CONFIG_KEYS,
@@ -431,17 +431,23 @@ def test_check_config_nested_and_absent_keys():
 
 
 def test_a_checkpoint_from_before_a_key_existed_matches_its_old_value():
-    # Runs saved before `model.aligner`, `model.token_norm` and `optim.decay_rules` existed
-    # had a transformer aligner, a normed token embedding and fluid's decay rules.
+    # Runs saved before `model.aligner`, `model.token_norm`, `optim.decay_rules` and
+    # `data.style` existed had a transformer aligner, a normed token embedding, fluid's decay
+    # rules and flat images.
     current = to_dict(TrainConfig())
     saved = to_dict(TrainConfig())
-    for section, key in (("model", "aligner"), ("model", "token_norm"), ("optim", "decay_rules")):
+    for section, key in (
+        ("model", "aligner"), ("model", "token_norm"), ("optim", "decay_rules"), ("data", "style")
+    ):
         del saved[section][key]
     check_config(saved, current)
     other = to_dict(TrainConfig())
     other["model"]["aligner"] = "identity"
     with pytest.raises(CheckpointMismatchError, match=r'model\.aligner="transformer".*"identity"'):
         check_config(saved, other)
+    shaded = to_dict(TrainConfig(data=DataConfig(style="shaded")))
+    with pytest.raises(CheckpointMismatchError, match=r'data\.style="flat".*"shaded"'):
+        check_config(saved, shaded)
 
 
 def test_resumable_keys_may_differ(tmp_path):

@@ -168,6 +168,7 @@ REFUSED = [
     ("data.object_scale", "0", "data.object_scale must be > 0, got 0.0"),
     ("data.fit_images", "0", "data.fit_images must be >= 1, got 0"),
     ("data.on_change", "ignore", "data.on_change must be one of ('error', 'restart'), got 'ignore'"),
+    ("data.style", "glossy", "unknown data.style 'glossy'; choose one of ('flat', 'shaded')"),
     ("mesh.data", "0", "mesh.data must be -1 (the remaining devices) or >= 1, got 0"),
     ("mesh.model", "-2", "mesh.model must be -1 (the remaining devices) or >= 1, got -2"),
     ("mesh.min_shard_size", "-1", "mesh.min_shard_size must be >= 0, got -1"),

@@ -1,6 +1,7 @@
 """The sweep: power-law fits on synthetic data, sizes without weights, and a two-size,
 two-variant sweep end to end through the command line, run twice (the second reuses it)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -66,6 +67,13 @@ def test_sizes_grow_across_the_default_grid():
             for s in scale.sizes
         ]
         assert counts == sorted(counts) and counts[-1] > 4 * counts[0], counts
+
+
+def test_a_scale_sets_the_data_style():
+    assert sweep_config("fluid", "w16d1", SCALES["tiny"]).data.style == "flat"
+    shaded = dataclasses.replace(SCALES["tiny"], style="shaded")
+    for variant in ("fluid", "discrete-raster"):
+        assert sweep_config(variant, "w16d1", shaded).data.style == "shaded"
 
 
 SWEEP = ["sweep", "--scale", "tiny", "--variants", "fluid", "discrete-raster"]

@@ -1,11 +1,16 @@
 """`shapes`: the built-in procedural data set of captioned coloured shapes.
 
-Each item is a small image of flat-coloured shapes on a plain dark background with a caption
+Each item is a small image of coloured shapes on a dark background with a caption
 in one of GenEval's six categories (Ghosh et al., 2023): a single object, a colour, two
 objects, a count, a relative position, or colours attributed to two objects. Items are
 generated on the fly and deterministically from `(seed, index)`, so the set needs no
 download, any index can be read in any order (a random-access source for Grain), and a
 generated image can be checked against its prompt automatically.
+
+Two styles draw the same objects: `flat` fills each with its palette colour on a plain
+background, which a palette of a few hundred colours reproduces exactly; `shaded` lights each
+object unevenly (a brightness ramp or a highlight, and a faint texture), softens the edges,
+textures the background and adds noise, so that quantising colours loses information.
 
 Coordinates are in pixels: `x` grows to the right, `y` grows downwards, and pixel `(row, col)`
 covers `[col, col + 1) x [row, row + 1)`. An object's `size` is the side of its bounding box
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LAYOUTS
+from ..config import LAYOUTS, STYLES
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Hues far apart in RGB, so that a nearest-colour check of a generated pixel is unambiguous.
@@ -79,6 +84,17 @@ _SLOTS: dict[int, tuple[tuple[float, float], ...]] = {
     4: ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)),
 }
 _SLOT_JITTER = 0.06
+# `shaded` style: an object's brightness (a factor of its palette colour) stays in this
+# range; its darkest end lies in [0.6, 0.75] and its brightest in [1.0, 1.15].
+_SHADE_RANGE = (0.6, 1.15)
+# Amplitude of the stripes textured into an object's brightness.
+_FILL_TEXTURE = 0.04
+# Edges are blurred by a Gaussian of this standard deviation (a fraction of the image side:
+# 0.6 px at 32 px).
+_EDGE_BLUR = 0.6 / 32
+# Standard deviation of the per-pixel noise (channels in [0, 1]): enough that a palette of
+# 512 patches reproduces almost no pixel of a shaded image exactly.
+_NOISE = 0.025
 
 
 def _article(word: str) -> str:
@@ -105,7 +121,55 @@ def _inside(obj: dict[str, Any], x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {obj['shape']!r}; shapes are {SHAPES}.")
 
 
-def render(objects: Sequence[dict[str, Any]], image_size: int) -> np.ndarray:
+def _shading(obj: dict[str, Any], x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
+    """Brightness of one object at sample points: a linear ramp across it in a random
+    direction or a fall-off from a highlight, plus faint stripes, within `_SHADE_RANGE`."""
+    cx, cy = obj["center"]
+    half = obj["size"] / 2
+    dark, bright = rng.uniform(0.6, 0.75), rng.uniform(1.0, 1.15)
+    ux, uy = np.cos(angle := rng.uniform(0, 2 * np.pi)), np.sin(angle)
+    if rng.random() < 0.5:
+        ramp = ((x - cx) * ux + (y - cy) * uy) / (2 * half) + 0.5
+    else:
+        ramp = 1 - np.hypot(x - cx - 0.4 * half * ux, y - cy - 0.4 * half * uy) / (1.4 * half)
+    tx, ty = np.cos(angle := rng.uniform(0, np.pi)), np.sin(angle)
+    frequency = rng.uniform(0.6, 1.2) * np.pi / half
+    stripes = np.sin(frequency * (x * tx + y * ty) + rng.uniform(0, 2 * np.pi))
+    brightness = dark + (bright - dark) * np.clip(ramp, 0, 1) + _FILL_TEXTURE * stripes
+    return np.clip(brightness, *_SHADE_RANGE)
+
+
+def _textured_background(x: np.ndarray, y: np.ndarray, image_size: int, rng: np.random.Generator):
+    """A dark background, tinted, with a brightness gradient and soft waves: values about
+    0.03-0.25."""
+    tint = np.asarray(BACKGROUND) + rng.uniform(-0.02, 0.02, 3)
+    u, v = x / image_size - 0.5, y / image_size - 0.5
+    ux, uy = np.cos(angle := rng.uniform(0, 2 * np.pi)), np.sin(angle)
+    factor = 1 + rng.uniform(0.4, 0.9) * (u * ux + v * uy)
+    for _ in range(2):
+        wx, wy = rng.normal(0, 1, 2)
+        cycles = rng.uniform(1.5, 4.0) * 2 * np.pi / max(np.hypot(wx, wy), 1e-6)
+        factor = factor + 0.25 * np.sin(cycles * (u * wx + v * wy) + rng.uniform(0, 2 * np.pi))
+    return tint * np.clip(factor, 0.4, 2.2)[..., None]
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of `[h, w, 3]`, edges reflected."""
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    h, w = image.shape[:2]
+    rows = sum(k * padded[i : i + h] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i : i + w] for i, k in enumerate(kernel))
+
+
+def render(
+    objects: Sequence[dict[str, Any]],
+    image_size: int,
+    style: str = "flat",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Draw objects on the dark background, anti-aliased.
 
     **Arguments:**
@@ -114,21 +178,46 @@ def render(objects: Sequence[dict[str, Any]], image_size: int) -> np.ndarray:
       `center` (`(x, y)` in pixels) and `size` (bounding-box side in pixels). Later objects
       are drawn over earlier ones.
     - `image_size`: side of the square image in pixels.
+    - `style`: `"flat"`: each object in its palette colour on the plain `BACKGROUND`;
+      `"shaded"`: each object's colour scaled by a brightness of 0.6-1.15 that varies across
+      it (a ramp or a highlight, faint stripes), on a tinted background with a gradient and
+      soft waves, edges blurred (a Gaussian of 0.6 px at 32 px, in proportion at other
+      sizes) and noise added (0.025 per channel, in [0, 1]).
+    - `rng`: draws the shading, background and noise of `"shaded"` (a fixed seed when
+      `None`); `"flat"` uses none.
 
     **Returns:**
 
     A float32 array `[image_size, image_size, 3]` with values in [-1, 1].
     """
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; styles are {STYLES}.")
+    shaded = style == "shaded"
+    if shaded and rng is None:
+        rng = np.random.default_rng(0)
     n = image_size * _SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     y, x = coords[:, None], coords[None, :]
     canvas = np.empty((n, n, 3), np.float32)
     canvas[...] = BACKGROUND
+    covered = np.zeros((n, n), bool)
     for obj in objects:
         if obj["color"] not in COLORS:
             raise ValueError(f"unknown colour {obj['color']!r}; colours are {tuple(COLORS)}.")
-        canvas[_inside(obj, x, y)] = COLORS[obj["color"]]
+        inside = _inside(obj, x, y)
+        if shaded:
+            brightness = _shading(obj, x, y, rng)[inside]
+            canvas[inside] = np.minimum(np.outer(brightness, COLORS[obj["color"]]), 1.0)
+            covered |= inside
+        else:
+            canvas[inside] = COLORS[obj["color"]]
+    if shaded:
+        background = _textured_background(x, y, image_size, rng)
+        canvas = np.where(covered[..., None], canvas, background)
     image = canvas.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean((1, 3))
+    if shaded:
+        image = _blur(image, _EDGE_BLUR * image_size) + rng.normal(0, _NOISE, image.shape)
+        image = np.clip(image, 0.0, 1.0)
     return (image * 2 - 1).astype(np.float32)
 
 
@@ -286,6 +375,10 @@ class ShapesDataset:
       as a position caption says; more in the quadrants), jittered by 6% of the side. Slots
       take most of the "where" out of the task, which a model trained for minutes on a CPU
       cannot yet learn: the demo uses them.
+    - `style`: `"flat"` colours on a plain background, or `"shaded"` objects (uneven
+      brightness, soft edges) on a textured background with noise (see `render`). Both
+      styles give the same captions and objects for an index; a shaded image's randomness
+      comes from `(seed, index)` too.
 
     Items are dicts: `image` (float32 `[h, w, 3]` in [-1, 1]), `caption`, `category` and
     `objects` (as `render` takes them).
@@ -300,7 +393,10 @@ class ShapesDataset:
         category_weights: Sequence[float] | None = None,
         object_scale: float = 1.0,
         layout: str = "random",
+        style: str = "flat",
     ):
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; styles are {STYLES}.")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; layouts are {LAYOUTS}.")
         if object_scale <= 0:
@@ -331,6 +427,7 @@ class ShapesDataset:
         self.category_weights = weights / weights.sum()
         self.object_scale = float(object_scale)
         self.layout = layout
+        self.style = style
 
     def __len__(self) -> int:
         return 2**31 - 1 if self.size is None else self.size
@@ -357,7 +454,9 @@ class ShapesDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.describe(index)
-        item["image"] = render(item["objects"], self.image_size)
+        # A stream of its own, so that shading leaves the objects of an index unchanged.
+        rng = np.random.default_rng((self.seed, self._index(index), 1))
+        item["image"] = render(item["objects"], self.image_size, self.style, rng)
         return item
 
     def captions(self, n: int, start: int = 0) -> list[str]:
@@ -367,12 +466,16 @@ class ShapesDataset:
 
 def shapes_options(config: Any) -> dict[str, Any]:
     """The `ShapesDataset` options a `fluid.config.DataConfig` sets besides image size, seed
-    and size: object scale, layout and (when given) categories. Training data, held-out data
+    and size: object scale, layout, style and (when given) categories. Training data, held-out data
     and reference statistics (`fluid.eval`) are built with the same ones.
 
     (`config` is not annotated as a `DataConfig`: `fluid.config` checks its values against
     this module's `LAYOUTS` and `CATEGORIES`, so this module cannot import it.)"""
     options: dict[str, Any] = {"object_scale": config.object_scale, "layout": config.layout}
+    # Flat (the default) is left out, so that reference statistics cached before styles
+    # existed keep their file names.
+    if config.style != "flat":
+        options["style"] = config.style
     if config.categories is not None:
         options["categories"] = tuple(config.categories)
     return options

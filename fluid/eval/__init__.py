@@ -35,6 +35,7 @@ from ._shapes_eval import Detection as Detection
 from ._shapes_eval import ShapesEval as ShapesEval
 from ._shapes_eval import all_prompts as all_prompts
 from ._shapes_eval import label_components as label_components
+from ._shapes_eval import wilson_interval as wilson_interval
 from ._shapes_features import ShapesFeatures as ShapesFeatures
 from ._sweep import SCALES as SCALES
 from ._sweep import SweepScale as SweepScale

@@ -213,7 +213,7 @@ def evaluate(
             "non_embedding_parameters": non_embedding_params(model),
         },
         "validation": validation,
-        "shapes_eval": {k: scores[k] for k in ("overall", "categories", "counts")},
+        "shapes_eval": {k: scores[k] for k in ("overall", "categories", "intervals", "counts")},
         "frechet": {
             "distance": generated.distance(reference),
             "samples": len(images),
@@ -288,8 +288,11 @@ def _markdown(result: dict[str, Any], *, samples: str) -> str:
         lines.append(f"| validation loss at mask ratio {ratio} | {loss:.4f} |")
     lines.append(f"| ShapesEval overall | {shapes['overall']:.3f} |")
     for category, accuracy in shapes["categories"].items():
+        # Results saved before intervals were reported have none.
+        interval = shapes.get("intervals", {}).get(category)
+        shown = "" if interval is None else f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
         lines.append(f"| ShapesEval {category} ({shapes['counts'][category]} images) | "
-                     f"{accuracy:.3f} |")
+                     f"{accuracy:.3f}{shown} |")
     rough = " (rough: fewer samples than features)" if fd["rough"] else ""
     lines += [
         (

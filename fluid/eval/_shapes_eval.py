@@ -3,13 +3,21 @@
 GenEval (Ghosh et al., 2023) scores a text-to-image model by detecting the objects in its
 images and checking each prompt's requirements: an object, two objects, a count, a colour, a
 relative position, colours attributed to two objects. On `shapes` images an object detector
-needs no training: objects are flat colours from a known palette on a known background, so
-each pixel is unmixed into (palette colour, coverage) along the segment between the
-background and that colour (which is exactly how anti-aliased edges are rendered), covered
-pixels are grouped into connected components per colour, and each component's shape is read
-from its geometry: how much of its bounding box it fills (square 1, circle pi/4, triangle
-1/2) and how far its mass sits below the box's centre (a triangle points up, so 1/6 of its
-height; circles and squares 0).
+needs no training: objects have colours from a known palette on a dark background, so each
+pixel is unmixed into (palette colour, amount) along the ray from its background (the mean
+of the dark, greyish pixels around it) in that colour's direction: the colour is the ray at
+the smallest angle (hue and chroma, not brightness), and the amount is how far along it the
+pixel lies (the palette colour on the plain background is 1; anti-aliased edges, shading and
+dimming scale it). Coverage is the amount over the object's own brightness nearby (the
+largest amount of its colour within 2 px); covered pixels are grouped into connected
+components per colour, and each component's shape is read from its geometry: how much of
+its bounding box it fills (square 1, circle pi/4, triangle 1/2) and how far its mass sits
+below the box's centre (a triangle points up, so 1/6 of its height; circles and squares 0).
+A component whose pixels scatter about their colour as noise does is no shape.
+
+On flat images (the `flat` style) the background found is `BACKGROUND` and the brightness
+1, so the judge finds what it found before it judged shaded ones (measured on 720 data-set
+images: the same objects, shapes and colours; boxes within 0.13 px).
 """
 
 import itertools
@@ -32,7 +40,7 @@ from ..data.shapes import (
     SHAPES,
     parse_caption,
 )
-from ._palette import COLOR_NAMES, unmix
+from ._palette import COLOR_NAMES, unmix_shaded
 
 # Shape prototypes in (fill of the bounding box, mass offset below the box centre / height).
 _PROTOTYPES: dict[str, tuple[float, float]] = {
@@ -47,6 +55,16 @@ _MAX_ASPECT = 1.35
 # Edge pixels covered less than this are background: it keeps faint noise (and float error,
 # about 1e-8 in a rendered image) from widening a box.
 _MIN_EDGE_COVERAGE = 0.1
+# Pixels whose colour amounts to less than this (in units of the palette colour on the
+# plain background) are too faint to start an object; they may still be one's edge.
+_MIN_AMOUNT = 0.25
+# A component whose covered pixels lie further than this (RMS, channels in [0, 1]) from their
+# mean offset from the colour's ray is noise, not an object: measured at most 0.07 for the
+# data set's objects, flat or shaded, and 0.12-0.2 (1% below 0.135) for blobs of noise.
+_MAX_SCATTER = 0.12
+# An object's extent is read from its coverage clipped here: above the plateau only shading
+# and noise, which would otherwise lift the plateau of its profile more than its edges.
+_MAX_PROFILE = 1.05
 # Coverage is left unclipped (up to this) where it is summed, so that noise averages out.
 _MAX_COVERAGE = 1.5
 # Images detected at once: bounds the memory of the per-pixel, per-colour arrays.
@@ -131,6 +149,7 @@ def _shift(array: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
 
 _FOUR = ((0, 1), (0, -1), (1, 0), (-1, 0))
 _EIGHT = _FOUR + ((1, 1), (1, -1), (-1, 1), (-1, -1))
+_WINDOW = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3))
 
 
 def label_components(mask: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -213,7 +232,8 @@ class ShapesEval:
     **Arguments:**
 
     - `color_tolerance`: how far (RGB distance, channels in [0, 1]) a pixel may lie from
-      the blend of background and a palette colour and still count as that colour.
+      the ray from its background through a palette colour (that colour at any
+      brightness, blended with the background) and still count as that colour.
     - `min_area`: components smaller than this fraction of the image are noise. The
       smallest objects of the data set (a triangle a quarter of the image wide) cover
       about 3%.
@@ -277,9 +297,18 @@ class ShapesEval:
     def _detect_chunk(self, images: np.ndarray) -> list[list[Detection]]:
         pixels = (images.astype(np.float64) + 1.0) / 2.0
         n, h, w, _ = pixels.shape
-        color, coverage, residual = unmix(pixels)
+        color, amount, off_ray = unmix_shaded(pixels)
+        residual = np.sqrt((off_ray**2).sum(-1))
         matches = residual <= self.color_tolerance
-        core = matches & (coverage >= 0.5)
+        candidate = matches & (amount >= _MIN_AMOUNT)
+        # Coverage is the amount over the object's own brightness nearby: the largest
+        # amount of its colour within 2 px, where some pixel is fully covered.
+        gain = np.zeros(amount.shape)
+        for dy, dx in _WINDOW:
+            near = _shift(candidate, dy, dx, False) & (_shift(color, dy, dx, -1) == color)
+            gain = np.where(near, np.maximum(gain, _shift(amount, dy, dx, 0.0)), gain)
+        coverage = np.where(gain > 0, amount / np.where(gain > 0, gain, 1.0), 0.0)
+        core = candidate & (coverage >= 0.5)
         labels = label_components(core, color)
         # Partly covered edge pixels belong to the one neighbouring component of their
         # colour; between two components of one colour they belong to neither.
@@ -293,6 +322,9 @@ class ShapesEval:
         edge = ~core & matches & (coverage >= _MIN_EDGE_COVERAGE) & (lowest == highest)
         owner = np.where(core, labels, np.where(edge, highest, -1))
         weight = np.where(owner >= 0, np.clip(coverage, 0.0, _MAX_COVERAGE), 0.0)
+        interior = core.copy()
+        for dy, dx in _FOUR:
+            interior &= _shift(labels, dy, dx, -1) == labels
 
         out: list[list[Detection]] = [[] for _ in range(n)]
         rows = np.arange(h)[:, None] + 0.5
@@ -300,17 +332,37 @@ class ShapesEval:
             ids, component = np.unique(owner[image], return_inverse=True)
             component = component.reshape(h, w)
             area = np.bincount(component.ravel(), weight[image].ravel(), len(ids))
-            for k in np.nonzero((ids >= 0) & (area >= self.min_area * h * w))[0]:
+            # Inner pixels are covered (at least 0.5), so dividing by their plateau at most
+            # doubles an area: smaller components cannot reach `min_area`.
+            for k in np.nonzero((ids >= 0) & (area >= self.min_area * h * w / 2))[0]:
                 patch = np.where(component == k, weight[image], 0.0)
-                x, width = _extent(patch.max(0))
-                y, height = _extent(patch.max(1))
+                # Shading and noise leave the largest amount nearby above a covered
+                # pixel's: the object's inner pixels (their median) count as whole.
+                inner = interior[image] & (component == k)
+                plateau = float(np.median(patch[inner])) if inner.any() else 1.0
+                # Pixels of one object scatter about one colour by noise alone; a blob of
+                # noise matches a colour pixel by pixel, each its own way.
+                solid = core[image] & (component == k)
+                scatter = off_ray[image][solid] - off_ray[image][solid].mean(0)
+                rough = np.sqrt((scatter**2).sum(-1).mean()) > _MAX_SCATTER
+                patch = patch / plateau
+                # Brighter than that is shading, not more of the object.
+                area[k] = np.minimum(patch, 1.0).sum()
+                if area[k] < self.min_area * h * w:
+                    continue
+                profile = np.minimum(patch, _MAX_PROFILE)
+                x, width = _extent(profile.max(0))
+                y, height = _extent(profile.max(1))
+                patch = np.minimum(patch, 1.0)
                 fill = float(area[k] / (width * height))
                 offset = float(((patch * rows).sum() / area[k] - y) / height)
                 aspect = max(width, height) / min(width, height)
                 first = np.unravel_index(ids[k] % (h * w), (h, w))
                 out[image].append(
                     Detection(
-                        shape=_classify(fill, offset, aspect, self.max_shape_distance),
+                        shape=None if rough else _classify(
+                            fill, offset, aspect, self.max_shape_distance
+                        ),
                         color=COLOR_NAMES[int(color[image][first])],
                         center=(x, y),
                         box=(x - width / 2, y - height / 2, x + width / 2, y + height / 2),
@@ -393,8 +445,9 @@ class ShapesEval:
         **Returns:**
 
         A dict with `overall` (the mean of the per-category accuracies, as GenEval reports
-        it, over the categories present), `categories` (accuracy per category), `counts`
-        (images per category) and `details`: per image, a dict with `prompt`, `category`,
+        it, over the categories present), `categories` (accuracy per category),
+        `intervals` (per category, the 95% Wilson interval `(low, high)` of its accuracy
+        over its prompts, see `wilson_interval`), `counts` (images per category) and `details`: per image, a dict with `prompt`, `category`,
         `correct`, `reason` (why it failed) and `detections`.
         """
         prompts = list(prompts)
@@ -421,9 +474,27 @@ class ShapesEval:
         return {
             "overall": float(np.mean(list(accuracy.values()))) if accuracy else float("nan"),
             "categories": accuracy,
+            "intervals": {c: wilson_interval(sum(outcomes[c]), len(outcomes[c])) for c in accuracy},
             "counts": {c: len(outcomes[c]) for c in accuracy},
             "details": details,
         }
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval of a proportion: `successes` of `trials`, at `z` standard
+    errors (1.96: 95%). Unlike the normal approximation it stays inside [0, 1] and is not
+    empty at 0 or `trials` successes, which a judge of a good model often scores.
+
+    **Returns:**
+
+    `(low, high)`; `(0.0, 1.0)` for no trials.
+    """
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials**2))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _point(xy: tuple[float, float]) -> str:

@@ -52,8 +52,9 @@ class SweepScale:
       needs the backbone's condition, so short runs learn little from the caption).
     - `text_dim`, `text_depth`: the learned text encoder, the same for every size.
     - `vocab_size`: palette codebook of the discrete variants.
-    - `object_scale`, `layout`, `categories`: `shapes` options (see `ShapesDataset`);
-      `categories=None` trains on all six.
+    - `object_scale`, `layout`, `categories`, `style`: `shapes` options (see
+      `ShapesDataset`); `categories=None` trains on all six; `style="shaded"` draws images
+      that a palette of discrete colours cannot reproduce exactly.
     - `sample_temperature`: sampling temperature of the evaluation.
     - `samples`, `validation_examples`, `min_count`: evaluation (see `fluid.eval.evaluate`).
     - `fit_images`: images the palette codebook is fitted to.
@@ -76,6 +77,7 @@ class SweepScale:
     object_scale: float = 1.0
     layout: str = "random"
     categories: tuple[str, ...] | None = None
+    style: str = "flat"
     sample_temperature: float = 1.0
     samples: int = 192
     validation_examples: int = 256
@@ -169,6 +171,7 @@ def sweep_config(
         "data.object_scale": scale.object_scale,
         "data.layout": scale.layout,
         "data.categories": scale.categories,
+        "data.style": scale.style,
         "sample_temperature": scale.sample_temperature,
         "data.fit_images": scale.fit_images,
         "optim.learning_rate": scale.learning_rate,

@@ -35,6 +35,7 @@ ADDED_CONFIG_KEYS: dict[str, Any] = {
     "init_from": None,
     "init_strict": True,
     "freeze": [],
+    "data.style": "flat",
 }
 
 _ABSENT = object()
