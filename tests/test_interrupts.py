@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import chex
-import jax
 import numpy as np
 import pytest
 from helpers import arrays as _arrays
@@ -200,13 +199,7 @@ prepare(test_interrupts._config(), out_dir={out!r}, progress=False).run(callback
 def test_metrics_after_kill_9_hold_each_step_once(tmp_path, straight):
     # Killed at step 5: metrics.jsonl has steps 1-5, the newest checkpoint is step 4.
     script = _KILLED_RUN.format(tests=str(Path(__file__).parent), kill_at=5, out=str(tmp_path))
-    env = {
-        **os.environ,
-        # The same compiled programs as this process (conftest's cache and flags).
-        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    env = dict(os.environ)  # conftest's XLA flags
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr
