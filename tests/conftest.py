@@ -4,9 +4,15 @@ import os
 
 # Tests are dominated by compilation on a 2-core CPU; LLVM's optimisation level changes how
 # fast compiled code runs, not what it computes, and level 0 halves compile time.
+# `--xla_cpu_parallel_codegen_split_count=1` compiles each program's LLVM module in one piece
+# on one thread: three full runs (CI's among them) lost a worker to a segmentation fault
+# inside XLA:CPU's compilation (or the serialisation after it) of an 8-device program, at a
+# different test each time and never when the test ran alone. The split is suspected, not
+# proven; it changes no value (the golden-sample tests pass either way).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    + " --xla_cpu_parallel_codegen_split_count=1"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

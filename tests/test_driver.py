@@ -23,6 +23,7 @@ from fluid.backbones import AbstractCausalBackbone, CausalTransformer
 from fluid.build import build_model
 from fluid.data.shapes import ShapesDataset
 from fluid.heads import AbstractOutputHead
+from fluid.model import IncompatibleComponentsError
 from fluid.orders import AbstractGenerationOrder, TrainingPositions
 from fluid.presets import tiny
 from fluid.recipes import make_text_tokenizer
@@ -162,10 +163,20 @@ def test_causal_sampling_produces_the_permutations_positions_in_order(parts):
 def test_a_causal_model_refuses_an_order_of_several_positions_per_step(parts):
     model, ids, mask = parts
     model = eqx.tree_at(lambda m: m.order, model, FixedOrder(PERM, per_step=2))
-    with pytest.raises(ValueError, match="decodes one position per step, but the order "
-                                         "produces 2 at a step"):
+    # The model refuses before tracing, naming the backbones that can ...
+    with pytest.raises(IncompatibleComponentsError,
+                       match="produces up to 2 positions per step at steps=8, but the backbone "
+                             "CausalTransformer decodes one position per step.*arpg, bidirectional"):
         model.generate_tokens(ids, mask, key=jr.key(0), steps=8, cfg=1.0,
                               cfg_schedule="linear", temperature=1.0)
+    # ... and the backbone itself refuses a step of two positions.
+    state = model.backbone.init_decode(jnp.zeros((1, 3, model.backbone.dim)),
+                                       jnp.ones((1, 3), bool))
+    with pytest.raises(ValueError, match="decodes one position per step, but the order "
+                                         "produces 2 at a step"):
+        model.backbone.decode(state, jnp.zeros((SEQ, 48)), lambda v: v[: model.backbone.dim],
+                              jnp.array([0, 1]), jnp.zeros((1, 3, model.backbone.dim)),
+                              jnp.ones((1, 3), bool))
 
 
 def test_a_fixed_order_on_the_real_causal_backbone_decodes_as_it_trains(parts):
