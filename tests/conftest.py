@@ -21,8 +21,11 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+import gc  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 # No persistent compilation cache. The tests used one shared by the xdist workers (it made
 # later Trainer builds about 3x faster), until it crashed whole workers: XLA:CPU segfaulted in
@@ -37,3 +40,18 @@ from _plugins import expose_plugin_head  # noqa: E402
 # The example plug-in is exposed as an installed distribution before collection, so the
 # registry-driven contract tests include it (as they would any installed plug-in).
 expose_plugin_head(Path(tempfile.mkdtemp(prefix="fluid-plugin-")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop every compiled program (`jax.clear_caches`).
+
+    An xdist worker lives through half the suite. Runs lost a worker to a segmentation fault
+    inside XLA:CPU's compiler only past the middle of the suite (at 56-68%), in whatever test
+    compiled next, never when that test's module ran alone: the mark of a process that has
+    loaded too much machine code (thousands of programs stay loaded through the jit caches
+    otherwise). Modules share few programs, so little is compiled twice.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
