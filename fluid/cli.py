@@ -199,7 +199,7 @@ def cmd_sample(args) -> int:
         temperature=config.sample_temperature if args.temperature is None else args.temperature,
         negative_prompts=None if args.negative_prompt is None
         else [args.negative_prompt] * len(prompts),
-        **_switch_args(args, model),
+        **_switch_args(args),
     )
     print(save_grid(images, args.out, captions=captions))
     if args.images_dir is not None:
@@ -235,25 +235,14 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _switch_args(args, model=None) -> dict:
+def _switch_args(args) -> dict:
     """The fast-sampling switches of `fluid sample` and `fluid eval` as
-    `FluidModel.generate`'s arguments; refused here when the model (if given) cannot take
-    them."""
-    from .heads import AbstractIterativeHead
-
+    `FluidModel.generate`'s arguments (checked where they are used:
+    `fluid.model.sampling_switches`)."""
     out = {}
     if args.cfg_interval is not None:
-        lo, hi = args.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"--cfg-interval takes LO HI with 0 <= LO <= HI <= 1 (the part "
-                              f"of the generation, by tokens produced, that is guided); got "
-                              f"{lo:g} {hi:g}.")
-        out["cfg_interval"] = (lo, hi)
+        out["cfg_interval"] = tuple(args.cfg_interval)
     if args.head_steps is not None:
-        if model is not None and not isinstance(model.head, AbstractIterativeHead):
-            raise ConfigError(f"--head-steps sets the chain of a diffusion or flow head; this "
-                              f"model's head ({type(model.head).__name__}) samples in one "
-                              "evaluation.")
         steps = args.head_steps
         out["head_steps"] = steps[0] if len(steps) == 1 else tuple(steps)
     return out

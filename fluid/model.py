@@ -4,7 +4,7 @@ import functools
 import inspect
 import itertools
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import equinox as eqx
 import jax
@@ -15,6 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int
 
+from ._errors import ConfigError
 from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
 from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
 from .heads import (
@@ -30,6 +31,51 @@ from .text import AbstractTextEncoder, TextAligner
 from .tokenizers import AbstractImageTokenizer
 
 CFG_SCHEDULES = ("linear", "constant")
+
+
+def sampling_switches(
+    head: AbstractOutputHead,
+    *,
+    cfg: float,
+    negative: bool = False,
+    cfg_interval: Sequence[float] | None = None,
+    head_steps: int | np.integer | Sequence[int] | None = None,
+) -> tuple[tuple[float, float] | None, int | tuple[int, ...] | None]:
+    """The sampling settings beyond steps and scale, checked against a model's head and
+    guidance scale, as `FluidModel.generate` takes them (hashable, so static under jit):
+    `(cfg_interval, head_steps)`. Every entry point (the model, `fluid.sample`, the CLI,
+    `fluid eval`, the server) asks this one function, so a setting is refused the same way
+    everywhere, before anything runs.
+
+    **Raises:**
+
+    `ConfigError` (a `ValueError`) saying what to change, for a negative prompt without
+    guidance (`cfg == 1`), a `cfg_interval` outside `0 <= lo <= hi <= 1`, or `head_steps`
+    for a head that samples in one evaluation.
+    """
+    if negative and cfg == 1.0:
+        raise ConfigError(
+            "a negative prompt acts through guidance (the unconditional half reads it), which "
+            "cfg=1 turns off: set cfg above 1, or leave the negative prompt out."
+        )
+    if cfg_interval is not None:
+        lo, hi = (float(v) for v in cfg_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                f"cfg_interval (--cfg-interval) must be (lo, hi) with 0 <= lo <= hi <= 1: the "
+                f"part of the generation, by tokens produced, that is guided; got {lo:g}, {hi:g}."
+            )
+        cfg_interval = (lo, hi)
+    if head_steps is not None:
+        if not isinstance(head, AbstractIterativeHead):
+            raise ConfigError(
+                f"head_steps sets the chain of an iterative head (diffusion, flow); the head "
+                f"{type(head).__name__} samples in one evaluation: leave head_steps "
+                "(--head-steps) out."
+            )
+        head_steps = (int(head_steps) if np.ndim(head_steps) == 0
+                      else tuple(int(s) for s in head_steps))
+    return cfg_interval, head_steps
 
 
 def _float_dtype(module) -> jnp.dtype:
@@ -398,12 +444,6 @@ class FluidModel(eqx.Module):
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
-        if cfg_interval is not None:
-            lo, hi = cfg_interval
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got "
-                                 f"{cfg_interval!r}.")
-            cfg_interval = (float(lo), float(hi))
         negative = None
         if (negative_ids is None) != (negative_mask is None):
             raise ValueError("give both negative_ids and negative_mask, or neither.")
@@ -422,6 +462,9 @@ class FluidModel(eqx.Module):
         """`generate` without the final decoding: the sampled tokens. `negative`: the
         negative prompts' `(ids, mask)`, or None."""
         guided = cfg != 1.0
+        cfg_interval, head_steps = sampling_switches(
+            self.head, cfg=cfg, negative=negative is not None, cfg_interval=cfg_interval,
+            head_steps=head_steps)
         self._check_steps(steps)
         keys = jr.split(key, text_ids.shape[0])
         switches = {"cfg_interval": cfg_interval, "head_steps": head_steps}
@@ -430,11 +473,6 @@ class FluidModel(eqx.Module):
                 lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
                                                    temperature, **switches)
             )(text_ids, text_mask, keys)
-        if not guided:
-            raise ValueError(
-                "a negative prompt acts through guidance (the unconditional half reads it); "
-                "with cfg=1 there is none. Set cfg above 1, or leave the negative prompt out."
-            )
         negative_ids, negative_mask = negative
         if negative_ids.shape != text_ids.shape or negative_mask.shape != text_mask.shape:
             raise ValueError(
@@ -506,11 +544,6 @@ class FluidModel(eqx.Module):
         before it (0 at the first step), as DiSA and a guidance interval read it."""
         n = self.seq_len
         iterative = isinstance(self.head, AbstractIterativeHead)
-        if head_steps is not None and not iterative:
-            raise ValueError(
-                f"head_steps sets the chain of an iterative head (diffusion, flow); the head "
-                f"{type(self.head).__name__} samples in one evaluation. Leave it out."
-            )
         if isinstance(head_steps, int):
             head_steps = (head_steps,)
         if head_steps is not None:

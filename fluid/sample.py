@@ -10,7 +10,7 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._types import Key, Keys
-from .model import FluidModel
+from .model import FluidModel, sampling_switches
 from .text import CaptionTokenizer
 
 
@@ -50,7 +50,7 @@ def _checked_steps(model: FluidModel, steps: int, cfg: float, temperature: float
 
 
 def _encode_negatives(text_tokenizer: CaptionTokenizer, prompts: Sequence[str],
-                      negative_prompts: Sequence[str] | None, cfg: float,
+                      negative_prompts: Sequence[str] | None,
                       text_len: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The negative prompts' `(ids, mask)`, one per prompt, or None; bad ones refused."""
     if negative_prompts is None:
@@ -60,36 +60,19 @@ def _encode_negatives(text_tokenizer: CaptionTokenizer, prompts: Sequence[str],
             f"give one negative prompt per prompt ({len(prompts)}), as a sequence of "
             "strings; \"\" for a prompt that has none."
         )
-    if cfg == 1.0:
-        raise ConfigError(
-            "a negative prompt acts through guidance, which cfg=1 turns off; set cfg "
-            "above 1 (the run's sample_cfg is the default), or leave it out."
-        )
     warn_truncated(text_tokenizer, negative_prompts, text_len)
     return text_tokenizer.encode(list(negative_prompts), text_len)
 
 
 @eqx.filter_jit
-def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative=None,
-              switches=()):
+def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative,
+              cfg_interval, head_steps):
     negative_ids, negative_mask = (None, None) if negative is None else negative
     return model.generate(
         ids, mask, key=key, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
         temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
-        **dict(switches),
+        cfg_interval=cfg_interval, head_steps=head_steps,
     )
-
-
-def _switches(cfg_interval, head_steps) -> tuple:
-    """The sampling switches `FluidModel.generate` takes beyond the basic settings, as a
-    hashable (static) tuple of those that are set."""
-    out = []
-    if cfg_interval is not None:
-        out.append(("cfg_interval", tuple(float(v) for v in cfg_interval)))
-    if head_steps is not None:
-        out.append(("head_steps", head_steps if isinstance(head_steps, int)
-                    else tuple(int(s) for s in head_steps)))
-    return tuple(out)
 
 
 def sample_images(
@@ -125,19 +108,21 @@ def sample_images(
         raise TypeError("prompts must be a sequence of strings, not one string.")
     if len(prompts) == 0:
         raise ConfigError("give at least one prompt.")
+    switches = sampling_switches(model.head, cfg=cfg, negative=negative_prompts is not None,
+                                 cfg_interval=cfg_interval, head_steps=head_steps)
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
     warn_truncated(text_tokenizer, prompts, text_len)
-    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, cfg, text_len)
+    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, text_len)
     key = jr.key(0) if key is None else key
     steps = _checked_steps(model, steps, cfg, temperature)
     out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature),
-                    negative, _switches(cfg_interval, head_steps))
+                    negative, *switches)
     return np.asarray(out)
 
 
 @eqx.filter_jit
-def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperature,
-                      negative=None, switches=()):
+def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperature, negative,
+                      cfg_interval, head_steps):
     # Each image is a batch of one of its own: what it draws depends on its key alone, not on
     # its row or on the other rows (the vmap adds a batch axis, nothing crosses it).
     def one(i, m, k, n):
@@ -145,7 +130,7 @@ def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperat
         return model.generate(
             i[None], m[None], key=k, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
             temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
-            **dict(switches),
+            cfg_interval=cfg_interval, head_steps=head_steps,
         )[0]
 
     return jax.vmap(one)(ids, mask, keys, negative)
@@ -180,13 +165,15 @@ def sample_images_per_key(
         raise TypeError("prompts must be a sequence of strings, not one string.")
     if len(prompts) == 0:
         raise ConfigError("give at least one prompt.")
+    switches = sampling_switches(model.head, cfg=cfg, negative=negative_prompts is not None,
+                                 cfg_interval=cfg_interval, head_steps=head_steps)
     if keys.shape != (len(prompts),):
         raise ConfigError(f"give one key per prompt: {len(prompts)} prompts, keys of shape "
                           f"{keys.shape}.")
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
     warn_truncated(text_tokenizer, prompts, text_len)
-    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, cfg, text_len)
+    negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, text_len)
     steps = _checked_steps(model, steps, cfg, temperature)
     out = _generate_per_key(model, ids, mask, keys, steps, float(cfg), cfg_schedule,
-                            float(temperature), negative, _switches(cfg_interval, head_steps))
+                            float(temperature), negative, *switches)
     return np.asarray(out)

@@ -14,9 +14,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+from fluid._errors import ConfigError
 from fluid.build import compose
 from fluid.heads import AbstractIterativeHead
+from fluid.model import sampling_switches
 from fluid.presets import tiny
+from fluid.sample import sample_images
+from fluid.text import ClassLabelTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from model_samples_golden import (
@@ -140,6 +144,34 @@ def test_bad_switches_are_refused(models):
     with pytest.raises(ValueError, match="head_steps sets the chain"):
         models["discrete-random"].generate(ids, mask, key=jr.key(0), steps=2, cfg=3.0,
                                            head_steps=3)
+
+
+def test_one_check_of_the_switches_for_every_entry_point(models):
+    # `sampling_switches` normalises what `generate` takes (static, hashable) and refuses the
+    # same settings whichever entry point asks: the model, `fluid.sample`.
+    head = models["fluid"].head
+    assert sampling_switches(head, cfg=3.0, cfg_interval=[0.0, 1.0], head_steps=[9, 3]) == (
+        (0.0, 1.0), (9, 3))
+    assert sampling_switches(head, cfg=3.0, head_steps=np.int64(4)) == (None, 4)
+    ids, mask = golden_captions()
+    bad = [
+        ({"cfg": 1.0, "negative": True}, "cfg above 1"),
+        ({"cfg": 3.0, "cfg_interval": (-0.1, 0.5)}, "0 <= lo <= hi <= 1"),
+        ({"cfg": 3.0, "cfg_interval": (0.2, 1.5)}, "0 <= lo <= hi <= 1"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            sampling_switches(head, **kwargs)
+    softmax = models["discrete-random"]
+    with pytest.raises(ConfigError, match="head_steps sets the chain.*SoftmaxHead"):
+        sampling_switches(softmax.head, cfg=3.0, head_steps=3)
+    with pytest.raises(ConfigError, match="head_steps sets the chain"):
+        # Refused before any caption is read.
+        sample_images(softmax, ClassLabelTokenizer(10), ["1"], text_len=ids.shape[1], steps=2,
+                      head_steps=3)
+    with pytest.raises(ConfigError, match="cfg above 1"):
+        models["fluid"].generate(ids, mask, key=jr.key(0), steps=2, cfg=1.0,
+                                 negative_ids=ids, negative_mask=mask)
 
 
 def test_a_guidance_interval_on_the_random_order_keeps_the_sample_shape(models):

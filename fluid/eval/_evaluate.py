@@ -15,9 +15,8 @@ import jax.random as jr
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._errors import ConfigError
 from .._types import CAUSAL, DISCRETE
-from ..heads import AbstractIterativeHead
+from ..model import sampling_switches
 from ..run import EvalReport, RunFolder, find_weights, load_model
 from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
 from ._shapes_eval import ShapesEval
@@ -160,6 +159,9 @@ def evaluate(
             "fluid eval scores runs on the built-in shapes data set (its held-out set, "
             f"ShapesEval and Frechet reference); this run trained on {data.dataset!r}."
         )
+    # Refused before the validation pass, not after it.
+    sampling_switches(model.head, cfg=config.sample_cfg, cfg_interval=cfg_interval,
+                      head_steps=head_steps)
     categories = _categories(data)
     per_category = max(1, math.ceil(samples / len(categories)))
     _check_frechet_count(per_category * len(categories), data.image_size, min_count)
@@ -183,9 +185,6 @@ def evaluate(
     }
     t1 = time.perf_counter()
 
-    if head_steps is not None and not isinstance(model.head, AbstractIterativeHead):
-        raise ConfigError(f"head_steps sets the chain of a diffusion or flow head; this model's "
-                          f"head ({type(model.head).__name__}) samples in one evaluation.")
     judge = ShapesEval()
     prompts = judge.prompts(per_category, seed=seed, categories=categories)
     images = generate_images(

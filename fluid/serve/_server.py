@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .._errors import UserError
+from .._errors import ConfigError, UserError
 from ..build import count_params
+from ..model import sampling_switches
 from ..pipeline import Pipeline, to_pil
 from ..text import ClassLabelTokenizer
 from ._batcher import Batcher, Job, ServerClosed, Settings
@@ -155,9 +156,10 @@ class SamplingServer(ThreadingHTTPServer):
                   hint=f" (the model has {tokens} tokens; each step makes at least one)")
         cfg = values.get("cfg", d.cfg)
         _in_range("cfg", cfg, 0, None, hint=" (1: no guidance, 0: unconditional)")
-        if negative and cfg == 1.0:
-            raise BadRequest("a negative prompt acts through guidance, which cfg 1 turns off: "
-                             "send cfg above 1, or leave negative_prompt empty.")
+        try:
+            sampling_switches(self.pipeline.model.head, cfg=cfg, negative=bool(negative))
+        except ConfigError as e:
+            raise BadRequest(str(e)) from None
         temperature = values.get("temperature", d.temperature)
         _in_range("temperature", temperature, 0, None)
         num_images = values.get("num_images", 1)
