@@ -382,10 +382,15 @@ def cmd_sweep(args) -> int:
         return _plan_sweep(args, out)
     report = run_sweep(
         out, scale=args.scale, variants=args.variants, sizes=args.sizes, steps=args.steps,
-        samples=args.samples,
+        samples=args.samples, seeds=args.seeds,
     )
     for variant, fit in report["fits"].items():
-        print(f"{variant:<18} L = {fit['a']:.4g} * N^-{fit['alpha']:.4f}")
+        spread = fit["alpha_over_seeds"]
+        over_seeds = "" if spread["low"] is None else (
+            f"; alpha over {spread['n']} seeds {spread['mean']:.4f} "
+            f"[{spread['low']:.4f}, {spread['high']:.4f}]"
+        )
+        print(f"{variant:<18} L = {fit['a']:.4g} * N^-{fit['alpha']:.4f}{over_seeds}")
     print(f"report: {out / 'sweep.md'} ({report['seconds']:.0f} s)")
     return 0
 
@@ -433,18 +438,21 @@ def _one_line_warnings():
 
 def _plan_sweep(args, out: Path) -> int:
     from .build import count_params
-    from .eval import SCALES, sweep_config
+    from .eval import SCALES, sweep_config, sweep_run_name
     from .recipes import get_recipe
 
     scale = SCALES[args.scale]
     sizes = args.sizes or scale.sizes
-    for variant in args.variants:
-        for size in sizes:
-            config = sweep_config(variant, size, scale, steps=args.steps)
-            n = count_params(get_recipe(config.task).abstract_model(config))
-            print(f"{variant}-{size}: {n / 1e6:.2f}M parameters, {config.steps} steps")
-    print(f"would write {len(args.variants) * len(sizes)} runs to {out}/ (dry run: nothing "
-          "trained)")
+    seeds = scale.seeds if args.seeds is None else args.seeds
+    for seed in range(seeds):
+        for variant in args.variants:
+            for size in sizes:
+                config = sweep_config(variant, size, scale, steps=args.steps, seed=seed)
+                n = count_params(get_recipe(config.task).abstract_model(config))
+                print(f"{sweep_run_name(variant, size, seed)}: {n / 1e6:.2f}M parameters, "
+                      f"{config.steps} steps, seed {seed}")
+    print(f"would write {len(args.variants) * len(sizes) * seeds} runs to {out}/ (dry run: "
+          "nothing trained)")
     return 0
 
 
@@ -600,8 +608,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep", help="train the four variants at several sizes, fit loss against parameters",
-        description="Each (variant, size) is a run in <out>/<variant>-<size>/, evaluated as "
-        "`fluid eval` does; finished runs are reused when the command runs again. The default "
+        description="Each (variant, size) is a run in <out>/<variant>-<size>/ (and, with "
+        "--seeds N, <variant>-<size>-seed<k>/ for seeds k = 1 to N-1), evaluated as "
+        "`fluid eval` does; finished runs are reused when the command runs again, so adding "
+        "seeds to a finished sweep trains only the new ones. Over several seeds the report "
+        "gives each measure's mean with a 95% Student-t interval and each variant's "
+        "exponent fitted per seed. The default "
         "scale (small: 4 variants x 3 sizes x 250 steps) took 29 minutes on an idle 2-core CPU "
         "(docs/reproduction.md); medium and large are for "
         "hours on a CPU or a GPU.",
@@ -617,6 +629,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps per run (default: the scale's)")
     p.add_argument("--samples", type=_at_least(1, int), default=None,
                    help="images per evaluation (default: the scale's)")
+    p.add_argument("--seeds", type=_at_least(1, int), default=None,
+                   help="runs per (variant, size), seeds 0 to N-1: each sets the model's "
+                   "initialisation, the data and the evaluation's sampling (default: the "
+                   "scale's, 1: no intervals)")
     p.add_argument("--out", default=None, help="default runs/sweep-<scale>")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, data and parts and say what would run; train nothing")

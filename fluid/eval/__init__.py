@@ -4,7 +4,8 @@ for `shapes`, `InceptionFeatures` for FID with a user-supplied network, `CLIPFea
 FD on CLIP features), CLIP itself from a Hugging Face folder (`CLIPEncoder`) and CLIPScore
 (`clip_score`), the validation loss measured alike for every variant, `fluid eval`
 (`evaluate_checkpoint`) and `fluid sweep` (`run_sweep`: the four variants trained at several
-sizes, loss against parameters fitted as a power law).
+sizes and seeds, loss against parameters fitted as a power law, means over seeds with
+Student-t intervals by `mean_interval`).
 
 Runs are read through `fluid.run`; only the sweep, which trains, imports `fluid.train`, so
 this package sits above the trainer and the trainer never imports it."""
@@ -31,6 +32,7 @@ from ._frechet import feature_stats as feature_stats
 from ._frechet import frechet_distance as frechet_distance
 from ._frechet import shapes_reference_stats as shapes_reference_stats
 from ._inception import InceptionFeatures as InceptionFeatures
+from ._intervals import mean_interval as mean_interval
 from ._shapes_eval import Detection as Detection
 from ._shapes_eval import ShapesEval as ShapesEval
 from ._shapes_eval import all_prompts as all_prompts
@@ -39,12 +41,13 @@ from ._shapes_eval import wilson_interval as wilson_interval
 from ._shapes_features import ShapesFeatures as ShapesFeatures
 from ._sweep import SCALES as SCALES
 from ._sweep import SweepScale as SweepScale
-from ._sweep import fit_power_law as fit_power_law
-from ._sweep import fit_power_law_with_floor as fit_power_law_with_floor
 from ._sweep import parse_size as parse_size
 from ._sweep import run_one as run_one
 from ._sweep import run_sweep as run_sweep
 from ._sweep import sweep_config as sweep_config
+from ._sweep import sweep_run_name as sweep_run_name
+from ._sweep_report import fit_power_law as fit_power_law
+from ._sweep_report import fit_power_law_with_floor as fit_power_law_with_floor
 from ._validation import MASK_RATIOS as MASK_RATIOS
 from ._validation import NOISE_DRAWS as NOISE_DRAWS
 from ._validation import VALIDATION_SEED_OFFSET as VALIDATION_SEED_OFFSET

@@ -1,8 +1,17 @@
 """`fluid sweep`: the paper's four variants at several sizes on `shapes`, one step budget,
-and validation loss against parameters fitted as a power law per variant.
+and validation loss against parameters fitted as a power law per variant, over one or more
+seeds.
 
-Every run is a `fluid.recipes` run in `<out>/<variant>-<size>/` and is evaluated by
-`evaluate_checkpoint`, the code of `fluid eval`, into its `eval/`. A run whose
+Every run is a `fluid.recipes` run in `<out>/<variant>-<size>/` (seed 0) or
+`<out>/<variant>-<size>-seed<k>/` (seed k > 0) and is evaluated by `evaluate_checkpoint`, the
+code of `fluid eval`, into its `eval/`. Seed k sets the model's initialisation and training
+key (`TrainConfig.seed`), the data (`DataConfig.seed`: the `shapes` items, their order, the
+images a palette is fitted to and, offset from it, the held-out set) and the evaluation's
+prompts and sampling keys; seed 0 is a one-seed sweep's run, so adding seeds to a finished
+sweep trains only the new ones. Over several seeds, `sweep.json` and `sweep.md` give per
+(variant, size) the mean of each measure and its 95% Student-t interval (`mean_interval`),
+and per variant the exponent fitted to each seed alone with its mean and interval
+(`fluid/eval/_sweep_report.py`). A run whose
 `eval/eval.json` is there for the same step budget and evaluation settings is not trained
 or evaluated again; an interrupted one resumes from its checkpoint. So running the same
 command again finishes a sweep, and adding a size or variant trains only the new runs.
@@ -24,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from .._types import CONTINUOUS
 from ..build import abstract_model, count_params, non_embedding_params
@@ -34,6 +42,7 @@ from ..recipes import prepare
 from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
 from ..tokenizers import TOKENIZERS
 from ._evaluate import evaluate_checkpoint
+from ._sweep_report import CONFIDENCE, summarise, write_report
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +67,7 @@ class SweepScale:
     - `sample_temperature`: sampling temperature of the evaluation.
     - `samples`, `validation_examples`, `min_count`: evaluation (see `fluid.eval.evaluate`).
     - `fit_images`: images the palette codebook is fitted to.
+    - `seeds`: runs per (variant, size), seeds `0, ..., seeds - 1`.
     """
 
     image_size: int = 32
@@ -83,6 +93,7 @@ class SweepScale:
     validation_examples: int = 256
     min_count: int | None = None
     fit_images: int = 2048
+    seeds: int = 1
 
 
 SCALES: dict[str, SweepScale] = {
@@ -135,7 +146,7 @@ def parse_size(size: str) -> tuple[int, int, int]:
 
 
 def sweep_config(
-    variant: str, size: str, scale: SweepScale, *, steps: int | None = None
+    variant: str, size: str, scale: SweepScale, *, steps: int | None = None, seed: int = 0
 ) -> TrainConfig:
     """The `TrainConfig` of one run of a sweep: the `shapes-<variant>` preset resized.
 
@@ -146,6 +157,7 @@ def sweep_config(
     - `size`: `w<width>d<depth>`.
     - `scale`: the sweep's setting.
     - `steps`: the step budget, `scale.steps` by default.
+    - `seed`: the run's `seed` and `data.seed` (0 is the presets' own).
 
     EMA weights are evaluated; their decay is `1 - 10 / steps` (clipped to [0.9, 0.9999]),
     an average over the last tenth of the run whatever its length.
@@ -181,6 +193,8 @@ def sweep_config(
         "batch_size": scale.batch_size,
         "log_every": max(1, min(25, steps // 4)),
         "checkpoint_every": 0,
+        "seed": seed,
+        "data.seed": seed,
     }
     if continuous:
         values["model.head.width"] = max(width, scale.head_min_width)
@@ -194,70 +208,10 @@ def sweep_config(
     return config
 
 
-def fit_power_law(n: ArrayLike, loss: ArrayLike) -> tuple[float, float]:
-    """Fit `loss = a * n**(-alpha)` by least squares in log-log space.
-
-    **Arguments:**
-
-    - `n`: parameter counts (positive).
-    - `loss`: the losses at those counts (positive).
-
-    **Returns:**
-
-    `(a, alpha)`. Raises `ValueError` for fewer than two distinct counts or values that
-    are not positive.
-    """
-    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
-    if n.shape != loss.shape or n.ndim != 1:
-        raise ValueError(f"n and loss must be 1-D of one length, got {n.shape} and {loss.shape}.")
-    if len(np.unique(n)) < 2:
-        raise ValueError("a power law needs losses at two or more distinct sizes.")
-    if np.any(n <= 0) or np.any(loss <= 0) or not np.all(np.isfinite(loss)):
-        raise ValueError("a power law is fitted to positive, finite counts and losses.")
-    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
-    return float(np.exp(intercept)), float(-slope)
-
-
-def fit_power_law_with_floor(
-    n: ArrayLike, loss: ArrayLike, grid: int = 200
-) -> tuple[float, float, float]:
-    """Fit `loss = floor + a * n**(-alpha)`, with an irreducible loss `floor >= 0`.
-
-    For a given `floor` the power law of `loss - floor` is fitted in log-log space
-    (`fit_power_law`); the `floor` whose curve is closest to the losses (least squares of
-    the log of the predicted over the actual loss) wins: searched on a grid over
-    `[0, min(loss))`, then refined by golden-section search between the best point's
-    neighbours. Three parameters need four or more sizes; with few or noisy points the
-    floor is loosely determined (a floor at 0 or next to `min(loss)` says the data do not
-    pin it).
-
-    **Returns:**
-
-    `(a, alpha, floor)`.
-    """
-    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
-    if len(np.unique(n)) < 4:
-        raise ValueError("a power law with a floor needs losses at four or more sizes.")
-    fit_power_law(n, loss)  # the same checks
-
-    def error(floor: float) -> float:
-        a, alpha = fit_power_law(n, loss - floor)
-        return float(np.sum(np.log((floor + a * n ** (-alpha)) / loss) ** 2))
-
-    top = loss.min()
-    floors = np.linspace(0.0, top, grid, endpoint=False)
-    best = int(np.argmin([error(f) for f in floors]))
-    lo, hi = floors[max(best - 1, 0)], floors[best + 1] if best + 1 < grid else top * (1 - 1e-9)
-    ratio = (np.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(60):
-        left, right = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if error(left) < error(right):
-            hi = right
-        else:
-            lo = left
-    floor = (lo + hi) / 2
-    a, alpha = fit_power_law(n, loss - floor)
-    return a, alpha, float(floor)
+def sweep_run_name(variant: str, size: str, seed: int = 0) -> str:
+    """The folder of one run in a sweep: `<variant>-<size>`, and `-seed<k>` after it for
+    seed k > 0 (so a one-seed sweep's folders are seed 0's)."""
+    return f"{variant}-{size}" + (f"-seed{seed}" if seed else "")
 
 
 def _model_size(config: TrainConfig) -> dict[str, int]:
@@ -273,7 +227,8 @@ def _finished(run: RunFolder, steps: int, settings: dict[str, Any]) -> dict[str,
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    same = result.get("step") == steps and result.get("settings") == settings
+    # Runs from before seeds existed were evaluated with seed 0 and did not record it.
+    same = result.get("step") == steps and {"seed": 0, **result.get("settings", {})} == settings
     return result if same else None
 
 
@@ -296,29 +251,34 @@ def run_one(
     scale: SweepScale,
     out: str | Path,
     *,
+    seed: int = 0,
     steps: int | None = None,
     samples: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) one run of a sweep and evaluate it; a finished run is read back.
 
+    `seed` is the run's training, data and evaluation seed; its folder is
+    `sweep_run_name(variant, size, seed)` in `out`.
+
     **Returns:**
 
-    Its `eval.json` dict, with `variant`, `size`, `settings` and step times added.
+    Its `eval.json` dict, with `variant`, `size`, `seed`, `settings` and step times added.
     """
-    config = sweep_config(variant, size, scale, steps=steps)
-    run = RunFolder(Path(out) / f"{variant}-{size}")
+    config = sweep_config(variant, size, scale, steps=steps, seed=seed)
+    run = RunFolder(Path(out) / sweep_run_name(variant, size, seed))
     report = EvalReport(run.eval)
     settings = {
         "samples": scale.samples if samples is None else samples,
         "validation_examples": scale.validation_examples,
         "min_count": scale.min_count,
+        "seed": seed,
     }
     done = _finished(run, config.steps, settings)
     if done is not None:
         if progress:
             print(f"{run.root.name}: finished earlier, reusing {report.result}")
-        return done
+        return {**done, "seed": seed}
     checkpoint = run.checkpoint(config.steps)
     t0 = time.perf_counter()
     if config.steps not in _complete_steps(run):
@@ -338,10 +298,10 @@ def run_one(
     result = evaluate_checkpoint(
         checkpoint, out=report.root, samples=settings["samples"],
         validation_examples=settings["validation_examples"], min_count=settings["min_count"],
-        progress=progress,
+        seed=seed, progress=progress,
     )
     result.update(
-        variant=variant, size=size, settings=settings,
+        variant=variant, size=size, seed=seed, settings=settings,
         train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1, **_step_times(run),
     )
     report.result.write_text(json.dumps(result, indent=1))
@@ -356,30 +316,44 @@ def run_sweep(
     sizes: Sequence[str] | None = None,
     steps: int | None = None,
     samples: int | None = None,
+    seeds: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate every (variant, size), fit the power laws, write the report.
+    """Train and evaluate every (variant, size) for each seed, fit the power laws, write
+    the report.
 
     **Arguments:**
 
-    - `out`: the sweep's directory: one run directory per (variant, size), and
-      `sweep.json`, `sweep.md`, `loss_vs_params.png` and `metrics_vs_params.png`.
+    - `out`: the sweep's directory: one run directory per (variant, size, seed)
+      (`sweep_run_name`), and `sweep.json`, `sweep.md`, `loss_vs_params.png` and
+      `metrics_vs_params.png`.
     - `scale`: a name of `SCALES`.
     - `variants`: which of `fluid.presets.ALL_VARIANTS` (the paper's four by default).
     - `sizes`: `w<width>d<depth>` names; the scale's by default.
     - `steps`, `samples`: override the scale's step budget and evaluation samples.
+    - `seeds`: runs per (variant, size), seeds `0, ..., seeds - 1`; the scale's (1) by
+      default. Seed 0 of every run is trained before seed 1 of any.
     - `progress`: print progress and show progress bars.
 
     **Returns:**
 
-    The dict written to `sweep.json`: `runs` (one dict per run, with `size` counted by
-    `non_embedding_params`) and `fits` (`{variant: {"a", "alpha"}}`, and `floor` with four
-    or more sizes).
+    The dict written to `sweep.json`: `runs` (one dict per run, with its `seed` and its
+    size counted by `non_embedding_params`); `aggregates`, one per (variant, size) in the
+    order of `variants` and `sizes`: its `seeds` and, for `validation_loss`, `shapes_eval`
+    (overall), each of `shapes_eval_categories` and `frechet` (the distance), the mean over
+    seeds with its 95% Student-t interval, `{"mean", "low", "high", "n"}` (`low` and `high`
+    are `None` for one seed: no interval); and `fits`, per variant with two or more sizes:
+    `{"a", "alpha"}` fitted to the seed means (and `with_floor` with four or more sizes),
+    `seeds` (each seed's own `{"seed", "a", "alpha"}`) and `alpha_over_seeds` (the mean
+    and interval of those exponents).
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
     setting = SCALES[scale]
     sizes = list(sizes or setting.sizes)
+    seeds = setting.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ValueError(f"a sweep runs one or more seeds, got seeds={seeds}.")
     unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; variants are {ALL_VARIANTS}.")
@@ -394,148 +368,25 @@ def run_sweep(
                   "parameters")
     t0 = time.perf_counter()
     runs = []
-    for variant in variants:
-        for size in sizes:
-            result = run_one(variant, size, setting, out, steps=steps, samples=samples,
-                             progress=progress)
-            runs.append({**result, **counted[(variant, size)]})
-    fits = {}
-    for variant in variants:
-        points = [r for r in runs if r["variant"] == variant]
-        n = [r["non_embedding_parameters"] for r in points]
-        loss = [r["validation"]["loss"] for r in points]
-        if len(set(n)) >= 2:
-            a, alpha = fit_power_law(n, loss)
-            fits[variant] = {"a": a, "alpha": alpha}
-            if len(set(n)) >= 4:
-                a4, alpha4, floor = fit_power_law_with_floor(n, loss)
-                fits[variant]["with_floor"] = {"a": a4, "alpha": alpha4, "floor": floor}
+    for seed in range(seeds):
+        for variant in variants:
+            for size in sizes:
+                result = run_one(variant, size, setting, out, seed=seed, steps=steps,
+                                 samples=samples, progress=progress)
+                runs.append({**result, **counted[(variant, size)]})
+    aggregates, fits = summarise(runs)
     report = {
         "scale": scale,
         "setting": dataclasses.asdict(setting),
         "steps": steps or setting.steps,
         "variants": list(variants),
         "sizes": sizes,
+        "seeds": seeds,
+        "confidence": CONFIDENCE,
         "runs": runs,
+        "aggregates": aggregates,
         "fits": fits,
         "seconds": time.perf_counter() - t0,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(report, indent=1))
-    _plot_loss(runs, fits, out / "loss_vs_params.png")
-    _plot_metrics(runs, out / "metrics_vs_params.png")
-    (out / "sweep.md").write_text(_markdown(report))
+    write_report(report, out)
     return report
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _by_variant(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(runs, key=lambda r: r["non_embedding_parameters"]):
-        out.setdefault(r["variant"], []).append(r)
-    return out
-
-
-def _plot_loss(runs: list[dict[str, Any]], fits: dict[str, Any], path: Path) -> Path:
-    """Validation loss against parameters, log-log, one panel per token kind (their losses
-    are in different units), with each variant's fitted power law."""
-    plt = _pyplot()
-    kinds = {"continuous": ("fluid", "continuous-raster"),
-             "discrete": ("discrete-random", "discrete-raster")}
-    groups = _by_variant(runs)
-    panels = [(kind, [v for v in members if v in groups]) for kind, members in kinds.items()]
-    panels = [(kind, members) for kind, members in panels if members]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (kind, members) in zip(axes[0], panels):
-        for variant in members:
-            points = groups[variant]
-            n = np.asarray([r["non_embedding_parameters"] for r in points], np.float64)
-            loss = [r["validation"]["loss"] for r in points]
-            (line,) = ax.plot(n, loss, "o", label=variant)
-            if variant in fits:
-                a, alpha = fits[variant]["a"], fits[variant]["alpha"]
-                grid = np.geomspace(n.min() / 1.3, n.max() * 1.3, 50)
-                ax.plot(grid, a * grid ** (-alpha), "-", color=line.get_color(), lw=1,
-                        label=f"{a:.3g} N^-{alpha:.3f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("non-embedding parameters N")
-        ax.set_ylabel("validation loss per token")
-        ax.set_title(f"{kind} tokens")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-METRICS = (
-    ("validation loss", lambda r: r["validation"]["loss"], True),
-    ("ShapesEval overall", lambda r: r["shapes_eval"]["overall"], False),
-    ("Frechet distance (shapes-v1)", lambda r: r["frechet"]["distance"], True),
-)
-
-
-def _plot_metrics(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Each metric against parameters (log x), one line per variant."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8), squeeze=False)
-    for ax, (name, value, log_y) in zip(axes[0], METRICS):
-        for variant, points in _by_variant(runs).items():
-            n = [r["non_embedding_parameters"] for r in points]
-            ax.plot(n, [value(r) for r in points], "o-", label=variant)
-        ax.set_xscale("log")
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel("non-embedding parameters N")
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# Sweep: scale `{report['scale']}`, {report['steps']} steps per run",
-        "",
-        (
-            "Validation loss per token in each head's units (diffusion: noise MSE plus the "
-            "variance term; softmax: nats). Continuous and discrete losses do not compare; "
-            "compare variants within a token kind."
-        ),
-        "",
-        "| variant | size | non-embedding params | validation loss | ShapesEval | Frechet | s/step |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["runs"]:
-        rough = "*" if r["frechet"]["rough"] else ""
-        step = r.get("median_step_seconds")
-        lines.append(
-            f"| {r['variant']} | {r['size']} | {r['non_embedding_parameters']:,} | "
-            f"{r['validation']['loss']:.4f} | {r['shapes_eval']['overall']:.3f} | "
-            f"{r['frechet']['distance']:.3f}{rough} | "
-            f"{'' if step is None else f'{step:.3f}'} |"
-        )
-    if any(r["frechet"]["rough"] for r in report["runs"]):
-        lines += ["", "\\* rough: fewer generated images than features."]
-    lines += ["", "Power laws `L = a * N^(-alpha)` fitted in log-log space:", "",
-              "| variant | a | alpha | with a floor (a, alpha, floor) |", "|---|---:|---:|---|"]
-    for variant, fit in report["fits"].items():
-        floor = fit.get("with_floor")
-        floor_text = "" if floor is None else (
-            f"{floor['a']:.4g}, {floor['alpha']:.4f}, {floor['floor']:.4g}"
-        )
-        lines.append(f"| {variant} | {fit['a']:.4g} | {fit['alpha']:.4f} | {floor_text} |")
-    lines += ["", "![loss](loss_vs_params.png)", "", "![metrics](metrics_vs_params.png)", ""]
-    return "\n".join(lines)
-
