@@ -151,10 +151,11 @@ def cmd_train_tokenizer(args) -> int:
 def cmd_sample(args) -> int:
     import jax.random as jr
 
-    from .pipeline import Pipeline, to_pil
+    from .convert import is_mar_folder, read_mar_folder
+    from .pipeline import Pipeline, mar_pipeline, to_pil
     from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
     from .sample import sample_images
-    from .text import load_caption_tokenizer
+    from .text import ClassLabelTokenizer, load_caption_tokenizer
     from .viz import check_figure_path, save_grid
 
     # Everything that can be refused is refused before the model is loaded or sampled.
@@ -169,7 +170,21 @@ def cmd_sample(args) -> int:
             + (", not both." if args.prompt is not None else "; repeat it for several.")
         )
     check_figure_path(args.out)
-    if is_pretrained(args.checkpoint):
+    if is_mar_folder(args.checkpoint):
+        if args.vae is None:
+            mar_pipeline(args.checkpoint, vae=None)  # raises ConfigError: how to make one
+        folder = read_mar_folder(args.checkpoint)
+        # The classes are refused before the model is built.
+        checked = _sample_prompts(args, ClassLabelTokenizer(
+            folder.config["architecture"]["num_classes"]))
+        print(f"loading the MAR model {args.checkpoint} with the autoencoder {args.vae}")
+        pipeline = mar_pipeline(folder, vae=args.vae, ema=not args.raw)
+        model, text_tokenizer, config = pipeline.model, pipeline.text_tokenizer, pipeline.config
+    elif args.vae is not None:
+        raise ConfigError(f"--vae is for a MAR model that `fluid convert mar` wrote; "
+                          f"{args.checkpoint} is not one (a run names its tokenizer in its "
+                          "config): leave --vae out.")
+    elif is_pretrained(args.checkpoint):
         saved = RunFolder(args.checkpoint).text_tokenizer
         checked = _sample_prompts(args, load_caption_tokenizer(saved))
         print(f"loading the pretrained folder {args.checkpoint}")
@@ -216,7 +231,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     print(f"loading {args.checkpoint}")
-    pipeline = load(args.checkpoint, ema=not args.raw)
+    pipeline = load(args.checkpoint, ema=not args.raw, vae=args.vae)
 
     def ready(url: str) -> None:
         print(f"serving at {url} (Ctrl-C stops)", flush=True)
@@ -322,6 +337,8 @@ def cmd_convert_mar(args) -> int:
           f"tokens of {a['token_dim']}: {a['parameters'] / 1e6:.2f}M parameters")
     print(f"wrote {result.folder}/ (config.json, model.safetensors); it loads without torch: "
           f"fluid.convert.read_mar_folder({str(result.folder)!r})")
+    print(f"sample it: fluid sample {result.folder} --vae VAE/ --class 207, VAE/ being MAR's "
+          "kl16.ckpt converted with `fluid convert ldm --mar kl16.ckpt VAE/`")
     return 0
 
 
@@ -529,7 +546,11 @@ def _parser() -> argparse.ArgumentParser:
         "pretrained folder"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
-                   "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
+                   "<run>/checkpoints/<step>, a directory Recipe.save wrote, or a MAR model "
+                   "`fluid convert mar` wrote (with --vae)")
+    p.add_argument("--vae", default=None, metavar="FOLDER",
+                   help="for a MAR model only, and needed there: its KL autoencoder, "
+                   "kl16.ckpt converted with `fluid convert ldm --mar kl16.ckpt FOLDER`")
     p.add_argument("--prompt", action="append", default=None,
                    help="a caption; repeat for several")
     p.add_argument("--class", dest="classes", action="append", default=None, metavar="CLASS",
@@ -572,7 +593,11 @@ def _parser() -> argparse.ArgumentParser:
         "images; a request's images depend on its own prompt and seed alone. Ctrl-C stops.",
     )
     p.add_argument("checkpoint", metavar="RUN", help="a run's --out directory, "
-                   "<run>/checkpoints/<step>, or a pretrained folder")
+                   "<run>/checkpoints/<step>, a pretrained folder, or a MAR model `fluid "
+                   "convert mar` wrote (with --vae)")
+    p.add_argument("--vae", default=None, metavar="FOLDER",
+                   help="for a MAR model only, and needed there: its KL autoencoder, "
+                   "kl16.ckpt converted with `fluid convert ldm --mar kl16.ckpt FOLDER`")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="default 8000; 0: any free port")

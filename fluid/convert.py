@@ -291,6 +291,17 @@ def read_mar_folder(folder: str | os.PathLike) -> MarFolder:
     return MarFolder(folder=folder, tensors=tensors, config=config)
 
 
+def is_mar_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder `convert_mar_checkpoint` wrote (its `config.json` says format
+    "fluid-mar"); whether it is intact, `read_mar_folder` checks."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("format") == MAR_FORMAT
+
+
 def check_new_folder(folder: str | os.PathLike) -> None:
     """Raise `OutputExistsError` unless `folder` is absent or an empty folder."""
     folder = os.fspath(folder)

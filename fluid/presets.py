@@ -24,7 +24,8 @@ positions decoded per step), for each token kind:
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ._errors import ConfigKeyError
 from .config import (
@@ -194,7 +195,8 @@ MAR_SIZES = {
 
 
 def _mar_model(tokenizer: ComponentSpec, *, width: int, depth: int, heads: int,
-               head: dict, num_classes: int, buffer_size: int) -> ModelConfig:
+               head: dict, num_classes: int, buffer_size: int,
+               decoder_depth: int | None = None, mlp_ratio: float = 4.0) -> ModelConfig:
     """MAR's composition (`fluid.build.mar_model` builds the same from MAR's weights):
     class labels as captions fed to the backbone as they are (an identity aligner), tokens
     embedded without a LayerNorm, the `mae` backbone, the diffusion head, the random order
@@ -203,8 +205,12 @@ def _mar_model(tokenizer: ComponentSpec, *, width: int, depth: int, heads: int,
         tokenizer=tokenizer,
         head=ComponentSpec(name="diffusion", kwargs=head),
         order=ComponentSpec(name="random", kwargs={"mask_schedule": "mar"}),
-        backbone=ComponentSpec(name="mae", kwargs={"depth": depth, "num_heads": heads,
-                                                   "buffer_size": buffer_size}),
+        backbone=ComponentSpec(name="mae", kwargs={
+            "depth": depth, "num_heads": heads, "buffer_size": buffer_size,
+            # Only where they differ from the backbone's defaults (MAR's released sizes).
+            **({} if decoder_depth in (None, depth) else {"decoder_depth": decoder_depth}),
+            **({} if mlp_ratio == 4.0 else {"mlp_ratio": mlp_ratio}),
+        }),
         text_encoder=ComponentSpec(name="class_labels",
                                    kwargs={"num_classes": num_classes, "dim": width}),
         width=width, aligner="identity", token_norm=False, text_len=2,
@@ -251,6 +257,42 @@ def mar(size: str) -> TrainConfig:
         steps=500_000, batch_size=2048, sample_steps=64, sample_cfg=cfg,
         sample_temperature=1.0,
     )
+
+
+def mar_converted(architecture: Mapping[str, Any], *, num_heads: int, tokenizer: ComponentSpec,
+                  batch_mul: int = 4, sampling_steps: int = 100) -> TrainConfig:
+    """The config that describes a MAR model converted from MAR's checkpoint (`fluid convert
+    mar`; `fluid.load(folder, vae=...)` gives it to its `Pipeline`): the model `mar-base` etc.
+    describe, at the sizes the weights have, with `tokenizer` (the `kl` tokenizer of MAR's
+    converted kl16.ckpt).
+
+    Sampling defaults are MAR's (`main_mar.py`): 64 steps, temperature 1, the linear guidance
+    schedule; guidance at the scale MAR's README evaluates its released size with (2.9 / 3.0
+    / 3.2 for MAR-B / L / H), 3.0 for any other size.
+
+    **Arguments:**
+
+    - `architecture`: MAR's sizes as `fluid.convert.mar_architecture` reads them from the
+      weights (`MarFolder.config["architecture"]`).
+    - `num_heads`, `batch_mul`, `sampling_steps`: as `fluid.build.load_mar`.
+    - `tokenizer`: the image tokenizer's spec.
+    """
+    a = architecture
+    cfg = 3.0
+    for width, depth, heads, head_width, head_depth, size_cfg in MAR_SIZES.values():
+        if (a["width"], a["depth"], a["decoder_depth"], num_heads, a["head_width"],
+                a["head_depth"]) == (width, depth, depth, heads, head_width, head_depth):
+            cfg = size_cfg
+    model = _mar_model(
+        tokenizer, width=a["width"], depth=a["depth"], heads=num_heads,
+        head={"width": a["head_width"], "depth": a["head_depth"], "batch_mul": batch_mul,
+              "sampling_steps": sampling_steps},
+        num_classes=a["num_classes"], buffer_size=a["buffer_size"],
+        decoder_depth=a["decoder_depth"], mlp_ratio=float(a["mlp_ratio"]),
+    )
+    image_size = tokenizer.kwargs.get("image_size", 256)
+    return TrainConfig(model=model, data=DataConfig(image_size=image_size), sample_steps=64,
+                       sample_cfg=cfg, sample_temperature=1.0)
 
 
 def tiny_mar() -> TrainConfig:

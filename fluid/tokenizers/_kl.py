@@ -102,6 +102,21 @@ MAR_KL16 = {
 }
 
 
+
+def read_kl_config(path: str | os.PathLike) -> dict[str, typing.Any]:
+    """The architecture of the diffusers `AutoencoderKL` folder `path`, as `KLTokenizer(path=...)`
+    reads it (its `config.json`, checked and completed with diffusers' defaults), without
+    loading the weights; with `downsampling` added, the pixels one latent cell spans.
+
+    **Raises:**
+
+    `WeightError` for a folder without `config.json`, another class, or an option fluid does
+    not implement.
+    """
+    config = read_diffusers_config(path, CLASS_NAME, DIFFUSERS_DEFAULTS, SUPPORTED,
+                                   ATTENTION_BLOCKS)
+    return {**config, "downsampling": downsampling(config["block_out_channels"])}
+
 @typing.final
 class KLTokenizer(AbstractImageTokenizer):
     """Continuous tokens from a KL autoencoder in the layout of diffusers' `AutoencoderKL`.
