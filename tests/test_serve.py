@@ -227,7 +227,7 @@ BAD = [
     (b'{"prompt": "x", "cfg": NaN}', "cfg must be a finite number"),
     (b'{"prompt": "x", "cfg": -1}', "cfg must be at least 0"),
     (b'{"prompt": "x", "temperature": -0.5}', "temperature must be at least 0"),
-    (b'{"prompt": "x", "negative_prompt": "blurry", "cfg": 1}', "send cfg above 1"),
+    (b'{"prompt": "x", "negative_prompt": "blurry", "cfg": 1}', "set cfg above 1"),
     (json.dumps({"prompt": "x" * 2001}).encode(), "give at most 2000"),
     (b" " * (MAX_BODY + 1), f"send at most {MAX_BODY}"),
 ]
