@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from fluid.build import abstract_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, conditions, finish, median_time, model_config, write_json
 from sampling import build
@@ -116,7 +118,7 @@ def main():
             row["arpg_over_bidirectional"] = (row["continuous-arpg"]["images_per_s"]
                                               / row["fluid"]["images_per_s"])
             result["sampling"].append(row)
-    seq = build(model_config(args.config, "fluid")).seq_len
+    seq = abstract_model(model_config(args.config, "fluid")).seq_len  # no weights made
     k = max(1, seq // min(args.steps))  # a typical step: n / steps positions
     for variant in VARIANTS:
         r = step_times(args.config, variant, batch=args.batch, k=k, warmup=args.warmup,

@@ -497,9 +497,9 @@ class FluidModel(eqx.Module):
             raise IncompatibleComponentsError(
                 f"the order {type(self.order).__name__} produces up to {max(counts)} positions "
                 f"per step at steps={steps}, but the backbone {type(self.backbone).__name__} "
-                f"decodes one position per step. Sample with steps={self.seq_len} "
-                f"(one position per step, for the random order), or train a backbone that decodes several: "
-                f"{', '.join(backs) or 'none registered'}."
+                f"decodes one position per step. Sample with steps={self.seq_len} (the "
+                f"model's {self.seq_len} tokens, one per step), or train a backbone that "
+                f"decodes several: {', '.join(backs) or 'none registered'}."
             )
 
     def _contexts(self, ids, mask, guided, negative=None):

@@ -193,3 +193,27 @@ def write_mar_checkpoint(path, model, ema=None, **extra):
     }
     torch.save(contents, path)
     return path
+
+
+def tiny_config(variant: str = "fluid"):
+    """The `tiny-<variant>` preset at its smallest for sampling tests: one backbone block,
+    a palette fitted to 16 images, 2 sampling steps, 1 training step."""
+    import dataclasses
+
+    from fluid.presets import get_config
+
+    config = get_config(f"tiny-{variant}", **{"model.backbone.depth": 1, "data.fit_images": 16})
+    return dataclasses.replace(config, sample_steps=2, steps=1)
+
+
+def untrained_pipeline(config):
+    """A `fluid.Pipeline` over `config`'s model with random weights (key 0) and a caption
+    tokenizer fitted to 64 `shapes` captions."""
+    import fluid
+    from fluid.build import build_model
+    from fluid.data.shapes import ShapesDataset
+    from fluid.recipes import make_text_tokenizer
+
+    text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
+    model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
+    return fluid.Pipeline(model, text_tokenizer, config)

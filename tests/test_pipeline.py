@@ -1,6 +1,5 @@
 """A trained model as a folder (save_pretrained / fluid.load) and the one-line pipeline."""
 
-import dataclasses
 import json
 
 import helpers
@@ -8,29 +7,21 @@ import jax
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import tiny_config, untrained_pipeline
 from PIL import Image
 
 import fluid
 from fluid.build import build_model
 from fluid.config import to_dict
 from fluid.data.shapes import ShapesDataset
-from fluid.presets import get_config
 from fluid.recipes import make_text_tokenizer, prepare
 from fluid.run import PretrainedMismatchError, RunFolder, load_pretrained, named_leaves
 from fluid.sample import sample_images
 
 
-def _config(variant="fluid"):
-    config = get_config(f"tiny-{variant}", **{"model.backbone.depth": 1, "data.fit_images": 16})
-    return dataclasses.replace(config, sample_steps=2, steps=1)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    config = _config()
-    text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
-    model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-    return fluid.Pipeline(model, text_tokenizer, config)
+    return untrained_pipeline(tiny_config())
 
 
 def _arrays(model):
@@ -84,7 +75,7 @@ def test_the_pipeline_samples_what_sample_images_does_with_the_runs_defaults(pip
 
 def test_raster_models_default_to_constant_guidance(pipe):
     assert pipe.default_cfg_schedule == "linear"
-    config = _config("discrete-raster")
+    config = tiny_config("discrete-raster")
     text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
     model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0),
                         fit_images=np.zeros((16, 16, 16, 3), np.float32))
@@ -100,7 +91,7 @@ def test_raster_models_default_to_constant_guidance(pipe):
 
 
 def test_load_reads_run_folders_and_pretrained_folders_alike(tmp_path):
-    recipe = prepare(_config(), out_dir=tmp_path / "run", progress=False)
+    recipe = prepare(tiny_config(), out_dir=tmp_path / "run", progress=False)
     recipe.run()
     recipe.save()
     from_run = fluid.load(tmp_path / "run")

@@ -22,16 +22,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import perturbed
+from helpers import perturbed, tiny_config, untrained_pipeline
 from PIL import Image
-from test_pipeline import _config
 
 import fluid
 import fluid.serve._batcher as batcher_module
 from fluid.build import build_model
 from fluid.cli import main
-from fluid.data.shapes import ShapesDataset
-from fluid.recipes import make_text_tokenizer
 from fluid.sample import sample_images, sample_images_per_key
 from fluid.serve import (
     MAX_BODY,
@@ -62,10 +59,7 @@ BATCH = 2  # images per call in these tests: one compiled program serves them al
 
 @pytest.fixture(scope="module")
 def pipe():
-    config = _config()
-    text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
-    model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
-    return fluid.Pipeline(model, text_tokenizer, config)
+    return untrained_pipeline(tiny_config())
 
 
 @contextlib.contextmanager
@@ -245,7 +239,7 @@ def test_a_class_conditional_model_takes_class_ids_and_names():
     from fluid.config import apply_overrides
     from fluid.text import ClassLabelTokenizer
 
-    config = apply_overrides(_config(), {
+    config = apply_overrides(tiny_config(), {
         "model.text_encoder": '{"name": "class_labels", "kwargs": {"num_classes": 3, "dim": 32}}',
         "model.text_len": "2",
     })
