@@ -260,6 +260,8 @@ def _switch_args(args) -> dict:
     if args.head_steps is not None:
         steps = args.head_steps
         out["head_steps"] = steps[0] if len(steps) == 1 else tuple(steps)
+    if args.cfg_refresh is not None:
+        out["cfg_refresh"] = args.cfg_refresh
     return out
 
 
@@ -272,6 +274,10 @@ def _add_switch_args(p) -> None:
                    metavar="N", help="chain length of a diffusion or flow head: one number for "
                    "every token, or several for a DiSA schedule over progress (e.g. 50 35 20 5: "
                    "many steps for the first tokens, few for the last; default: the head's own)")
+    p.add_argument("--cfg-refresh", type=_at_least(1, int), default=None, metavar="K",
+                   help="run guidance's unconditional backbone pass only every K guided steps "
+                   "and reuse the residual between the conditions in between (LazyMAR; "
+                   "bidirectional backbones; 1: every step; default: every step)")
 
 
 def _read_prompts(path: str) -> list[str]:

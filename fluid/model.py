@@ -17,7 +17,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._errors import ConfigError
 from ._types import CONTINUOUS, DISCRETE, Context, Key, TextMask, Tokens
-from .backbones import BACKBONES, AbstractBackbone, AbstractCausalBackbone
+from .backbones import (
+    BACKBONES,
+    AbstractBackbone,
+    AbstractBidirectionalBackbone,
+    AbstractCausalBackbone,
+)
 from .heads import (
     HEADS,
     AbstractIterativeHead,
@@ -40,18 +45,25 @@ def sampling_switches(
     negative: bool = False,
     cfg_interval: Sequence[float] | None = None,
     head_steps: int | np.integer | Sequence[int] | None = None,
-) -> tuple[tuple[float, float] | None, int | tuple[int, ...] | None]:
-    """The sampling settings beyond steps and scale, checked against a model's head and
-    guidance scale, as `FluidModel.generate` takes them (hashable, so static under jit):
-    `(cfg_interval, head_steps)`. Every entry point (the model, `fluid.sample`, the CLI,
-    `fluid eval`, the server) asks this one function, so a setting is refused the same way
-    everywhere, before anything runs.
+    cfg_refresh: int | np.integer | None = None,
+    backbone: AbstractBackbone | None = None,
+) -> tuple[tuple[float, float] | None, int | tuple[int, ...] | None, int | None]:
+    """The sampling settings beyond steps and scale, checked against a model's head,
+    backbone and guidance scale, as `FluidModel.generate` takes them (hashable, so static
+    under jit): `(cfg_interval, head_steps, cfg_refresh)`. Every entry point (the model,
+    `fluid.sample`, the CLI, `fluid eval`, the server) asks this one function, so a setting
+    is refused the same way everywhere, before anything runs.
+
+    `cfg_refresh` is a no-op without guidance (`cfg == 1`: there is no unconditional pass
+    to skip), as a `cfg_interval` is: it comes back `None`. `backbone`: the model's, which
+    `cfg_refresh` above 1 needs to be bidirectional (checked only when given).
 
     **Raises:**
 
     `ConfigError` (a `ValueError`) saying what to change, for a negative prompt without
-    guidance (`cfg == 1`), a `cfg_interval` outside `0 <= lo <= hi <= 1`, or `head_steps`
-    for a head that samples in one evaluation.
+    guidance (`cfg == 1`), a `cfg_interval` outside `0 <= lo <= hi <= 1`, `head_steps`
+    for a head that samples in one evaluation, a `cfg_refresh` that is not an integer
+    `>= 1`, or a `cfg_refresh` above 1 with a backbone that keeps a cache per context.
     """
     if negative and cfg == 1.0:
         raise ConfigError(
@@ -75,7 +87,25 @@ def sampling_switches(
             )
         head_steps = (int(head_steps) if np.ndim(head_steps) == 0
                       else tuple(int(s) for s in head_steps))
-    return cfg_interval, head_steps
+    if cfg_refresh is not None:
+        if isinstance(cfg_refresh, bool | np.bool_) or not isinstance(
+                cfg_refresh, int | np.integer) or cfg_refresh < 1:
+            raise ConfigError(
+                f"cfg_refresh (--cfg-refresh) must be an integer >= 1: the unconditional "
+                f"backbone pass runs every that many guided steps (1: every step, plain "
+                f"guidance); got {cfg_refresh!r}."
+            )
+        cfg_refresh = int(cfg_refresh) if cfg != 1.0 else None
+    if (cfg_refresh or 1) > 1 and backbone is not None and not isinstance(
+            backbone, AbstractBidirectionalBackbone):
+        raise ConfigError(
+            f"cfg_refresh skips the unconditional backbone pass between refreshes, which only "
+            f"a bidirectional backbone (it re-reads every token at each step) can do; the "
+            f"backbone {type(backbone).__name__} keeps a cache per context that the "
+            "unconditional pass must extend at every step: leave cfg_refresh "
+            "(--cfg-refresh) out, or set it to 1."
+        )
+    return cfg_interval, head_steps, cfg_refresh
 
 
 def _float_dtype(module) -> jnp.dtype:
@@ -410,6 +440,7 @@ class FluidModel(eqx.Module):
         negative_mask: Bool[Array | np.ndarray, "batch ctx"] | None = None,
         cfg_interval: tuple[float, float] | None = None,
         head_steps: int | tuple[int, ...] | None = None,
+        cfg_refresh: int | None = None,
     ) -> Float[Array, "batch h w 3"]:
         """Generate one image per caption.
 
@@ -436,6 +467,14 @@ class FluidModel(eqx.Module):
           progress `[0, 1]` cut into that many equal intervals, `annealed_steps` makes one).
           `None`: the head's `progress_steps` if it has them, else its `sampling_steps`
           (static).
+        - `cfg_refresh`: `k`, LazyMAR's guidance residual reuse (arXiv 2503.12450): the
+          unconditional backbone pass runs only at the guided steps `0, k, 2k, ...` (counted
+          among the guided steps); there it also gives the conditions of the positions the
+          next `k - 1` guided steps produce, and at those steps the unconditional condition
+          is the conditional one less the residual `z_cond - z_uncond` of the refresh, per
+          position. `1`: every step, plain guidance; above 1 only for a bidirectional
+          backbone. `None` (the default): plain guidance; a no-op without guidance
+          (static).
 
         **Returns:**
 
@@ -452,22 +491,23 @@ class FluidModel(eqx.Module):
         tokens = self.generate_tokens(
             jnp.asarray(text_ids), jnp.asarray(text_mask), key=key, steps=steps, cfg=cfg,
             cfg_schedule=cfg_schedule, temperature=temperature, negative=negative,
-            cfg_interval=cfg_interval, head_steps=head_steps,
+            cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
         )
         with jax.named_scope("tokenizer"):
             return jax.vmap(self.tokenizer.decode)(tokens)
 
     def generate_tokens(self, text_ids, text_mask, *, key, steps, cfg, cfg_schedule, temperature,
-                        negative=None, cfg_interval=None, head_steps=None):
+                        negative=None, cfg_interval=None, head_steps=None, cfg_refresh=None):
         """`generate` without the final decoding: the sampled tokens. `negative`: the
         negative prompts' `(ids, mask)`, or None."""
         guided = cfg != 1.0
-        cfg_interval, head_steps = sampling_switches(
+        cfg_interval, head_steps, cfg_refresh = sampling_switches(
             self.head, cfg=cfg, negative=negative is not None, cfg_interval=cfg_interval,
-            head_steps=head_steps)
+            head_steps=head_steps, cfg_refresh=cfg_refresh, backbone=self.backbone)
         self._check_steps(steps)
         keys = jr.split(key, text_ids.shape[0])
-        switches = {"cfg_interval": cfg_interval, "head_steps": head_steps}
+        switches = {"cfg_interval": cfg_interval, "head_steps": head_steps,
+                    "cfg_refresh": cfg_refresh}
         if negative is None:
             return jax.vmap(
                 lambda i, m, k: self._generate_one(i, m, k, steps, guided, cfg, cfg_schedule,
@@ -538,10 +578,17 @@ class FluidModel(eqx.Module):
                 lambda c, k: head.sample(c, None, 1.0, temperature, key=k, **chain)
             )(z[0], keys)
 
-    def _step_plan(self, counts, guided, cfg_interval, head_steps):
+    def _step_plan(self, counts, guided, cfg_interval, head_steps, cfg_refresh=None):
         """Per sampling step, what is static about it: `(positions produced, guided, head
-        chain length or None)`. Progress at a step is the fraction of the tokens produced
-        before it (0 at the first step), as DiSA and a guidance interval read it."""
+        chain length or None, residual)`. Progress at a step is the fraction of the tokens
+        produced before it (0 at the first step), as DiSA and a guidance interval read it.
+
+        `residual` is `None` at a step that runs the backbone under every context (plain
+        guidance, or none); under `cfg_refresh = k`, at a refresh step followed by reuse
+        steps it is how many positions the refresh gives conditions for (its own and those
+        of the next `k - 1` guided steps), and `0` at a reuse step, which runs the
+        conditional pass alone. A guided run that an unguided step interrupts starts with a
+        refresh."""
         n = self.seq_len
         iterative = isinstance(self.head, AbstractIterativeHead)
         if isinstance(head_steps, int):
@@ -550,14 +597,25 @@ class FluidModel(eqx.Module):
             head_steps = as_progress_steps(head_steps, 1)
         elif iterative and self.head.progress_steps is not None:
             head_steps = self.head.progress_steps
-        plan, produced = [], 0
+        plan, produced, since, refresh = [], 0, 0, None
         for k in counts:
             progress = produced / n
             on = guided and (cfg_interval is None
                              or cfg_interval[0] <= progress < cfg_interval[1])
             chain = None if head_steps is None else head_steps[
                 progress_level(len(head_steps), progress)]
-            plan.append((k, on, chain))
+            residual = None
+            if on and cfg_refresh is not None:
+                if since % cfg_refresh == 0:
+                    refresh = len(plan)
+                else:  # the refresh step reads this step's positions too
+                    kk, g, c, span = plan[refresh]
+                    plan[refresh] = (kk, g, c, (span or kk) + k)
+                    residual = 0
+                since += 1
+            else:
+                since = 0
+            plan.append((k, on, chain, residual))
             produced += k
         return plan
 
@@ -568,7 +626,7 @@ class FluidModel(eqx.Module):
         return jnp.zeros((n,), jnp.int32)
 
     def _generate_one(self, ids, mask, key, steps, guided, cfg, schedule, temperature,
-                      negative=None, cfg_interval=None, head_steps=None):
+                      negative=None, cfg_interval=None, head_steps=None, cfg_refresh=None):
         """One example: the order's steps, each asking the backbone for the conditions at
         the positions it produces (`init_decode`/`decode`, the same for every backbone),
         the head for their tokens, and writing them."""
@@ -592,28 +650,58 @@ class FluidModel(eqx.Module):
         start = 0
         # Steps that produce the same number of tokens, with the same guidance and head chain,
         # share one scan: shapes stay static and the head runs on exactly the positions
-        # produced at each step.
-        plan = self._step_plan(counts, guided, cfg_interval, head_steps)
-        for (k, guided_step, chain), run in itertools.groupby(plan):
+        # produced at each step. Under `cfg_refresh` a refresh step and its reuse steps form
+        # one block, unrolled in the scan's body, so the residual stays a local value.
+        plan = self._step_plan(counts, guided, cfg_interval, head_steps, cfg_refresh)
+        for block, run in itertools.groupby(_blocks(plan)):
             length = len(list(run))
+            size = sum(step[0] for step in block)
 
-            def body(carry, i, k=k, start=start, guided_step=guided_step, chain=chain):
+            def body(carry, i, block=block, start=start, size=size):
                 tokens, state, key = carry
-                key, sub = jr.split(key)
-                first = start + i * k
-                idx = jax.lax.dynamic_slice(perm, (first,), (k,))
-                with jax.named_scope("backbone"):
-                    z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
-                cfg_value = self._cfg_at(cfg, schedule, first + k)
-                new = self._sample_head(head, z, guided_step, cfg_value, temperature, sub,
-                                        chain)
-                tokens = tokens.at[idx].set(new)
-                with jax.named_scope("backbone"):
-                    state = backbone.observe(state, tokens, embed, idx, ctx, ctx_mask)
+                first = start + i * size
+                for k, guided_step, chain, residual in block:
+                    key, sub = jr.split(key)
+                    idx = jax.lax.dynamic_slice(perm, (first,), (k,))
+                    with jax.named_scope("backbone"):
+                        if residual is None:
+                            z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
+                        elif residual:  # a refresh: both passes, over the block's positions
+                            ahead = jax.lax.dynamic_slice(perm, (first,), (residual,))
+                            z, _ = backbone.decode(state, tokens, embed, ahead, ctx, ctx_mask)
+                            # A bidirectional backbone's state is which positions are known
+                            # (`AbstractBidirectionalBackbone.decode`).
+                            state = state.at[idx].set(True)
+                            cached = z[0, k:] - z[1, k:]
+                            z, used = z[:, :k], 0
+                        else:  # a reuse step: the conditional pass alone
+                            z, state = backbone.decode(state, tokens, embed, idx, ctx[:1],
+                                                       ctx_mask[:1])
+                            z = jnp.stack([z[0], z[0] - cached[used:used + k]])
+                            used += k
+                    cfg_value = self._cfg_at(cfg, schedule, first + k)
+                    new = self._sample_head(head, z, guided_step, cfg_value, temperature, sub,
+                                            chain)
+                    tokens = tokens.at[idx].set(new)
+                    with jax.named_scope("backbone"):
+                        state = backbone.observe(state, tokens, embed, idx, ctx, ctx_mask)
+                    first = first + k
                 return (tokens, state, key), None
 
             (tokens, state, key), _ = jax.lax.scan(
                 body, (tokens, state, key), jnp.arange(length, dtype=jnp.int32)
             )
-            start += k * length
+            start += size * length
         return tokens
+
+
+def _blocks(plan):
+    """The plan's steps in blocks: a refresh step with the reuse steps that follow it
+    (`FluidModel._step_plan`), every other step alone."""
+    blocks = []
+    for step in plan:
+        if step[3] == 0:
+            blocks[-1] = blocks[-1] + (step,)
+        else:
+            blocks.append((step,))
+    return blocks

@@ -63,6 +63,7 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         cfg_interval: tuple[float, float] | None = None,
         head_steps: int | Sequence[int] | None = None,
+        cfg_refresh: int | None = None,
     ) -> list:
         """Sample images of `prompts` (one string, or several).
 
@@ -80,9 +81,10 @@ class Pipeline:
         - `negative_prompt`: what guidance's unconditional half reads in place of the empty
           caption, pushing the images away from it: one string for every prompt, or one
           per prompt. Needs guidance (`cfg` above 1).
-        - `cfg_interval`, `head_steps`: fast-sampling switches, as `FluidModel.generate`'s
-          (guidance only over a part of the progress; the head's chain length, or a DiSA
-          schedule of them). Off by default.
+        - `cfg_interval`, `head_steps`, `cfg_refresh`: fast-sampling switches, as
+          `FluidModel.generate`'s (guidance only over a part of the progress; the head's
+          chain length, or a DiSA schedule of them; the unconditional backbone pass only
+          every `cfg_refresh` guided steps, its residual reused between). Off by default.
 
         **Returns:**
 
@@ -125,7 +127,7 @@ class Pipeline:
                 cfg_schedule=cfg_schedule or self.default_cfg_schedule,
                 temperature=config.sample_temperature if temperature is None else temperature,
                 negative_prompts=None if negatives is None else negatives[start:start + size],
-                cfg_interval=cfg_interval, head_steps=head_steps,
+                cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
             ))
         return to_pil(np.concatenate(images))
 

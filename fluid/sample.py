@@ -66,12 +66,12 @@ def _encode_negatives(text_tokenizer: CaptionTokenizer, prompts: Sequence[str],
 
 @eqx.filter_jit
 def _generate(model, ids, mask, key, steps, cfg, cfg_schedule, temperature, negative,
-              cfg_interval, head_steps):
+              cfg_interval, head_steps, cfg_refresh):
     negative_ids, negative_mask = (None, None) if negative is None else negative
     return model.generate(
         ids, mask, key=key, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
         temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
-        cfg_interval=cfg_interval, head_steps=head_steps,
+        cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
     )
 
 
@@ -89,6 +89,7 @@ def sample_images(
     negative_prompts: Sequence[str] | None = None,
     cfg_interval: tuple[float, float] | None = None,
     head_steps: int | Sequence[int] | None = None,
+    cfg_refresh: int | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1], one per prompt, by one jitted call.
 
@@ -100,8 +101,9 @@ def sample_images(
     - `text_len`: caption length the model was trained with (`ModelConfig.text_len`).
     - `negative_prompts`: one per prompt, read by guidance's unconditional half in place of
       the empty caption (`""`: as without one); only with `cfg != 1`.
-    - `cfg_interval`, `head_steps`: the fast-sampling switches of `FluidModel.generate`
-      (a guidance interval over progress; the head's chain, or a DiSA schedule of them).
+    - `cfg_interval`, `head_steps`, `cfg_refresh`: the fast-sampling switches of
+      `FluidModel.generate` (a guidance interval over progress; the head's chain, or a DiSA
+      schedule of them; LazyMAR's reuse of the guidance residual between refreshes).
     - the rest: as `FluidModel.generate`.
     """
     if isinstance(prompts, str):
@@ -109,7 +111,8 @@ def sample_images(
     if len(prompts) == 0:
         raise ConfigError("give at least one prompt.")
     switches = sampling_switches(model.head, cfg=cfg, negative=negative_prompts is not None,
-                                 cfg_interval=cfg_interval, head_steps=head_steps)
+                                 cfg_interval=cfg_interval, head_steps=head_steps,
+                                 cfg_refresh=cfg_refresh, backbone=model.backbone)
     ids, mask = text_tokenizer.encode(list(prompts), text_len)
     warn_truncated(text_tokenizer, prompts, text_len)
     negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, text_len)
@@ -122,7 +125,7 @@ def sample_images(
 
 @eqx.filter_jit
 def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperature, negative,
-                      cfg_interval, head_steps):
+                      cfg_interval, head_steps, cfg_refresh):
     # Each image is a batch of one of its own: what it draws depends on its key alone, not on
     # its row or on the other rows (the vmap adds a batch axis, nothing crosses it).
     def one(i, m, k, n):
@@ -130,7 +133,7 @@ def _generate_per_key(model, ids, mask, keys, steps, cfg, cfg_schedule, temperat
         return model.generate(
             i[None], m[None], key=k, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
             temperature=temperature, negative_ids=negative_ids, negative_mask=negative_mask,
-            cfg_interval=cfg_interval, head_steps=head_steps,
+            cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
         )[0]
 
     return jax.vmap(one)(ids, mask, keys, negative)
@@ -150,6 +153,7 @@ def sample_images_per_key(
     negative_prompts: Sequence[str] | None = None,
     cfg_interval: tuple[float, float] | None = None,
     head_steps: int | Sequence[int] | None = None,
+    cfg_refresh: int | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1] by one jitted call, each drawn with its
     own key: image `i` is what `sample_images(model, text_tokenizer, [prompts[i]],
@@ -166,7 +170,8 @@ def sample_images_per_key(
     if len(prompts) == 0:
         raise ConfigError("give at least one prompt.")
     switches = sampling_switches(model.head, cfg=cfg, negative=negative_prompts is not None,
-                                 cfg_interval=cfg_interval, head_steps=head_steps)
+                                 cfg_interval=cfg_interval, head_steps=head_steps,
+                                 cfg_refresh=cfg_refresh, backbone=model.backbone)
     if keys.shape != (len(prompts),):
         raise ConfigError(f"give one key per prompt: {len(prompts)} prompts, keys of shape "
                           f"{keys.shape}.")

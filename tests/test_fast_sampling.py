@@ -1,6 +1,7 @@
-"""The model-level fast-sampling switches of `FluidModel.generate`: a guidance interval and
-the head's chain (one length, or a DiSA schedule over progress). Every switch off gives the
-samples of before the switches existed."""
+"""The model-level fast-sampling switches of `FluidModel.generate`: a guidance interval, the
+head's chain (one length, or a DiSA schedule over progress) and the reuse of the guidance
+residual between refreshes (LazyMAR). Every switch off gives the samples of before the
+switches existed."""
 
 import dataclasses
 import sys
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import chex
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
 
 from fluid._errors import ConfigError
+from fluid._types import BIDIRECTIONAL
+from fluid.backbones import AbstractBidirectionalBackbone
 from fluid.build import compose
 from fluid.heads import AbstractIterativeHead
 from fluid.model import sampling_switches
@@ -151,8 +155,8 @@ def test_one_check_of_the_switches_for_every_entry_point(models):
     # same settings whichever entry point asks: the model, `fluid.sample`.
     head = models["fluid"].head
     assert sampling_switches(head, cfg=3.0, cfg_interval=[0.0, 1.0], head_steps=[9, 3]) == (
-        (0.0, 1.0), (9, 3))
-    assert sampling_switches(head, cfg=3.0, head_steps=np.int64(4)) == (None, 4)
+        (0.0, 1.0), (9, 3), None)
+    assert sampling_switches(head, cfg=3.0, head_steps=np.int64(4)) == (None, 4, None)
     ids, mask = golden_captions()
     bad = [
         ({"cfg": 1.0, "negative": True}, "cfg above 1"),
@@ -180,3 +184,134 @@ def test_a_guidance_interval_on_the_random_order_keeps_the_sample_shape(models):
     out = sample(models["fluid"], cfg_interval=(0.0, 0.5), head_steps=(6, 3))
     chex.assert_shape(out, (2, 16, 48))
     assert jnp.all(jnp.isfinite(out))
+
+
+# -- guidance residual reuse (LazyMAR) --------------------------------------------------------
+def test_a_residual_refreshed_every_step_is_plain_guidance(models):
+    # The random order (bidirectional), and raster with a causal and a bidirectional backbone.
+    for variant in ["fluid", "continuous-raster"]:
+        np.testing.assert_array_equal(np.asarray(sample(models[variant], cfg_refresh=1)),
+                                      np.load(GOLDEN)[variant])
+    config = tiny("fluid").model
+    config = dataclasses.replace(config, order=tiny("continuous-raster").model.order)
+    null_ids = np.zeros(TEXT_LEN, np.int32)
+    null_ids[0] = 1
+    raster = compose(config, text_vocab_size=VOCAB, null_text=(null_ids, null_ids == 1),
+                     key=jr.key(0))
+    np.testing.assert_array_equal(np.asarray(sample(raster, cfg_refresh=1)),
+                                  np.asarray(sample(raster)))
+    # Reuse changes the samples, and keeps them finite.
+    lazy = sample(models["fluid"], cfg_refresh=2)
+    assert jnp.all(jnp.isfinite(lazy))
+    assert np.abs(np.asarray(lazy) - np.load(GOLDEN)["fluid"]).max() > 1e-3
+
+
+_PASSES: list[tuple[int, bool]] = []
+
+
+@typing.final
+class SpyBackbone(AbstractBidirectionalBackbone):
+    """Reads only which positions are known (never the tokens, so that every run produces
+    the same positions at the same steps): the condition at `p` is `(v * (1 + known), p,
+    known, 0, ...)` with `v` the first channel of the context's first token. Each pass
+    under one context is logged in `_PASSES` as `(known, unconditional)`."""
+
+    attention: typing.ClassVar[str] = BIDIRECTIONAL
+    dim: int = eqx.field(static=True)
+    seq_len: int = eqx.field(static=True)
+
+    def __call__(self, x, known, context, context_mask, *, order=None):
+        return self.at_positions(x, known, context, context_mask, jnp.arange(self.seq_len))
+
+    def at_positions(self, x, known, context, context_mask, positions):
+        count = jnp.sum(known).astype(jnp.float32)
+        # The empty caption is the only context with a single real token.
+        jax.debug.callback(lambda c, u: _PASSES.append((int(c), bool(u))), count,
+                           jnp.sum(context_mask) == 1)
+        v = context[0, 0].astype(jnp.float32)
+        columns = [jnp.full(positions.shape, v * (1.0 + count)),
+                   positions.astype(jnp.float32), jnp.full(positions.shape, count)]
+        z = jnp.stack(columns, axis=1)
+        return jnp.concatenate([z, jnp.zeros((positions.shape[0], self.dim - 3))], axis=1)
+
+
+@typing.final
+class ConditionHead(AbstractIterativeHead):
+    """Writes into its token the first channel of each condition and the known count."""
+
+    token_kind: typing.ClassVar[str] = "continuous"
+    cond_dim: int = eqx.field(static=True)
+    token_dim: int = eqx.field(static=True)
+    sampling_steps: int = eqx.field(static=True, default=1)
+    progress_steps: tuple[int, ...] | None = eqx.field(static=True, default=None)
+
+    def loss(self, z, target, *, key):
+        return jnp.sum(z)
+
+    def sample(self, z, z_uncond, cfg, temperature, *, key, steps=None):
+        u = jnp.full((), jnp.nan) if z_uncond is None else z_uncond[0]
+        return jnp.concatenate([jnp.stack([z[0], u, z[2]]), jnp.zeros((self.token_dim - 3,))])
+
+    def num_evaluations(self, steps=None):
+        return 1
+
+
+@pytest.mark.parametrize("variant", ["fluid", "continuous-raster"])
+def test_the_unconditional_pass_runs_only_at_refresh_steps(models, variant):
+    model = models[variant]
+    model = eqx.tree_at(
+        lambda m: (m.backbone, m.head), model,
+        (SpyBackbone(model.backbone.dim, model.seq_len),
+         ConditionHead(model.head.cond_dim, model.tokenizer.token_dim)),
+    )
+    ids, mask = golden_captions()
+
+    def run(**kw):
+        _PASSES.clear()
+        out = eqx.filter_jit(lambda m: m.generate_tokens(
+            ids, mask, key=jr.key(3), **{**SETTINGS, "steps": 6, **kw}))(model)
+        jax.effects_barrier()
+        return np.asarray(out), sorted(set(_PASSES))
+
+    plain, passes = run()
+    # The steps, by the known count before each (the same in every run).
+    steps = np.unique(plain[0, :, 2])
+    assert passes == sorted({(int(c), u) for c in steps for u in (False, True)})
+    for k, interval in [(2, None), (3, None), (2, (0.2, 1.0))]:
+        lazy, passes = run(cfg_refresh=k, cfg_interval=interval)
+        guided = [c for c in steps if interval is None or c / model.seq_len >= interval[0]]
+        refreshed = guided[::k]
+        # (An unguided step, outside the interval, runs both passes as without reuse: the
+        # interval saves the head's work.)
+        unguided = [c for c in steps if c not in guided]
+        assert passes == sorted({(int(c), False) for c in steps}
+                                | {(int(c), True) for c in refreshed + unguided}), (k, interval)
+        for row in range(2):
+            # Every run produces the same positions with the same conditional conditions.
+            np.testing.assert_array_equal(lazy[row, :, [0, 2]], plain[row, :, [0, 2]])
+            for c in guided:
+                at = plain[row, :, 2] == c
+                last = max(r for r in refreshed if r <= c)
+                # The residual of the last refresh, the same at every position.
+                r = (plain[row, :, 0] - plain[row, :, 1])[plain[row, :, 2] == last][0]
+                chex.assert_trees_all_close(lazy[row, at, 1], lazy[row, at, 0] - r, atol=1e-5)
+                if c not in refreshed:
+                    assert np.abs(lazy[row, at, 1] - plain[row, at, 1]).min() > 1e-3
+
+
+def test_bad_refresh_periods_are_refused(models):
+    head, backbone = models["fluid"].head, models["fluid"].backbone
+    assert sampling_switches(head, cfg=3.0, cfg_refresh=np.int64(4), backbone=backbone) == (
+        None, None, 4)
+    # Without guidance there is no unconditional pass to skip: a no-op.
+    assert sampling_switches(head, cfg=1.0, cfg_refresh=4, backbone=backbone)[2] is None
+    for bad in [0, -2, True]:
+        with pytest.raises(ConfigError, match="cfg_refresh .* integer >= 1"):
+            sampling_switches(head, cfg=3.0, cfg_refresh=bad, backbone=backbone)
+    causal = models["continuous-raster"]
+    ids, mask = golden_captions()
+    with pytest.raises(ConfigError, match="only a bidirectional backbone.*CausalTransformer"):
+        causal.generate(ids, mask, key=jr.key(0), steps=2, cfg=3.0, cfg_refresh=2)
+    with pytest.raises(ConfigError, match="cfg_refresh"):
+        sample_images(causal, ClassLabelTokenizer(10), ["1"], text_len=ids.shape[1], steps=2,
+                      cfg_refresh=2)

@@ -58,6 +58,7 @@ def generate_images(
     progress: bool = True,
     cfg_interval: tuple[float, float] | None = None,
     head_steps: int | Sequence[int] | None = None,
+    cfg_refresh: int | None = None,
 ) -> np.ndarray:
     """One image per prompt, in batches of one shape (the last padded), so one compilation.
 
@@ -69,7 +70,8 @@ def generate_images(
     - `steps`, `cfg`, `temperature`: sampling settings (a run's `sample_*`).
     - `batch_size`: images per call.
     - `progress`: show a progress bar.
-    - `cfg_interval`, `head_steps`: fast-sampling switches (`FluidModel.generate`).
+    - `cfg_interval`, `head_steps`, `cfg_refresh`: fast-sampling switches
+      (`FluidModel.generate`).
 
     **Returns:**
 
@@ -87,7 +89,7 @@ def generate_images(
         images = sample_images(
             model, text_tokenizer, padded, text_len=text_len, key=jr.fold_in(jr.key(seed), b),
             steps=steps, cfg=cfg, temperature=temperature, cfg_interval=cfg_interval,
-            head_steps=head_steps,
+            head_steps=head_steps, cfg_refresh=cfg_refresh,
         )
         out.append(images[: len(chunk)])
     return np.concatenate(out)
@@ -120,6 +122,7 @@ def evaluate(
     progress: bool = True,
     cfg_interval: tuple[float, float] | None = None,
     head_steps: int | Sequence[int] | None = None,
+    cfg_refresh: int | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """Evaluate a model of a run on the built-in `shapes` data.
 
@@ -140,7 +143,8 @@ def evaluate(
     - `noise_draws`: as for `validation_loss`.
     - `min_count`: fewest samples the Frechet distance accepts, for quick checks with fewer
       than 192 images; the distance is then rough (`frechet.rough` in the result).
-    - `cfg_interval`, `head_steps`: fast-sampling switches for the generated images
+    - `cfg_interval`, `head_steps`, `cfg_refresh`: fast-sampling switches for the
+      generated images
       (`FluidModel.generate`), recorded under `sampling` in the result.
     - `batch_size`: images per generation call.
     - `progress`: show progress bars.
@@ -160,8 +164,9 @@ def evaluate(
             f"ShapesEval and Frechet reference); this run trained on {data.dataset!r}."
         )
     # Refused before the validation pass, not after it.
-    sampling_switches(model.head, cfg=config.sample_cfg, cfg_interval=cfg_interval,
-                      head_steps=head_steps)
+    _, _, refresh = sampling_switches(model.head, cfg=config.sample_cfg,
+                                      cfg_interval=cfg_interval, head_steps=head_steps,
+                                      cfg_refresh=cfg_refresh, backbone=model.backbone)
     categories = _categories(data)
     per_category = max(1, math.ceil(samples / len(categories)))
     _check_frechet_count(per_category * len(categories), data.image_size, min_count)
@@ -191,7 +196,7 @@ def evaluate(
         model, text_tokenizer, prompts, text_len=config.model.text_len, seed=seed,
         steps=config.sample_steps, cfg=config.sample_cfg,
         temperature=config.sample_temperature, batch_size=batch_size, progress=progress,
-        cfg_interval=cfg_interval, head_steps=head_steps,
+        cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
     )
     t2 = time.perf_counter()
 
@@ -228,6 +233,7 @@ def evaluate(
             "cfg_interval": None if cfg_interval is None else list(cfg_interval),
             "head_steps": head_steps if head_steps is None or isinstance(head_steps, int)
             else list(head_steps),
+            "cfg_refresh": refresh,  # None: plain guidance (or none: cfg 1)
         },
         "seconds": {
             "validation": t1 - t0, "generation": t2 - t1, "scoring": t3 - t2,
