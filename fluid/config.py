@@ -167,7 +167,11 @@ class DataConfig:
 
     `cache`: a directory where the frozen tokenizer's tokens (and a frozen text encoder's
     outputs) of every record are computed once, before training, and read from then on
-    (`fluid/train/_cache.py`); needs a finite source (`size` for shapes).
+    (`fluid/train/_cache.py`); needs a finite source (`size` for shapes). With a `kl`
+    tokenizer that samples its posterior (`sample_posterior=True`), it holds instead the
+    posterior moments of each image and of its flip, four times the floats, and training
+    draws fresh tokens from them every step, picking the image or its flip at random, as
+    MAR does (docs/mar.md).
 
     `on_change`: what a resumed run does when its data source changed since the checkpoint
     (a different number of records, seed, ...): `"error"` refuses with an explanation,
