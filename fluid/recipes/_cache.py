@@ -44,9 +44,11 @@ from ..text import CaptionTokenizer
 # 2: the digest of a part covers its plain settings (static fields), not its arrays alone.
 CACHE_VERSION = 2
 _FILES = ("captions.json", "valid.npy", "fingerprint.json")
-# What a cache of posterior moments records in its fingerprint (`"posterior"`); a cache of
+# What a cache of posterior moments records in its fingerprint (`"posterior"`), by
+# `data.flip`: with flips it holds two views of each image (MAR's), without one; a cache of
 # tokens has no such entry, so caches built before the option stay valid.
-POSTERIOR_PAIR = "moments of each image and its horizontal flip"
+POSTERIOR_VIEWS = {True: "the posterior moments of each image and of its horizontal flip",
+                   False: "the posterior moments of each image"}
 
 
 class CacheMismatchError(ValueError):
@@ -97,7 +99,8 @@ def cache_fingerprint(
     that only change how it is read), the tokenizer's class, settings and weights, and, when
     the text encoder is frozen, the caption tokenizer, text length and the encoder's settings
     and weights. A model whose tokenizer samples its posterior (`FluidModel.samples_posterior`)
-    adds `"posterior"`: its cache holds moments, not tokens."""
+    adds `"posterior"`: its cache holds moments, not tokens, of each image and, with
+    `data.flip`, of its flip (`POSTERIOR_VIEWS`)."""
     ignored = {"cache", "workers", "shuffle", "flip", "fit_images", "on_change"}
     fingerprint = {
         "version": CACHE_VERSION,
@@ -106,7 +109,7 @@ def cache_fingerprint(
         "text": None,
     }
     if model.samples_posterior:
-        fingerprint["posterior"] = POSTERIOR_PAIR
+        fingerprint["posterior"] = POSTERIOR_VIEWS[bool(data.get("flip"))]
     if not model.text_encoder.trainable:
         fingerprint["text"] = {
             "encoder": f"{type(model.text_encoder).__name__}:{_arrays_digest(model.text_encoder)}",
@@ -129,9 +132,9 @@ def _first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
 
 
 @eqx.filter_jit
-def _encode(model: FluidModel, images, ids, mask, with_text: bool, moments: bool):
-    if moments:
-        tokens = jax.vmap(model.tokenizer.posterior_pair)(images)
+def _encode(model: FluidModel, images, ids, mask, with_text: bool, views: int):
+    if views:  # the image's moments, then (with 2 views) its flip's
+        tokens = jax.vmap(model.tokenizer.posterior_pair)(images)[:, :views]
     else:
         tokens = model.encode_images(images)
     hidden = jax.vmap(model.text_encoder)(ids, mask) if with_text else None
@@ -163,16 +166,17 @@ def build_cache(
         )
     with_text = fingerprint["text"] is not None
     moments = fingerprint.get("posterior") is not None
+    views = (2 if fingerprint["posterior"] == POSTERIOR_VIEWS[True] else 1) if moments else 0
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     token_shape = (model.seq_len,) + (
         () if model.tokenizer.token_kind == "discrete" else (model.tokenizer.token_dim,)
     )
-    if moments:  # [image, flip] x [mean, logvar] x the latent grid
+    if moments:  # [image (, flip)] x [mean, logvar] x the latent grid
         tok = model.tokenizer
         side = tok.image_size // 2 ** (len(tok.block_out_channels) - 1)
-        token_shape = (2, 2, side, side, tok.latent_channels)
+        token_shape = (views, 2, side, side, tok.latent_channels)
     token_dtype = np.int32 if model.tokenizer.token_kind == "discrete" else np.float32
     name = "posterior.npy" if moments else "tokens.npy"
     tokens = open_memmap(tmp / name, mode="w+", dtype=token_dtype, shape=(n, *token_shape))
@@ -207,7 +211,7 @@ def build_cache(
             [captions[i] for i in range(start, stop)] + [""] * (batch_size - (stop - start)),
             text_len,
         )
-        out_tokens, out_hidden = _encode(model, np.stack(padded), ids, mask, with_text, moments)
+        out_tokens, out_hidden = _encode(model, np.stack(padded), ids, mask, with_text, views)
         tokens[start:stop] = np.asarray(out_tokens)[: stop - start]
         if with_text:
             hidden[start:stop] = np.asarray(out_hidden)[: stop - start]
@@ -255,15 +259,12 @@ class CachedSource:
             )
         if fingerprint is not None:
             if saved.get("posterior") != fingerprint.get("posterior"):
-                held, wanted = (
-                    "the posterior moments of each image and its flip" if x else "tokens"
-                    for x in (saved.get("posterior"), fingerprint.get("posterior"))
-                )
+                held, wanted = (x or "tokens" for x in (saved.get("posterior"),
+                                                         fingerprint.get("posterior")))
                 raise CacheMismatchError(
                     f"the token cache {self.directory} holds {held}, but this run trains on "
-                    f"{wanted} (the kl tokenizer's sample_posterior is "
-                    f"{bool(fingerprint.get('posterior'))}): delete it to rebuild, or set "
-                    "data.cache to a new directory."
+                    f"{wanted} (the tokenizer's sample_posterior and data.flip decide): "
+                    "delete it to rebuild, or set data.cache to a new directory."
                 )
             difference = _first_difference(saved, fingerprint)
             if difference:
