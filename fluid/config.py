@@ -167,7 +167,12 @@ class DataConfig:
 
     `cache`: a directory where the frozen tokenizer's tokens (and a frozen text encoder's
     outputs) of every record are computed once, before training, and read from then on
-    (`fluid/train/_cache.py`); needs a finite source (`size` for shapes).
+    (`fluid/recipes/_cache.py`); needs a finite source (`size` for shapes). With a `kl`
+    tokenizer that samples its posterior (`sample_posterior=True`), it holds instead the
+    posterior moments of each image (twice the floats of its tokens) and, with `flip`, of
+    its horizontal flip too (four times, MAR's cache), and training draws fresh tokens from
+    them every step, picking the image or its flip at random with `flip` (docs/mar.md).
+    Without that, `cache` and `flip` do not go together (the run's config refuses them).
 
     `on_change`: what a resumed run does when its data source changed since the checkpoint
     (a different number of records, seed, ...): `"error"` refuses with an explanation,
@@ -208,11 +213,6 @@ class DataConfig:
             raise ConfigError(f"data.seed must lie in [0, 2**32), got {self.seed}.")
         _choice("data.on_change", self.on_change, ON_CHANGE)
 
-        if self.cache and self.flip:
-            raise ConfigError(
-                "data.cache stores the tokens of unflipped images: set data.flip=false, or "
-                "leave data.cache unset to flip images as they load."
-            )
         if self.size is not None and self.size < 1:
             raise ConfigError(f"data.size must be positive or None, got {self.size}.")
 
@@ -378,6 +378,14 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if (self.data.cache and self.data.flip
+                and not self.model.tokenizer.kwargs.get("sample_posterior")):
+            raise ConfigError(
+                "data.cache stores the tokens of unflipped images: set data.flip=false, leave "
+                "data.cache unset to flip images as they load, or sample the tokenizer's "
+                "posterior (a kl tokenizer's sample_posterior=true: its cache holds the "
+                "moments of each image and of its flip, as MAR's does)."
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if self.task not in TASKS:

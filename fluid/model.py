@@ -33,7 +33,7 @@ from .heads import (
 from .nn import dense, per_vector
 from .orders import ORDERS, AbstractBoundedOrder, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
-from .tokenizers import AbstractImageTokenizer
+from .tokenizers import AbstractImageTokenizer, KLTokenizer, draw_posterior_tokens
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -274,12 +274,30 @@ class FluidModel(eqx.Module):
     def seq_len(self) -> int:
         return self.tokenizer.seq_len
 
+    @property
+    def samples_posterior(self) -> bool:
+        """Whether training draws its tokens from the tokenizer's posterior (a KL tokenizer
+        with `sample_posterior`) rather than taking them as the tokenizer encodes them."""
+        return isinstance(self.tokenizer, KLTokenizer) and self.tokenizer.sample_posterior
+
     def encode_images(
-        self, images: Float[Array, "batch h w 3"]
+        self,
+        images: Float[Array, "batch h w 3"],
+        *,
+        keys: jaxtyping.Key[Array, " batch"] | None = None,
     ) -> Float[Array, "batch seq token_dim"] | Int[Array, "batch seq"]:
-        """Tokens of a batch of images (no gradient flows into the tokenizer)."""
+        """Tokens of a batch of images (no gradient flows into the tokenizer). With a
+        tokenizer that samples its posterior (`samples_posterior`), image `i`'s are drawn
+        with `keys[i]`, or are of the posterior mean without `keys` (validation)."""
         with jax.named_scope("tokenizer"):
-            return jax.lax.stop_gradient(jax.vmap(self.tokenizer.encode)(images))
+            if not self.samples_posterior:
+                tokens = jax.vmap(self.tokenizer.encode)(images)
+            elif keys is None:
+                tokens = jax.vmap(lambda x: self.tokenizer.latent_to_tokens(
+                    self.tokenizer.posterior(x)[0]))(images)
+            else:
+                tokens = jax.vmap(lambda x, k: self.tokenizer.encode(x, key=k))(images, keys)
+            return jax.lax.stop_gradient(tokens)
 
     def encode_text(self, ids: Int[Array, " ctx"], mask: TextMask) -> Context:
         """The aligned text context of one caption."""
@@ -294,7 +312,9 @@ class FluidModel(eqx.Module):
         """Mean loss over the target positions of a batch.
 
         `batch` holds `text_ids` (`Int[batch ctx]`), `text_mask` (`Bool[batch ctx]`) and
-        either `image` (`Float[batch h w 3]` in [-1, 1]) or precomputed `tokens`; with a
+        either `image` (`Float[batch h w 3]` in [-1, 1]), precomputed `tokens`, or, for a
+        KL tokenizer with `sample_posterior`, cached `posterior` moments
+        (`Float[batch pair 2 lh lw latent]`, drawn from per example); with a
         frozen text encoder, optionally its precomputed outputs `text_hidden`
         (`Float[batch ctx text_dim]`, a token cache's).
         """
@@ -336,7 +356,7 @@ class FluidModel(eqx.Module):
         mixed precision); its inputs are cast to that dtype and its outputs back to float32,
         so the head and the loss stay in float32.
         """
-        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch)
+        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch, keys)
         n = self.seq_len
 
         def one(tokens, ids, mask, hidden, key, known_count):
@@ -363,7 +383,7 @@ class FluidModel(eqx.Module):
         """What `loss_terms` gives the head, from the same batch, keys and arguments: the
         backbone's condition at every position (float32), and which positions the loss
         counts."""
-        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch)
+        tokens, ids, mask, hidden, null_hidden = self._training_inputs(batch, keys)
 
         def one(tokens, ids, mask, hidden, key, known_count):
             k_drop, k_perm, k_known, _ = jr.split(key, 4)
@@ -373,9 +393,33 @@ class FluidModel(eqx.Module):
 
         return jax.vmap(one)(tokens, ids, mask, hidden, keys, num_known)
 
-    def _training_inputs(self, batch):
-        """A training batch's tokens, captions and cached text (with the empty caption's)."""
-        tokens = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
+    def _training_inputs(self, batch, keys):
+        """A training batch's tokens, captions and cached text (with the empty caption's).
+
+        Tokens come as they are (`tokens`), or are drawn from cached posterior moments
+        (`posterior`, `draw_posterior_tokens`), or are encoded from `image`; a draw of
+        example `i` uses `jr.fold_in(keys[i], 5)`, apart from the keys the example's other
+        choices split from `keys[i]`."""
+        if "tokens" in batch:
+            tokens = batch["tokens"]
+        else:
+            draw_keys = jax.vmap(lambda k: jr.fold_in(k, 5))(keys)
+            if "posterior" in batch:
+                if not self.samples_posterior:
+                    raise ValueError(
+                        "the batch holds posterior moments (a token cache of a KL tokenizer "
+                        "with sample_posterior=True), but this model's tokenizer does not "
+                        "sample its posterior: set sample_posterior=True in its kwargs, or "
+                        "rebuild the cache without it."
+                    )
+                with jax.named_scope("tokenizer"):
+                    tokens = jax.lax.stop_gradient(jax.vmap(
+                        lambda m, k: draw_posterior_tokens(self.tokenizer, m, k)
+                    )(jnp.asarray(batch["posterior"]), draw_keys))
+            else:
+                tokens = self.encode_images(
+                    batch["image"], keys=draw_keys if self.samples_posterior else None
+                )
         ids, mask = jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"])
         hidden = batch.get("text_hidden")
         null_hidden = None

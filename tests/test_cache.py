@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluid.config import ComponentSpec, DataConfig
+from fluid.config import ComponentSpec
 from fluid.presets import get_config
 from fluid.recipes import CachedSource, CacheMismatchError, prepare
 
@@ -68,7 +68,7 @@ def test_unbounded_and_flipped_sources_are_not_cached(tmp_path):
         prepare(config, progress=False)
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="data.flip=false"):
-        DataConfig(cache=str(tmp_path / "c"), flip=True)
+        get_config("tiny-fluid", **{"data.cache": str(tmp_path / "c"), "data.flip": True})
 
 
 def test_unreadable_images_are_left_out_of_the_cache(tmp_path):

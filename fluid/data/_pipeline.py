@@ -40,7 +40,7 @@ class RandomAccessSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-_ARRAYS = ("image", "tokens", "text_hidden")
+_ARRAYS = ("image", "tokens", "posterior", "text_hidden")
 
 
 
@@ -53,9 +53,9 @@ class DataStreamChangedError(UserError, ValueError):
 
 
 class _Records:
-    """The source as Grain reads it: `caption` and the arrays among `image`, `tokens` (a
-    token cache's records) and `text_hidden` (dropping other keys keeps what crosses process
-    boundaries small), and a bad record as `{"skip": message, "index": source index}` so the
+    """The source as Grain reads it: `caption` and the arrays among `image`, `tokens` or
+    `posterior` (a token cache's records) and `text_hidden` (dropping other keys keeps what
+    crosses process boundaries small), and a bad record as `{"skip": message, "index": source index}` so the
     training process can warn and count each once (workers' warnings and counters would be
     lost)."""
 

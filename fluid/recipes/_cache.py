@@ -6,6 +6,11 @@ every epoch, so MAR precomputed its KL latents once, which halved its training t
 text encoder is frozen, the encoder over every caption) and writes, in one directory:
 
     tokens.npy        [n, seq, token_dim] float32, or [n, seq] int32 for discrete tokens
+    posterior.npy     in place of tokens.npy for a KL tokenizer with `sample_posterior`:
+                      [n, 2, 2, lh, lw, latent] float32, the posterior's mean and
+                      log-variance of each image and of its horizontal flip (four times
+                      the floats of tokens.npy), from which training draws fresh tokens
+                      every step (`fluid.tokenizers.draw_posterior_tokens`), as MAR does
     text_hidden.npy   [n, text_len, text_dim] float32 (frozen text encoders only)
     captions.json     the n captions
     valid.npy         [n] bool: False where the record could not be read (skipped)
@@ -13,7 +18,7 @@ text encoder is frozen, the encoder over every caption) and writes, in one direc
 
 The directory appears complete or not at all (written under a temporary name, then renamed).
 `CachedSource` reads it back as a random-access source for the `Loader`, records holding
-`tokens` (and `text_hidden`) instead of `image`. A cache made with another tokenizer, data
+`tokens` or `posterior` (and `text_hidden`) instead of `image`. A cache made with another tokenizer, data
 or text set-up is refused with the first difference named, never silently used.
 """
 
@@ -38,7 +43,12 @@ from ..text import CaptionTokenizer
 
 # 2: the digest of a part covers its plain settings (static fields), not its arrays alone.
 CACHE_VERSION = 2
-_FILES = ("tokens.npy", "captions.json", "valid.npy", "fingerprint.json")
+_FILES = ("captions.json", "valid.npy", "fingerprint.json")
+# What a cache of posterior moments records in its fingerprint (`"posterior"`), by
+# `data.flip`: with flips it holds two views of each image (MAR's), without one; a cache of
+# tokens has no such entry, so caches built before the option stay valid.
+POSTERIOR_VIEWS = {True: "the posterior moments of each image and of its horizontal flip",
+                   False: "the posterior moments of each image"}
 
 
 class CacheMismatchError(ValueError):
@@ -88,7 +98,9 @@ def cache_fingerprint(
     """What a cache's contents depend on: the data (its config, as a dict, without the keys
     that only change how it is read), the tokenizer's class, settings and weights, and, when
     the text encoder is frozen, the caption tokenizer, text length and the encoder's settings
-    and weights."""
+    and weights. A model whose tokenizer samples its posterior (`FluidModel.samples_posterior`)
+    adds `"posterior"`: its cache holds moments, not tokens, of each image and, with
+    `data.flip`, of its flip (`POSTERIOR_VIEWS`)."""
     ignored = {"cache", "workers", "shuffle", "flip", "fit_images", "on_change"}
     fingerprint = {
         "version": CACHE_VERSION,
@@ -96,6 +108,8 @@ def cache_fingerprint(
         "tokenizer": f"{type(model.tokenizer).__name__}:{_arrays_digest(model.tokenizer)}",
         "text": None,
     }
+    if model.samples_posterior:
+        fingerprint["posterior"] = POSTERIOR_VIEWS[bool(data.get("flip"))]
     if not model.text_encoder.trainable:
         fingerprint["text"] = {
             "encoder": f"{type(model.text_encoder).__name__}:{_arrays_digest(model.text_encoder)}",
@@ -118,8 +132,11 @@ def _first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
 
 
 @eqx.filter_jit
-def _encode(model: FluidModel, images, ids, mask, with_text: bool):
-    tokens = model.encode_images(images)
+def _encode(model: FluidModel, images, ids, mask, with_text: bool, views: int):
+    if views:  # the image's moments, then (with 2 views) its flip's
+        tokens = jax.vmap(model.tokenizer.posterior_pair)(images)[:, :views]
+    else:
+        tokens = model.encode_images(images)
     hidden = jax.vmap(model.text_encoder)(ids, mask) if with_text else None
     return tokens, hidden
 
@@ -136,7 +153,9 @@ def build_cache(
     progress: bool = True,
 ) -> Path:
     """Encode every record of `source` with `model`'s tokenizer (and frozen text encoder)
-    into `directory`, which must not exist yet. Unreadable records are marked invalid with a
+    into `directory`, which must not exist yet: its tokens or, when `fingerprint` has a
+    `"posterior"` entry (a tokenizer that samples its posterior), the posterior moments of
+    each image and of its horizontal flip (`KLTokenizer.posterior_pair`). Unreadable records are marked invalid with a
     warning, as the loader would skip them. Returns the directory."""
     directory = Path(directory)
     n = len(source)
@@ -146,14 +165,21 @@ def build_cache(
             "say), or cache a folder or JSONL source."
         )
     with_text = fingerprint["text"] is not None
+    moments = fingerprint.get("posterior") is not None
+    views = (2 if fingerprint["posterior"] == POSTERIOR_VIEWS[True] else 1) if moments else 0
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     token_shape = (model.seq_len,) + (
         () if model.tokenizer.token_kind == "discrete" else (model.tokenizer.token_dim,)
     )
+    if moments:  # [image (, flip)] x [mean, logvar] x the latent grid
+        tok = model.tokenizer
+        side = tok.image_size // 2 ** (len(tok.block_out_channels) - 1)
+        token_shape = (views, 2, side, side, tok.latent_channels)
     token_dtype = np.int32 if model.tokenizer.token_kind == "discrete" else np.float32
-    tokens = open_memmap(tmp / "tokens.npy", mode="w+", dtype=token_dtype, shape=(n, *token_shape))
+    name = "posterior.npy" if moments else "tokens.npy"
+    tokens = open_memmap(tmp / name, mode="w+", dtype=token_dtype, shape=(n, *token_shape))
     hidden = None
     if with_text:
         shape = (n, text_len, model.text_encoder.dim)
@@ -185,7 +211,7 @@ def build_cache(
             [captions[i] for i in range(start, stop)] + [""] * (batch_size - (stop - start)),
             text_len,
         )
-        out_tokens, out_hidden = _encode(model, np.stack(padded), ids, mask, with_text)
+        out_tokens, out_hidden = _encode(model, np.stack(padded), ids, mask, with_text, views)
         tokens[start:stop] = np.asarray(out_tokens)[: stop - start]
         if with_text:
             hidden[start:stop] = np.asarray(out_hidden)[: stop - start]
@@ -205,7 +231,9 @@ def build_cache(
 
 class CachedSource:
     """A cache directory as a random-access source: record `i` is the `i`-th readable one,
-    a dict with `tokens`, `caption` and, if cached, `text_hidden`.
+    a dict with `tokens` (or, in a cache of posterior moments, `posterior`: `[2, 2, lh, lw,
+    latent]`, the image's and its flip's mean and log-variance), `caption` and, if cached,
+    `text_hidden`.
 
     **Arguments:**
 
@@ -217,13 +245,27 @@ class CachedSource:
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any] | None = None):
         self.directory = Path(directory)
         missing = [f for f in _FILES if not (self.directory / f).exists()]
+        saved = {}
+        if not missing:
+            saved = json.loads((self.directory / "fingerprint.json").read_text())
+            # A cache of posterior moments holds them in place of tokens.
+            self.field = "posterior" if saved.get("posterior") else "tokens"
+            if not (self.directory / f"{self.field}.npy").exists():
+                missing.append(f"{self.field}.npy")
         if missing:
             raise FileNotFoundError(
                 f"{self.directory} is not a complete token cache (missing {', '.join(missing)}); "
                 "delete it and it is rebuilt on the next run."
             )
-        saved = json.loads((self.directory / "fingerprint.json").read_text())
         if fingerprint is not None:
+            if saved.get("posterior") != fingerprint.get("posterior"):
+                held, wanted = (x or "tokens" for x in (saved.get("posterior"),
+                                                         fingerprint.get("posterior")))
+                raise CacheMismatchError(
+                    f"the token cache {self.directory} holds {held}, but this run trains on "
+                    f"{wanted} (the tokenizer's sample_posterior and data.flip decide): "
+                    "delete it to rebuild, or set data.cache to a new directory."
+                )
             difference = _first_difference(saved, fingerprint)
             if difference:
                 raise CacheMismatchError(
@@ -231,7 +273,7 @@ class CachedSource:
                     f"{difference}. Delete it to rebuild, or set data.cache to a new directory."
                 )
         self.fingerprint = saved
-        self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
+        self.tokens = np.load(self.directory / f"{self.field}.npy", mmap_mode="r")
         path = self.directory / "text_hidden.npy"
         self.text_hidden = np.load(path, mmap_mode="r") if path.exists() else None
         self.captions = json.loads((self.directory / "captions.json").read_text())
@@ -242,7 +284,7 @@ class CachedSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.index[i])
-        record = {"tokens": np.array(self.tokens[j]), "caption": self.captions[j]}
+        record = {self.field: np.array(self.tokens[j]), "caption": self.captions[j]}
         if self.text_hidden is not None:
             record["text_hidden"] = np.array(self.text_hidden[j])
         return record

@@ -8,6 +8,7 @@ TOKENIZERS: Registry = Registry("image tokenizer", AbstractImageTokenizer, "flui
 from ._kl import MAR_KL16 as MAR_KL16  # noqa: E402
 from ._kl import MAR_SCALING_FACTOR as MAR_SCALING_FACTOR  # noqa: E402
 from ._kl import KLTokenizer as KLTokenizer  # noqa: E402
+from ._kl import draw_posterior_tokens as draw_posterior_tokens  # noqa: E402
 from ._kl import read_kl_config as read_kl_config  # noqa: E402
 from ._ldm import ConvertedCheckpoint as ConvertedCheckpoint  # noqa: E402
 from ._ldm import convert_ldm_checkpoint as convert_ldm_checkpoint  # noqa: E402

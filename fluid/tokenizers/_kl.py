@@ -163,7 +163,13 @@ class KLTokenizer(AbstractImageTokenizer):
       `"AttnUpDecoderBlock2D"` for a level with a self-attention after each residual block
       (LDM's `attn_resolutions`); `None` for the checkpoint's (no attention without `path`).
     - `sample_posterior`: `encode` returns tokens of a latent drawn from the posterior with
-      the key it is given (as MAR trains, a fresh draw every step) instead of the mean.
+      the key it is given (as MAR trains, a fresh draw every step) instead of the mean. A
+      generative run trains on such draws, a fresh one per example and step from the
+      step's key; with a token cache (`data.cache`), the cache holds the moments of each
+      image and of its horizontal flip (`posterior_pair`: four times the floats of a cache
+      of means) and each step picks one of the two at random before drawing
+      (`draw_posterior_tokens`), as MAR does; without one, images are encoded as they load
+      and flipped only as `data.flip` says. Validation encodes the posterior mean.
     - `key`: initialisation key; needed only without `path`.
     """
 
@@ -357,6 +363,15 @@ class KLTokenizer(AbstractImageTokenizer):
         return self.latent_to_tokens(_draw(mean, logvar, key))
 
     @eqx.filter_jit
+    def posterior_pair(self, image: Image) -> Float[Array, "2 2 lh lw latent"]:
+        """The posterior's moments of an image and of its horizontal flip, as a token cache
+        of a tokenizer with `sample_posterior` stores them (MAR's `main_cache.py`):
+        `[[mean, logvar] of image, [mean, logvar] of image[:, ::-1]]`, each as `posterior`
+        returns it. Four times the floats of the posterior mean alone."""
+        flipped = image[:, ::-1]
+        return jnp.stack([jnp.stack(self.posterior(image)), jnp.stack(self.posterior(flipped))])
+
+    @eqx.filter_jit
     def reconstruct(
         self, image: Image, *, key: Key
     ) -> tuple[Image, Float[Array, "lh lw latent"], Float[Array, "lh lw latent"]]:
@@ -439,6 +454,30 @@ def _draw(
 ) -> Float[Array, "lh lw latent"]:
     """A reparameterised draw from the diagonal Gaussian, differentiable in its moments."""
     return mean + jnp.exp(0.5 * logvar) * jr.normal(key, mean.shape, mean.dtype)
+
+
+def draw_posterior_tokens(
+    tokenizer: KLTokenizer, moments: Float[Array, "pair 2 lh lw latent"], key: Key
+) -> Float[Array, "seq token_dim"]:
+    """Tokens of a latent drawn from one of cached posteriors, as MAR trains (`engine_mar.py`
+    with its cache): one of the `pair` entries of `moments` (an image and its flip, as
+    `KLTokenizer.posterior_pair` gives them) picked uniformly, then `mean + exp(logvar / 2) *
+    eps`, shifted, scaled and patchified as `encode` does, whatever `sample_posterior` says.
+
+    **Arguments:**
+
+    - `tokenizer`: the tokenizer the moments come from.
+    - `moments`: `[pair, 2, lh, lw, latent]`, per entry its mean and log-variance.
+    - `key`: split in two, `k_pick, k_eps = jr.split(key)`: the entry is
+      `jr.randint(k_pick, (), 0, pair)`, and `eps = jr.normal(k_eps, mean.shape)`.
+
+    **Returns:**
+
+    `Float[Array, "seq token_dim"]`, differentiable in `moments`.
+    """
+    k_pick, k_eps = jr.split(key)
+    mean, logvar = moments[jr.randint(k_pick, (), 0, moments.shape[0])]
+    return tokenizer.latent_to_tokens(_draw(mean, logvar, k_eps))
 
 
 def _check_block_types(arch: dict, blocks: int) -> None:

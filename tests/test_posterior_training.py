@@ -1,0 +1,103 @@
+"""Training on posterior samples of a KL tokenizer, as MAR does: a cache of the moments of
+each image and its flip, and a fresh draw per example and step from the step's key."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from fluid.config import ComponentSpec
+from fluid.presets import get_config
+from fluid.recipes import CachedSource, CacheMismatchError, make_source, prepare
+from fluid.tokenizers import draw_posterior_tokens
+
+
+def _config(tmp_path=None, *, sample_posterior=True, flip=None, steps=3, **changes):
+    """A tiny posterior run (flips on, MAR's two views, unless `flip=False`)."""
+    config = get_config("tiny-fluid", **{"model.backbone.depth": 1, "data.fit_images": 8,
+                                         "steps": steps})
+    kwargs = {"image_size": 16, "patch_size": 2, "scaling_factor": 0.2325,
+              "sample_posterior": sample_posterior}
+    model = dataclasses.replace(config.model, tokenizer=ComponentSpec(name="kl", kwargs=kwargs))
+    cache = None if tmp_path is None else str(tmp_path / "cache")
+    flip = sample_posterior if flip is None else flip
+    data = dataclasses.replace(config.data, image_size=16, size=16, cache=cache, flip=flip)
+    return dataclasses.replace(config, model=model, data=data, **changes)
+
+
+def _losses(records):
+    return np.array([r["loss"] for r in records])
+
+
+def test_the_cache_holds_the_posterior_of_each_image_and_its_flip(tmp_path):
+    config = _config(tmp_path)
+    run = prepare(config, progress=False)
+    assert isinstance(run.source, CachedSource) and len(run.source) == 16
+    assert run.source.fingerprint["posterior"]
+    assert not (tmp_path / "cache" / "tokens.npy").exists()
+    tokenizer = run.model().tokenizer
+    source = make_source(config.data)
+    images = jnp.asarray(np.stack([source[i]["image"] for i in range(16)]))
+    # The pair is the posterior of the image and of its flip, each alone.
+    pair = tokenizer.posterior_pair(images[5])
+    for j, x in enumerate((images[5], images[5][:, ::-1])):
+        np.testing.assert_allclose(pair[j], jnp.stack(tokenizer.posterior(x)), atol=1e-6)
+    # The cache holds the pairs of its images, computed (as it is) in a batch of 64 padded
+    # with the first image: a batch rounds its convolutions apart from an image alone.
+    padded = jnp.concatenate([images, jnp.broadcast_to(images[:1], (48, 16, 16, 3))])
+    pairs = jax.jit(jax.vmap(tokenizer.posterior_pair))(padded)
+    for i in (0, 5, 15):
+        record = run.source[i]["posterior"]
+        assert record.shape == (2, 2, 8, 8, 4)  # 4x the floats of the mean's tokens
+        np.testing.assert_allclose(record, pairs[i], atol=1e-6)
+    batch = next(run.trainer.loader)
+    assert "tokens" not in batch and batch["posterior"].shape == (8, 2, 2, 8, 8, 4)
+    # A step's tokens are draws from the batch's moments with its examples' keys.
+    model = run.model()
+    keys = jr.split(jr.key(7), 8)
+    tokens = model._training_inputs(batch, keys)[0]
+    for i in (0, 3):
+        expected = draw_posterior_tokens(model.tokenizer, jnp.asarray(batch["posterior"][i]),
+                                         jr.fold_in(keys[i], 5))
+        np.testing.assert_allclose(tokens[i], expected, atol=1e-6)
+    # Without a cache, the draw comes from the tokenizer's posterior of the image as loaded.
+    tokens = model._training_inputs({"image": images[:2], "text_ids": batch["text_ids"][:2],
+                                     "text_mask": batch["text_mask"][:2]}, keys[:2])[0]
+    for i in range(2):
+        expected = model.tokenizer.sample(images[i], key=jr.fold_in(keys[i], 5))
+        np.testing.assert_allclose(tokens[i], expected, atol=1e-6)
+    # The other kind of run refuses this cache, and says to rebuild it.
+    with pytest.raises(CacheMismatchError, match="holds the posterior moments.*delete it to "
+                                                 "rebuild"):
+        prepare(_config(tmp_path, sample_posterior=False), progress=False)
+    # So does a posterior run without flips: its cache holds one view of each image.
+    with pytest.raises(CacheMismatchError, match="of its horizontal flip, but this run "
+                                                 "trains on the posterior moments of each "
+                                                 "image \\("):
+        prepare(_config(tmp_path, flip=False), progress=False)
+
+
+def test_without_flips_the_cache_holds_the_image_alone(tmp_path):
+    run = prepare(_config(tmp_path, flip=False), progress=False)
+    tokenizer = run.model().tokenizer
+    source = make_source(run.config.data)
+    images = jnp.asarray(np.stack([source[i]["image"] for i in range(16)]))
+    padded = jnp.concatenate([images, jnp.broadcast_to(images[:1], (48, 16, 16, 3))])
+    pairs = jax.jit(jax.vmap(tokenizer.posterior_pair))(padded)
+    record = run.source[3]["posterior"]
+    assert record.shape == (1, 2, 8, 8, 4)  # twice the floats of the mean's tokens
+    np.testing.assert_allclose(record[0], pairs[3, 0], atol=1e-6)
+    # Every draw is of the image itself, never of its flip.
+    key = jr.key(3)
+    np.testing.assert_allclose(draw_posterior_tokens(tokenizer, jnp.asarray(record), key),
+                               draw_posterior_tokens(tokenizer, pairs[3, :1], key), atol=1e-6)
+
+
+def test_a_cache_with_flips_needs_a_posterior_run(tmp_path):
+    with pytest.raises(ValueError, match="data.flip=false.*sample_posterior=true"):
+        get_config("tiny-fluid", **{"data.cache": str(tmp_path / "c"), "data.flip": True})
+    config = _config(tmp_path, flip=True)  # a posterior run: its cache holds both views
+    assert config.data.flip and config.data.cache
