@@ -217,3 +217,16 @@ def untrained_pipeline(config):
     text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
     model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0))
     return fluid.Pipeline(model, text_tokenizer, config)
+
+
+def user_error(capsys, argv) -> str:
+    """What `fluid ARGV` prints for a user error, checked to be one line and a hint, no
+    traceback, exit status 2: the line."""
+    from fluid.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first, hint = err.strip().splitlines()
+    assert first.startswith("error: ") and "--debug" in hint
+    return first

@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from helpers import user_error
 from PIL import Image
 
 import fluid
@@ -67,20 +68,20 @@ def test_train_resume_and_sample(tmp_path, capsys):
         np.testing.assert_array_equal(a, np.asarray(pipe[i]))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert "has no prompt" in _user_error(
+    assert "has no prompt" in user_error(
         capsys, ["sample", str(run), "--prompts-file", str(empty)]
     )
-    assert "cannot read the prompts file" in _user_error(
+    assert "cannot read the prompts file" in user_error(
         capsys, ["sample", str(run), "--prompts-file", str(tmp_path / "absent.txt")]
     )
     # More steps than the model has tokens: refused with the range, nothing sampled or saved.
-    assert "give --steps between 1 and" in _user_error(
+    assert "give --steps between 1 and" in user_error(
         capsys, ["sample", str(run), "--prompt", "x", "--out", str(tmp_path / "no.png"),
                  "--steps", "1000"]
     )
     assert not (tmp_path / "no.png").exists()
     # A text model takes captions, not classes.
-    assert "text-conditional model" in _user_error(
+    assert "text-conditional model" in user_error(
         capsys, ["sample", str(run), "--class", "3", "--out", str(tmp_path / "no.png")]
     )
 
@@ -121,23 +122,13 @@ def test_a_class_conditional_run_samples_classes_by_id_or_name(tmp_path, capsys)
         (["--prompt", "a red circle"], "class-conditional model (3 classes), not a text one"),
         (["--prompt", "7"], "class 7 is out of range"),
     ]:
-        assert says in _user_error(
+        assert says in user_error(
             capsys, ["sample", str(run), *argv, "--out", str(tmp_path / "no.png")])
     assert not (tmp_path / "no.png").exists()
 
 
-def _user_error(capsys, argv) -> str:
-    """What `fluid` prints for a user error: one line and a hint, no traceback, status 2."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    first, hint = err.strip().splitlines()
-    assert first.startswith("error: ") and "--debug" in hint
-    return first
-
-
 def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path, capsys):
-    assert "checkpoints/<step>" in _user_error(
+    assert "checkpoints/<step>" in user_error(
         capsys, ["sample", str(tmp_path), "--prompt", "a red circle"]
     )
     # `--debug` (or FLUID_DEBUG=1) shows the exception itself.
@@ -146,7 +137,7 @@ def test_sample_from_a_directory_without_a_model_names_what_it_needs(tmp_path, c
 
 
 def test_override_typo_stops_with_the_closest_key(tmp_path, capsys, monkeypatch):
-    assert "Did you mean 'grad_accum'" in _user_error(
+    assert "Did you mean 'grad_accum'" in user_error(
         capsys, ["train", "tiny-fluid", "--out", str(tmp_path), "grad_acum=2"]
     )
     monkeypatch.setenv("FLUID_DEBUG", "1")
@@ -166,7 +157,7 @@ def test_override_typo_stops_with_the_closest_key(tmp_path, capsys, monkeypatch)
 )
 def test_user_errors_print_one_line_and_exit_2(argv, says, tmp_path, capsys):
     argv = [str(tmp_path) if a == "RUN" else a for a in argv]
-    assert says in _user_error(capsys, argv)
+    assert says in user_error(capsys, argv)
 
 
 def test_an_internal_error_keeps_its_traceback(monkeypatch):

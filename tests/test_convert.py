@@ -19,7 +19,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-from helpers import mar_state_dict, torch_state_dict, write_mar_checkpoint
+from helpers import mar_state_dict, torch_state_dict, user_error, write_mar_checkpoint
 
 from fluid._weights import WeightError
 from fluid.build import load_mar
@@ -49,16 +49,6 @@ def weights(fixture):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, weights):
     return write_mar_checkpoint(tmp_path_factory.mktemp("mar") / "checkpoint-last.pth", *weights)
-
-
-def user_error(capsys, argv) -> str:
-    """What `fluid` prints for a user error: one line and a hint, no traceback, status 2."""
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    first, hint = err.strip().splitlines()
-    assert first.startswith("error: ") and "--debug" in hint
-    return first
 
 
 # -- MAR's model ---------------------------------------------------------------------------------

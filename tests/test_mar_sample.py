@@ -10,7 +10,7 @@ import chex
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import mar_state_dict, torch_state_dict, write_mar_checkpoint
+from helpers import mar_state_dict, torch_state_dict, user_error, write_mar_checkpoint
 from PIL import Image
 
 import fluid
@@ -59,16 +59,6 @@ def folders(tmp_path_factory):
     assert main(["convert", "ldm", str(root / "kl16.ckpt"), str(root / "vae"), "--mar"]) == 0
     return {"mar": _convert_mar(root, "mar", TOKEN_DIM), "vae": str(root / "vae"),
             "root": root}
-
-
-def user_error(capsys, argv) -> str:
-    """What `fluid` prints for a user error: one line and a hint, no traceback, status 2."""
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    first, hint = err.strip().splitlines()
-    assert first.startswith("error: ") and "--debug" in hint
-    return first
 
 
 def test_load_samples_what_mar_model_samples(folders, tmp_path):
