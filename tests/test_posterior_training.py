@@ -12,7 +12,7 @@ import pytest
 from fluid.config import ComponentSpec
 from fluid.presets import get_config
 from fluid.recipes import CachedSource, CacheMismatchError, make_source, prepare
-from fluid.tokenizers import draw_posterior_tokens
+from fluid.tokenizers import KLTokenizer, draw_posterior_tokens
 
 
 def _config(tmp_path=None, *, sample_posterior=True, flip=None, steps=3, **changes):
@@ -101,3 +101,76 @@ def test_a_cache_with_flips_needs_a_posterior_run(tmp_path):
         get_config("tiny-fluid", **{"data.cache": str(tmp_path / "c"), "data.flip": True})
     config = _config(tmp_path, flip=True)  # a posterior run: its cache holds both views
     assert config.data.flip and config.data.cache
+
+
+def test_a_draw_is_mean_plus_std_times_eps_of_the_picked_entry():
+    tokenizer = KLTokenizer(16, patch_size=2, scaling_factor=0.2325, shift_factor=0.1,
+                            sample_posterior=True, key=jr.key(0))
+    moments = np.asarray(jr.normal(jr.key(1), (2, 2, 8, 8, 4)))
+    for seed in range(4):
+        key = jr.key(seed)
+        k_pick, k_eps = jr.split(key)
+        pick = int(jr.randint(k_pick, (), 0, 2))
+        eps = np.asarray(jr.normal(k_eps, (8, 8, 4)))
+        mean, logvar = moments[pick]
+        latent = (mean + np.exp(0.5 * logvar) * eps - 0.1) * 0.2325
+        # patchify: 2x2 patches, channels over patch rows, patch columns, latent channels
+        expected = latent.reshape(4, 2, 4, 2, 4).transpose(0, 2, 1, 3, 4).reshape(16, 16)
+        got = draw_posterior_tokens(tokenizer, jnp.asarray(moments), key)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_draws_average_the_two_means_with_the_posteriors_spread():
+    tokenizer = KLTokenizer(16, patch_size=1, sample_posterior=True, key=jr.key(0))
+    n = 4000
+    keys = jr.split(jr.key(3), n)
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(2, 8, 8, 4))
+    logvars = rng.uniform(-2, 1, size=(2, 8, 8, 4))
+    moments = jnp.asarray(np.stack([means, logvars], axis=1), jnp.float32)
+    draws = np.asarray(jax.vmap(lambda k: draw_posterior_tokens(tokenizer, moments, k))(keys))
+    draws = draws.reshape(n, 8, 8, 4)
+    # A mixture of the two Gaussians with weights 1/2: its mean and variance.
+    mix_mean = means.mean(0)
+    var = np.exp(logvars)
+    mix_var = var.mean(0) + ((means[0] - means[1]) / 2) ** 2
+    # 6 standard errors: no element of 256 strays so far by chance (p < 1e-6 overall).
+    np.testing.assert_array_less(np.abs(draws.mean(0) - mix_mean), 6 * np.sqrt(mix_var / n))
+    # With one entry twice, the draws are that Gaussian: their variance over the posterior's
+    # has standard error sqrt(2 / (n - 1)).
+    same = jnp.stack([moments[0], moments[0]])
+    draws = np.asarray(jax.vmap(lambda k: draw_posterior_tokens(tokenizer, same, k))(keys))
+    ratio = draws.reshape(n, 8, 8, 4).var(0, ddof=1) / var[0]
+    np.testing.assert_array_less(np.abs(ratio - 1), 6 * np.sqrt(2 / (n - 1)))
+    # Far apart means: the entry is picked half the time.
+    apart = moments.at[:, 0].set(jnp.asarray([-20.0, 20.0])[:, None, None, None])
+    picks = np.asarray(jax.vmap(lambda k: draw_posterior_tokens(tokenizer, apart, k))(keys))
+    assert abs((picks.mean(axis=(1, 2)) > 0).mean() - 0.5) < 6 * np.sqrt(0.25 / n)
+
+
+def test_with_the_option_off_the_cache_holds_tokens_and_trains_as_from_images(tmp_path):
+    off = _config(tmp_path, sample_posterior=False)
+    cached = prepare(off, progress=False)
+    assert set(cached.source.fingerprint) == {"version", "data", "tokenizer", "text"}
+    assert (tmp_path / "cache" / "tokens.npy").exists()
+    plain = prepare(_config(sample_posterior=False), progress=False)
+    image = jnp.asarray(plain.source[2]["image"])
+    np.testing.assert_allclose(cached.source[2]["tokens"],
+                               cached.model().tokenizer.encode(image), atol=1e-6)
+    np.testing.assert_allclose(_losses(cached.run()), _losses(plain.run()), rtol=1e-6)
+    # A run that samples the posterior refuses this cache, and says to rebuild it.
+    with pytest.raises(CacheMismatchError, match="holds tokens.*delete it to rebuild"):
+        prepare(_config(tmp_path), progress=False)
+
+
+def test_a_posterior_run_trains_and_resumes_exactly(tmp_path):
+    config = _config(tmp_path, steps=24, checkpoint_every=8)
+    straight = _losses(prepare(config, progress=False).run())
+    assert np.isfinite(straight).all()
+    assert straight[-6:].mean() < straight[:6].mean()
+    first = prepare(config, out_dir=tmp_path / "run", progress=False)
+    head = _losses(first.run(10))
+    second = prepare(config, out_dir=tmp_path / "run", progress=False)
+    assert second.step == 10
+    tail = _losses(second.run())
+    np.testing.assert_allclose(np.concatenate([head, tail]), straight, rtol=1e-6)
