@@ -33,6 +33,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
@@ -131,10 +132,18 @@ def _first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
     return None
 
 
+def _moments(tokenizer, image, views: int):
+    """`[views, 2, lh, lw, latent]`: the posterior's mean and log-variance of `image` and,
+    with 2 views, of its flip (the flip is not encoded for one view)."""
+    if views == 2:
+        return tokenizer.posterior_pair(image)
+    return jnp.stack(tokenizer.posterior(image))[None]
+
+
 @eqx.filter_jit
 def _encode(model: FluidModel, images, ids, mask, with_text: bool, views: int):
-    if views:  # the image's moments, then (with 2 views) its flip's
-        tokens = jax.vmap(model.tokenizer.posterior_pair)(images)[:, :views]
+    if views:
+        tokens = jax.vmap(lambda x: _moments(model.tokenizer, x, views))(images)
     else:
         tokens = model.encode_images(images)
     hidden = jax.vmap(model.text_encoder)(ids, mask) if with_text else None
@@ -173,10 +182,12 @@ def build_cache(
     token_shape = (model.seq_len,) + (
         () if model.tokenizer.token_kind == "discrete" else (model.tokenizer.token_dim,)
     )
-    if moments:  # [image (, flip)] x [mean, logvar] x the latent grid
-        tok = model.tokenizer
-        side = tok.image_size // 2 ** (len(tok.block_out_channels) - 1)
-        token_shape = (views, 2, side, side, tok.latent_channels)
+    if moments:  # [image (, flip)] x [mean, logvar] x the latent grid, as the tokenizer says
+        size = model.tokenizer.image_size
+        token_shape = jax.eval_shape(
+            lambda x: _moments(model.tokenizer, x, views),
+            jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
+        ).shape
     token_dtype = np.int32 if model.tokenizer.token_kind == "discrete" else np.float32
     name = "posterior.npy" if moments else "tokens.npy"
     tokens = open_memmap(tmp / name, mode="w+", dtype=token_dtype, shape=(n, *token_shape))
