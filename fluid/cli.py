@@ -149,12 +149,9 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import jax.random as jr
-
     from .convert import is_mar_folder, read_mar_folder
     from .pipeline import Pipeline, mar_pipeline, to_pil
     from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
-    from .sample import sample_images
     from .text import ClassLabelTokenizer, load_caption_tokenizer
     from .viz import check_figure_path, save_grid
 
@@ -206,15 +203,12 @@ def cmd_sample(args) -> int:
             f"--steps {args.steps} is more than the model's {model.seq_len} tokens; give "
             f"--steps between 1 and {model.seq_len}."
         )
-    images = sample_images(
-        model, text_tokenizer, prompts, text_len=config.model.text_len,
-        key=jr.key(args.seed), steps=steps,
-        cfg=config.sample_cfg if args.cfg is None else args.cfg,
-        cfg_schedule=args.cfg_schedule or pipeline.default_cfg_schedule,
-        temperature=config.sample_temperature if args.temperature is None else args.temperature,
-        negative_prompts=None if args.negative_prompt is None
-        else [args.negative_prompt] * len(prompts),
-        **_switch_args(args),
+    # On every local device, in batches of --batch-size (one by default: what one call of
+    # `sample_images` with `jr.key(seed)` draws), with a progress bar over the batches.
+    images = pipeline.images(
+        prompts, seed=args.seed, steps=steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+        temperature=args.temperature, batch_size=args.batch_size,
+        negative_prompt=args.negative_prompt, progress=True, **_switch_args(args),
     )
     print(save_grid(images, args.out, captions=captions))
     if args.images_dir is not None:
@@ -405,7 +399,7 @@ def cmd_sweep(args) -> int:
         return _plan_sweep(args, out)
     report = run_sweep(
         out, scale=args.scale, variants=args.variants, sizes=args.sizes, steps=args.steps,
-        samples=args.samples, seeds=args.seeds,
+        samples=args.samples, seeds=args.seeds, options=_sweep_options(args),
     )
     for variant, fit in report["fits"].items():
         spread = fit["alpha_over_seeds"]
@@ -459,12 +453,19 @@ def _one_line_warnings():
         warnings.showwarning = previous
 
 
+def _sweep_options(args) -> dict:
+    """The `SweepScale` fields the sweep's flags change."""
+    given = {"mask_schedule": args.mask_schedule, "lr_width_exponent": args.lr_width_exponent,
+             "style": args.style}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _plan_sweep(args, out: Path) -> int:
     from .build import count_params
-    from .eval import SCALES, sweep_config, sweep_run_name
+    from .eval import scale_setting, sweep_config, sweep_run_name
     from .recipes import get_recipe
 
-    scale = SCALES[args.scale]
+    scale = scale_setting(args.scale, _sweep_options(args))
     sizes = args.sizes or scale.sizes
     seeds = scale.seeds if args.seeds is None else args.seeds
     for seed in range(seeds):
@@ -588,6 +589,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sampling temperature >= 0 (default: the run's sample_temperature)")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_at_least(1, int), default=None,
+                   help="images per compiled call (default: all at once); batch b > 0 samples "
+                   "with fold_in(key(seed), b)")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser(
@@ -634,6 +638,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_switch_args(p)
     p.set_defaults(fn=cmd_eval)
 
+    from .data.shapes import STYLES
     from .eval import SCALES
     from .presets import ALL_VARIANTS, VARIANTS
 
@@ -664,6 +669,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="runs per (variant, size), seeds 0 to N-1: each sets the model's "
                    "initialisation, the data and the evaluation's sampling (default: the "
                    "scale's, 1: no intervals)")
+    p.add_argument("--mask-schedule", choices=("cosine", "mar"), default=None,
+                   help="masked fractions of the random-order variants in training: cosine "
+                   "over [0, 1] as Fluid (the scales' default), or mar (at least 70%% masked)")
+    p.add_argument("--lr-width-exponent", type=_at_least(0, float), default=None,
+                   help="learning rate times (first size's width / width) ** this: 0 (the "
+                   "default, the paper's) gives every size one rate; 1 scales it as 1 / width")
+    p.add_argument("--style", choices=STYLES, default=None,
+                   help="shapes drawn flat, or shaded (gradients, soft edges, noise: what a "
+                   "palette of discrete colours cannot reproduce); default: the scale's")
     p.add_argument("--out", default=None, help="default runs/sweep-<scale>")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, data and parts and say what would run; train nothing")

@@ -470,6 +470,14 @@ class FluidModel(eqx.Module):
         return z, at
 
     # -- sampling -------------------------------------------------------------------------
+    @property
+    def default_cfg_schedule(self) -> str:
+        """The guidance schedule sampling uses unless told: `"linear"` for an order that
+        draws a permutation (MAR and Fluid ramp the scale with the masked count);
+        `"constant"` for one that does not (raster: LlamaGen guides at a constant scale, and
+        no raster model in the literature ramps it)."""
+        return "linear" if self.order.random_permutation else "constant"
+
     def generate(
         self,
         text_ids: Int[Array | np.ndarray, "batch ctx"],
@@ -478,7 +486,7 @@ class FluidModel(eqx.Module):
         key: Key,
         steps: int = 64,
         cfg: float = 1.0,
-        cfg_schedule: str = "linear",
+        cfg_schedule: str | None = None,
         temperature: float = 1.0,
         negative_ids: Int[Array | np.ndarray, "batch ctx"] | None = None,
         negative_mask: Bool[Array | np.ndarray, "batch ctx"] | None = None,
@@ -496,7 +504,7 @@ class FluidModel(eqx.Module):
         - `cfg`: classifier-free guidance scale; 1 disables guidance (static).
         - `cfg_schedule`: `"linear"` (MAR's: at a step, `1 + (cfg - 1) * (n - m) / n` with
           `m` the positions still masked after it, counted as at least one) or `"constant"`
-          (static).
+          (static); `None` (the default): `default_cfg_schedule`.
         - `temperature`: passed to the head.
         - `negative_ids`, `negative_mask`: tokenized negative prompts, one per caption: the
           unconditional half of guidance reads them in place of the empty caption, so the
@@ -525,6 +533,8 @@ class FluidModel(eqx.Module):
         Images in [-1, 1]. Jit this call with `eqx.filter_jit` (steps, cfg and the schedule
         are static); `fluid.sample` does.
         """
+        if cfg_schedule is None:
+            cfg_schedule = self.default_cfg_schedule
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}.")
         negative = None

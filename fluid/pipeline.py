@@ -5,8 +5,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import jax.random as jr
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._errors import ConfigError, MissingInputError
 from .build import mar_model
@@ -15,7 +17,7 @@ from .convert import MarFolder, is_mar_folder, read_mar_folder
 from .model import FluidModel
 from .presets import mar_converted
 from .run import is_pretrained, load_model, load_pretrained, save_pretrained
-from .sample import sample_images
+from .sample import place, sample_images, spread_over
 from .text import CaptionTokenizer, ClassLabelTokenizer
 from .tokenizers import KLTokenizer, read_kl_config
 
@@ -36,18 +38,34 @@ class Pipeline:
 
     - `model`, `text_tokenizer`, `config`: the model, the caption tokenizer it was trained
       with and its training config (as `fluid.run.load_model` returns them).
+    - `devices`: where a batch is sampled, split row by row (`fluid.sample.sample_images`'s
+      `devices`); every local device by default (`jax.local_devices()`), the model
+      replicated on them once, at the first call.
     """
 
-    def __init__(self, model: FluidModel, text_tokenizer: CaptionTokenizer, config: TrainConfig):
+    def __init__(self, model: FluidModel, text_tokenizer: CaptionTokenizer, config: TrainConfig,
+                 *, devices: Sequence[jax.Device] | None = None):
         self.model = model
         self.text_tokenizer = text_tokenizer
         self.config = config
+        self.devices = tuple(jax.local_devices() if devices is None else devices)
+        self._placed: tuple[FluidModel, FluidModel] | None = None
+
+    def _placed_model(self) -> FluidModel:
+        """The model replicated on `devices` (copied once per model, not per call)."""
+        spread = spread_over(self.devices, 1)
+        if spread is None:
+            return self.model
+        if self._placed is None or self._placed[0] is not self.model:
+            self._placed = (self.model, place(self.model, spread.replicated))
+        return self._placed[1]
 
     @property
     def default_cfg_schedule(self) -> str:
-        """`"linear"` for a random order (MAR, Fluid); `"constant"` for an order that does not
-        draw a permutation (raster: LlamaGen uses a constant scale)."""
-        return "linear" if self.model.order.random_permutation else "constant"
+        """The model's (`FluidModel.default_cfg_schedule`): `"linear"` for a random order
+        (MAR, Fluid); `"constant"` for an order that does not draw a permutation (raster:
+        LlamaGen uses a constant scale)."""
+        return self.model.default_cfg_schedule
 
     def __call__(
         self,
@@ -64,6 +82,7 @@ class Pipeline:
         cfg_interval: tuple[float, float] | None = None,
         head_steps: int | Sequence[int] | None = None,
         cfg_refresh: int | None = None,
+        progress: bool = False,
     ) -> list:
         """Sample images of `prompts` (one string, or several).
 
@@ -85,11 +104,39 @@ class Pipeline:
           `FluidModel.generate`'s (guidance only over a part of the progress; the head's
           chain length, or a DiSA schedule of them; the unconditional backbone pass only
           every `cfg_refresh` guided steps, its residual reused between). Off by default.
+        - `progress`: a progress bar over the batches (the first one's time includes
+          compiling the sampler, once per shape and setting).
 
         **Returns:**
 
-        A list of `PIL.Image.Image`, `len(prompts) * num_images_per_prompt` of them.
+        A list of `PIL.Image.Image`, `len(prompts) * num_images_per_prompt` of them
+        (`images` gives the arrays).
         """
+        return to_pil(self.images(
+            prompts, num_images_per_prompt=num_images_per_prompt, seed=seed, steps=steps,
+            cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, batch_size=batch_size,
+            negative_prompt=negative_prompt, cfg_interval=cfg_interval, head_steps=head_steps,
+            cfg_refresh=cfg_refresh, progress=progress,
+        ))
+
+    def images(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        batch_size: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        head_steps: int | Sequence[int] | None = None,
+        cfg_refresh: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """What `__call__` samples, as one array `[n, h, w, 3]` in [-1, 1]."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(self.text_tokenizer, ClassLabelTokenizer):
@@ -116,11 +163,15 @@ class Pipeline:
         size = batch_size or len(wanted)
         key = jr.key(seed)
         images = []
-        for batch, start in enumerate(range(0, len(wanted), size)):
+        starts = range(0, len(wanted), size)
+        bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress,
+                   postfix="the first batch compiles")
+        model = self._placed_model()
+        for batch, start in enumerate(bar):
             # The first batch samples with the seed's key itself, as `fluid sample` does.
             sub = key if batch == 0 else jr.fold_in(key, batch)
             images.append(sample_images(
-                self.model, self.text_tokenizer, wanted[start:start + size],
+                model, self.text_tokenizer, wanted[start:start + size],
                 text_len=config.model.text_len, key=sub,
                 steps=config.sample_steps if steps is None else steps,
                 cfg=config.sample_cfg if cfg is None else cfg,
@@ -128,8 +179,10 @@ class Pipeline:
                 temperature=config.sample_temperature if temperature is None else temperature,
                 negative_prompts=None if negatives is None else negatives[start:start + size],
                 cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,
+                devices=self.devices,
             ))
-        return to_pil(np.concatenate(images))
+            bar.set_postfix_str("")
+        return np.concatenate(images)
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> Path:
         """Write the model as a pretrained folder (`fluid.run.save_pretrained`)."""

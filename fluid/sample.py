@@ -2,6 +2,7 @@
 
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -84,12 +85,13 @@ def sample_images(
     key: Key | None = None,
     steps: int = 64,
     cfg: float = 3.0,
-    cfg_schedule: str = "linear",
+    cfg_schedule: str | None = None,
     temperature: float = 1.0,
     negative_prompts: Sequence[str] | None = None,
     cfg_interval: tuple[float, float] | None = None,
     head_steps: int | Sequence[int] | None = None,
     cfg_refresh: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> np.ndarray:
     """Images `[len(prompts), h, w, 3]` in [-1, 1], one per prompt, by one jitted call.
 
@@ -104,6 +106,12 @@ def sample_images(
     - `cfg_interval`, `head_steps`, `cfg_refresh`: the fast-sampling switches of
       `FluidModel.generate` (a guidance interval over progress; the head's chain, or a DiSA
       schedule of them; LazyMAR's reuse of the guidance residual between refreshes).
+    - `devices`: spread the batch over these devices (`jax.local_devices()`: every device
+      of this host): the prompts padded with copies of the last to a multiple of their
+      number, split row by row, the model replicated on each. Row `i` draws with the key
+      it draws on one device (`jr.split`'s `i`-th key depends on `i` alone), so the images
+      are one device's up to floating-point rounding (each device multiplies fewer rows).
+      `None` or one device: the default device, no copies.
     - the rest: as `FluidModel.generate`.
     """
     if isinstance(prompts, str):
@@ -118,9 +126,46 @@ def sample_images(
     negative = _encode_negatives(text_tokenizer, prompts, negative_prompts, text_len)
     key = jr.key(0) if key is None else key
     steps = _checked_steps(model, steps, cfg, temperature)
+    count = len(prompts)
+    spread = spread_over(devices, count)
+    if spread is not None:  # rows padded with copies of the last, cut off the images below
+        def padded(rows):
+            return np.concatenate([rows, np.repeat(rows[-1:], spread.rows - count, axis=0)])
+
+        ids, mask, negative = jax.tree.map(padded, (ids, mask, negative))
+        ids, mask, negative = jax.device_put((ids, mask, negative), spread.rows_sharding)
+        key = jax.device_put(key, spread.replicated)
+        model = place(model, spread.replicated)
     out = _generate(model, ids, mask, key, steps, float(cfg), cfg_schedule, float(temperature),
                     negative, *switches)
-    return np.asarray(out)
+    return np.asarray(out)[:count]
+
+
+class Spread(NamedTuple):
+    """A batch spread over devices: `rows` (the batch padded to a multiple of the device
+    count), the sharding that splits rows over the devices, and the one that replicates."""
+
+    rows: int
+    rows_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
+def place(tree, sharding: jax.sharding.Sharding):
+    """`tree` with its arrays put on `sharding` (`jax.device_put`: arrays committed to one
+    device move too, and arrays already there are not copied)."""
+    arrays, rest = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.device_put(arrays, sharding), rest)
+
+
+def spread_over(devices: Sequence[jax.Device] | None, count: int) -> Spread | None:
+    """How `count` rows spread over `devices`; `None` for no devices or one."""
+    if devices is None or len(devices) < 2:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    rows = -(-count // len(devices)) * len(devices)
+    return Spread(rows, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")),
+                  jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 @eqx.filter_jit
@@ -148,7 +193,7 @@ def sample_images_per_key(
     text_len: int,
     steps: int = 64,
     cfg: float = 3.0,
-    cfg_schedule: str = "linear",
+    cfg_schedule: str | None = None,
     temperature: float = 1.0,
     negative_prompts: Sequence[str] | None = None,
     cfg_interval: tuple[float, float] | None = None,

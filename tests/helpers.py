@@ -224,6 +224,7 @@ def user_error(capsys, argv) -> str:
     traceback, exit status 2: the line."""
     from fluid.cli import main
 
+    capsys.readouterr()  # what earlier commands printed (progress bars) is not this one's
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -11,6 +11,7 @@ from helpers import tiny_config, untrained_pipeline
 from PIL import Image
 
 import fluid
+import fluid.sample
 from fluid.build import build_model
 from fluid.config import to_dict
 from fluid.data.shapes import ShapesDataset
@@ -73,6 +74,44 @@ def test_the_pipeline_samples_what_sample_images_does_with_the_runs_defaults(pip
     assert np.asarray(other[0]).tobytes() != np.asarray(images[0]).tobytes()
 
 
+def test_the_pipeline_spreads_each_batch_over_every_local_device(pipe, monkeypatch):
+    assert pipe.devices == tuple(jax.local_devices()) and len(pipe.devices) == 8  # conftest
+    seen = []
+    generate = fluid.sample._generate
+
+    def spy(model, ids, *args):
+        on = ids.sharding.num_devices if isinstance(ids, jax.Array) else 1  # numpy: default
+        seen.append((ids.shape, on,
+                     {leaf.sharding.num_devices for leaf in jax.tree.leaves(model)
+                      if isinstance(leaf, jax.Array)}))
+        return generate(model, ids, *args)
+
+    monkeypatch.setattr(fluid.sample, "_generate", spy)
+    prompts = ["a red circle", "a blue square", ""]
+    config = tiny_config("discrete-random")
+    text_tokenizer = make_text_tokenizer(ShapesDataset(16, size=64), config.model.text_vocab_size)
+    model = build_model(config.model, text_tokenizer=text_tokenizer, key=jr.key(0),
+                        fit_images=np.zeros((16, 16, 16, 3), np.float32))
+    model = helpers.perturbed(model, jr.key(1))  # so that the caption moves the samples
+    for sampler, exact in ((pipe, False), (fluid.Pipeline(model, text_tokenizer, config), True)):
+        seen.clear()
+        spread = sampler.images(prompts, seed=5, cfg=3.0)
+        # Three rows padded to eight, one per device, the model replicated on all; cut back.
+        rows = seen[-1][0][0]
+        assert spread.shape[0] == 3 and (rows, *seen[-1][1:]) == (8, 8, {8})
+        alone = fluid.Pipeline(sampler.model, sampler.text_tokenizer, sampler.config,
+                               devices=jax.local_devices()[:1])
+        one = alone.images(prompts, seed=5, cfg=3.0)
+        assert seen[-1][0][0] == 3 and seen[-1][1:] == (1, {1})
+        # Each row draws with its own key as on one device: discrete tokens equal; continuous
+        # ones up to the rounding of matmuls over fewer rows, through the diffusion chain.
+        if exact:
+            np.testing.assert_array_equal(spread, one)
+        else:
+            np.testing.assert_allclose(spread, one, atol=1e-3)
+        assert not np.array_equal(spread[0], spread[1])
+
+
 def test_raster_models_default_to_constant_guidance(pipe):
     assert pipe.default_cfg_schedule == "linear"
     config = tiny_config("discrete-raster")
@@ -88,6 +127,13 @@ def test_raster_models_default_to_constant_guidance(pipe):
               for kw in ({}, {"cfg_schedule": "constant"}, {"cfg_schedule": "linear"})]
     np.testing.assert_array_equal(images[0], images[1])
     assert not np.array_equal(images[0], images[2])
+    # The same default below the pipeline (`sample_images` and `FluidModel.generate`, which
+    # `fluid eval`, the sweep and the trainer's previews call).
+    direct = [sample_images(raster.model, text_tokenizer, ["a red circle"],
+                            text_len=config.model.text_len, key=jr.key(2), steps=4, cfg=3.0, **kw)
+              for kw in ({}, {"cfg_schedule": "constant"}, {"cfg_schedule": "linear"})]
+    np.testing.assert_array_equal(direct[0], direct[1])
+    assert not np.array_equal(direct[0], direct[2])
 
 
 def test_load_reads_run_folders_and_pretrained_folders_alike(tmp_path):

@@ -221,6 +221,65 @@ def test_a_scale_sets_the_data_style():
         assert sweep_config(variant, "w16d1", shaded).data.style == "shaded"
 
 
+def test_runs_train_as_the_paper_trains():
+    scale = SCALES["small"]
+    lr = scale.learning_rate
+    fluid_run = sweep_config("fluid", "w64d2", scale)
+    # Fluid's cosine mask ratios over [0, 1], its constant rate for continuous tokens.
+    assert fluid_run.model.order.kwargs["mask_schedule"] == "cosine"
+    assert (fluid_run.optim.schedule, fluid_run.optim.learning_rate) == ("constant", lr)
+    for variant in ("discrete-random", "discrete-raster"):  # cosine decay for discrete tokens
+        assert sweep_config(variant, "w64d2", scale).optim.schedule == "cosine"
+    assert sweep_config("discrete-random", "w64d2", scale).model.order.kwargs == {
+        "mask_schedule": "cosine"}
+    assert sweep_config("continuous-raster", "w64d2", scale).optim.schedule == "constant"
+    # Both are settings of the scale: MAR's mask ratios, a rate per width.
+    varied = dataclasses.replace(scale, mask_schedule="mar", lr_width_exponent=1.0)
+    assert sweep_config("fluid", "w64d2", varied).model.order.kwargs["mask_schedule"] == "mar"
+    first = parse_size(scale.sizes[0])[0]
+    assert sweep_config("fluid", "w96d3", varied).optim.learning_rate == pytest.approx(
+        lr * first / 96)
+    assert sweep_config("fluid", scale.sizes[0], varied).optim.learning_rate == lr
+
+
+def test_a_size_a_variant_cannot_take_stops_the_sweep_before_any_training(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run trained before the sweep was checked")
+
+    monkeypatch.setattr(fluid.train.Trainer, "__init__", refuse)
+    # The arpg backbone needs a content and a query block: the tiny scale's w16d1 has one.
+    with pytest.raises(ValueError, match="cannot build discrete-arpg at size w16d1.*--sizes"):
+        fluid.eval.run_sweep(tmp_path, scale="tiny", variants=["fluid", "discrete-arpg"],
+                             progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_run_folder_of_another_setting_is_refused_not_reused(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run of another setting was trained or evaluated")
+
+    monkeypatch.setattr(fluid.train.Trainer, "__init__", refuse)
+    monkeypatch.setattr(fluid.eval._sweep, "evaluate_checkpoint", refuse)
+    scale = SCALES["tiny"]
+    older = dataclasses.replace(scale, mask_schedule="mar")  # a sweep from before the fix
+    (tmp_path / "fluid-w16d1").mkdir()
+    fluid.run.RunFolder(tmp_path / "fluid-w16d1").write_config(
+        sweep_config("fluid", "w16d1", older))
+    with pytest.raises(fluid.run.CheckpointMismatchError, match="mask_schedule"):
+        fluid.eval.run_one("fluid", "w16d1", scale, tmp_path, progress=False)
+
+
+def test_proportion_intervals_stay_within_zero_and_one():
+    runs = synthetic_runs(seeds=3, sizes=(1e4,))
+    for r, score in zip([r for r in runs if r["variant"] == "fluid"], (0.0, 0.0, 0.1)):
+        r["shapes_eval"]["overall"] = score
+    aggregates, _ = summarise(runs)
+    shapes = next(a for a in aggregates if a["variant"] == "fluid")["shapes_eval"]
+    _, low, high = numpy_t_interval([0.0, 0.0, 0.1], T_975_2)
+    assert low < 0  # the Student-t interval itself reaches below zero here
+    assert (shapes["low"], shapes["high"]) == (0.0, pytest.approx(high, rel=1e-12))
+
+
 SWEEP = ["sweep", "--scale", "tiny", "--variants", "fluid", "discrete-raster"]
 
 

@@ -44,6 +44,7 @@ from ._sweep import SweepScale as SweepScale
 from ._sweep import parse_size as parse_size
 from ._sweep import run_one as run_one
 from ._sweep import run_sweep as run_sweep
+from ._sweep import scale_setting as scale_setting
 from ._sweep import sweep_config as sweep_config
 from ._sweep import sweep_run_name as sweep_run_name
 from ._sweep_report import fit_power_law as fit_power_law
@@ -55,3 +56,4 @@ from ._validation import known_counts as known_counts
 from ._validation import validation_batches as validation_batches
 from ._validation import validation_loss as validation_loss
 from ._validation import validation_loss_terms as validation_loss_terms
+from ._validation import validation_mask_ratios as validation_mask_ratios

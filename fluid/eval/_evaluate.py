@@ -22,11 +22,11 @@ from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_ref
 from ._shapes_eval import ShapesEval
 from ._shapes_features import ShapesFeatures
 from ._validation import (
-    MASK_RATIOS,
     NOISE_DRAWS,
     VALIDATION_EXAMPLES,
     validation_batches,
     validation_loss_terms,
+    validation_mask_ratios,
 )
 
 # 32 prompts per category: the fewest images whose ShapesFeatures (191 of them) have a
@@ -53,6 +53,7 @@ def generate_images(
     seed: int = 0,
     steps: int = 16,
     cfg: float = 3.0,
+    cfg_schedule: str | None = None,
     temperature: float = 1.0,
     batch_size: int = GENERATION_BATCH,
     progress: bool = True,
@@ -68,6 +69,8 @@ def generate_images(
     - `prompts`: the captions.
     - `seed`: batch `b` is sampled with `fold_in(key(seed), b)`.
     - `steps`, `cfg`, `temperature`: sampling settings (a run's `sample_*`).
+    - `cfg_schedule`: `"linear"` or `"constant"`; `None`: the model's
+      `default_cfg_schedule` (constant for raster).
     - `batch_size`: images per call.
     - `progress`: show a progress bar.
     - `cfg_interval`, `head_steps`, `cfg_refresh`: fast-sampling switches
@@ -88,7 +91,8 @@ def generate_images(
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         images = sample_images(
             model, text_tokenizer, padded, text_len=text_len, key=jr.fold_in(jr.key(seed), b),
-            steps=steps, cfg=cfg, temperature=temperature, cfg_interval=cfg_interval,
+            steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+            cfg_interval=cfg_interval,
             head_steps=head_steps, cfg_refresh=cfg_refresh,
         )
         out.append(images[: len(chunk)])
@@ -180,7 +184,8 @@ def evaluate(
     validation = {
         "loss": float(totals.sum() / targets.sum()),
         "by_mask_ratio": None if causal else {
-            f"{ratio:g}": float(t / c) for ratio, t, c in zip(MASK_RATIOS, totals, targets)
+            f"{ratio:.4g}": float(t / c)
+            for ratio, t, c in zip(validation_mask_ratios(model), totals, targets)
         },
         "units": "nats per token (cross-entropy)" if model.tokenizer.token_kind == DISCRETE
         else "diffusion loss per token (noise MSE + variance term)",
@@ -228,6 +233,7 @@ def evaluate(
         "sampling": {
             "steps": config.sample_steps,
             "cfg": config.sample_cfg,
+            "cfg_schedule": model.default_cfg_schedule,
             "temperature": config.sample_temperature,
             "seed": seed,
             "cfg_interval": None if cfg_interval is None else list(cfg_interval),
@@ -305,10 +311,13 @@ def _markdown(result: dict[str, Any], *, samples: str) -> str:
             f"{fd['reference_count']} reference images){rough} | {fd['distance']:.3f} |"
         ),
         "",
-        f"Sampling: {result['sampling']['steps']} steps, guidance {result['sampling']['cfg']}, "
+        f"Sampling: {result['sampling']['steps']} steps, guidance {result['sampling']['cfg']}"
+        # Reports written before the schedule was recorded sampled with "linear".
+        f" ({result['sampling'].get('cfg_schedule', 'linear')}), "
         f"temperature {result['sampling']['temperature']}. Validation: "
         f"{val['examples']} held-out examples, {val['noise_draws']} noise draws each"
-        + ("" if val["by_mask_ratio"] is None else ", at each mask ratio") + ". "
+        + ("" if val["by_mask_ratio"] is None
+           else ", at each mask ratio (quantiles of the order's training draw)") + ". "
         "Continuous and discrete losses are in different units and do not compare.",
         "",
         f"![samples]({samples})",

@@ -36,10 +36,11 @@ import numpy as np
 
 from .._types import CONTINUOUS
 from ..build import abstract_model, count_params, non_embedding_params
-from ..config import TrainConfig, override
+from ..config import TrainConfig, override, to_dict
+from ..orders import ORDERS, RandomOrder
 from ..presets import ALL_VARIANTS, VARIANTS, shapes
 from ..recipes import prepare
-from ..run import CheckpointManager, EvalReport, RunFolder, read_metrics
+from ..run import CheckpointManager, EvalReport, RunFolder, check_config, read_metrics
 from ..tokenizers import TOKENIZERS
 from ._evaluate import evaluate_checkpoint
 from ._sweep_report import CONFIDENCE, summarise, write_report
@@ -52,6 +53,17 @@ class SweepScale:
     - `image_size`, `patch_size`: `shapes` images and their patch tokens.
     - `sizes`: default sizes, `w<width>d<depth>`.
     - `steps`, `batch_size`, `learning_rate`, `warmup_steps`: the training budget.
+    - `lr_schedule_continuous`, `lr_schedule_discrete`: the learning-rate schedule after
+      warm-up by token kind, as the Fluid paper trains: constant for continuous tokens,
+      cosine (to zero at the last step) for discrete ones.
+    - `lr_width_exponent`: the learning rate of a size of width `w` is `learning_rate *
+      (w0 / w) ** lr_width_exponent`, `w0` the width of the scale's first size. 0 (the
+      default, the paper's): one rate for every size; 1 scales it as 1 / width (muP's rule
+      for hidden matrices under Adam), to test whether one rate favours some sizes.
+    - `mask_schedule`: how random-order variants draw the masked fraction in training
+      (`RandomOrder.mask_schedule`): `"cosine"` over [0, 1] as Fluid (the default), or
+      `"mar"` (at least 70% masked, as MAR). Validation scores each model at quantiles of
+      its own draw (`fluid.eval.validation_mask_ratios`).
     - `head_depth`, `head_batch_mul`: diffusion head depth and timesteps drawn per token in
       training; its width is the model's, and at least `head_min_width` (a head narrower
       than the 48 values of a 4 x 4 pixel patch is a bottleneck that no backbone size
@@ -77,6 +89,10 @@ class SweepScale:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 50
+    lr_schedule_continuous: str = "constant"
+    lr_schedule_discrete: str = "cosine"
+    lr_width_exponent: float = 0.0
+    mask_schedule: str = "cosine"
     head_depth: int = 2
     head_batch_mul: int = 4
     head_min_width: int = 64
@@ -130,6 +146,17 @@ SCALES: dict[str, SweepScale] = {
 }
 
 
+def scale_setting(scale: str, options: dict[str, Any] | None = None) -> SweepScale:
+    """The `SweepScale` named `scale`, with the fields of `options` changed."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
+    fields = {f.name for f in dataclasses.fields(SweepScale)}
+    unknown = sorted(set(options or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown sweep settings {unknown}; settings are {sorted(fields)}.")
+    return dataclasses.replace(SCALES[scale], **(options or {}))
+
+
 def parse_size(size: str) -> tuple[int, int, int]:
     """`(width, depth, heads)` of a size name `w<width>d<depth>`: heads of 32 channels, one
     below 64."""
@@ -160,7 +187,8 @@ def sweep_config(
     - `seed`: the run's `seed` and `data.seed` (0 is the presets' own).
 
     EMA weights are evaluated; their decay is `1 - 10 / steps` (clipped to [0.9, 0.9999]),
-    an average over the last tenth of the run whatever its length.
+    an average over the last tenth of the run whatever its length. The learning rate, its
+    schedule and the random order's mask schedule follow the scale (`SweepScale`).
     """
     if variant not in ALL_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants are {ALL_VARIANTS}.")
@@ -169,6 +197,8 @@ def sweep_config(
     config = shapes(variant)
     # The tokenizer's declared token kind says which head's settings the scale fills in.
     continuous = TOKENIZERS.get(config.model.tokenizer.name).token_kind == CONTINUOUS
+    first_width = parse_size(scale.sizes[0])[0]
+    learning_rate = scale.learning_rate * (first_width / width) ** scale.lr_width_exponent
     values: dict[str, Any] = {
         "model.tokenizer.image_size": scale.image_size,
         "model.tokenizer.patch_size": scale.patch_size,
@@ -186,7 +216,9 @@ def sweep_config(
         "data.style": scale.style,
         "sample_temperature": scale.sample_temperature,
         "data.fit_images": scale.fit_images,
-        "optim.learning_rate": scale.learning_rate,
+        "optim.learning_rate": learning_rate,
+        "optim.schedule": scale.lr_schedule_continuous if continuous
+        else scale.lr_schedule_discrete,
         "optim.warmup_steps": min(scale.warmup_steps, steps),
         "optim.ema_decay": min(max(1.0 - 10.0 / steps, 0.9), 0.9999),
         "steps": steps,
@@ -203,6 +235,8 @@ def sweep_config(
         values["model.head.batch_mul"] = scale.head_batch_mul
     else:
         values["model.tokenizer.vocab_size"] = scale.vocab_size
+    if issubclass(ORDERS.get(config.model.order.name), RandomOrder):
+        values["model.order.mask_schedule"] = scale.mask_schedule
     for key, value in values.items():
         config = override(config, key, value)
     return config
@@ -267,6 +301,10 @@ def run_one(
     """
     config = sweep_config(variant, size, scale, steps=steps, seed=seed)
     run = RunFolder(Path(out) / sweep_run_name(variant, size, seed))
+    if run.config.exists():
+        # A run of another setting (an older sweep's mask or learning-rate schedule, say)
+        # is never reused as this one: its results would be silently wrong.
+        check_config(json.loads(run.config.read_text()), to_dict(config), source=str(run.root))
     report = EvalReport(run.eval)
     settings = {
         "samples": scale.samples if samples is None else samples,
@@ -317,6 +355,7 @@ def run_sweep(
     steps: int | None = None,
     samples: int | None = None,
     seeds: int | None = None,
+    options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate every (variant, size) for each seed, fit the power laws, write
@@ -333,6 +372,8 @@ def run_sweep(
     - `steps`, `samples`: override the scale's step budget and evaluation samples.
     - `seeds`: runs per (variant, size), seeds `0, ..., seeds - 1`; the scale's (1) by
       default. Seed 0 of every run is trained before seed 1 of any.
+    - `options`: fields of the scale's `SweepScale` to change (`{"mask_schedule": "mar"}`),
+      recorded in the report's `setting`.
     - `progress`: print progress and show progress bars.
 
     **Returns:**
@@ -349,7 +390,7 @@ def run_sweep(
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
-    setting = SCALES[scale]
+    setting = scale_setting(scale, options)
     sizes = list(sizes or setting.sizes)
     seeds = setting.seeds if seeds is None else seeds
     if seeds < 1:
@@ -358,10 +399,18 @@ def run_sweep(
     if unknown:
         raise ValueError(f"unknown variants {unknown}; variants are {ALL_VARIANTS}.")
     out = Path(out)
-    counted = {
-        (v, s): _model_size(sweep_config(v, s, setting, steps=steps))
-        for v in variants for s in sizes
-    }
+    counted = {}
+    for v in variants:
+        for s in sizes:
+            # Every run is built (abstractly) before any trains: a size a variant cannot take
+            # stops the sweep now, not hours in.
+            try:
+                counted[(v, s)] = _model_size(sweep_config(v, s, setting, steps=steps))
+            except ValueError as error:
+                raise ValueError(
+                    f"the sweep cannot build {v} at size {s}: {error} Leave that size out "
+                    "(--sizes) or that variant (--variants)."
+                ) from None
     if progress:
         for (v, s), count in counted.items():
             print(f"{v:<18} {s:<8} {count['non_embedding_parameters']:>12,} non-embedding "

@@ -83,12 +83,20 @@ def fit_power_law_with_floor(
     return a, alpha, float(floor)
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
+# ShapesEval's scores are fractions of images judged right.
+PROPORTION = (0.0, 1.0)
+
+
+def _summary(values: list[float], *, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """`{"mean", "low", "high", "n"}` over seeds; `low` and `high` are `None` for one seed
-    (no interval) or a value that is not finite."""
+    (no interval) or a value that is not finite. `bounds`: the range the measure cannot
+    leave (`(0, 1)` for a proportion); the interval is clipped to it, as a Student-t
+    interval of a few proportions near 0 or 1 reaches past them."""
     if len(values) < 2 or not np.all(np.isfinite(values)):
         return {"mean": float(np.mean(values)), "low": None, "high": None, "n": len(values)}
     mean, low, high = mean_interval(values, CONFIDENCE)
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
     return {"mean": mean, "low": low, "high": high, "n": len(values)}
 
 
@@ -113,9 +121,11 @@ def _aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "non_embedding_parameters": first["non_embedding_parameters"],
             "seeds": [r.get("seed", 0) for r in members],
             "validation_loss": _summary([r["validation"]["loss"] for r in members]),
-            "shapes_eval": _summary([r["shapes_eval"]["overall"] for r in members]),
+            "shapes_eval": _summary([r["shapes_eval"]["overall"] for r in members],
+                                    bounds=PROPORTION),
             "shapes_eval_categories": {
-                c: _summary([r["shapes_eval"]["categories"][c] for r in members])
+                c: _summary([r["shapes_eval"]["categories"][c] for r in members],
+                            bounds=PROPORTION)
                 for c in categories
             },
             "frechet": _summary([r["frechet"]["distance"] for r in members]),

@@ -21,8 +21,11 @@ from jaxtyping import Array, Float, Int
 from .._types import CAUSAL, Key
 from ..model import FluidModel
 
-# The fixed mask ratios of a bidirectional (random-order) model: 8 evenly spaced in (0, 1].
+# 8 evenly spaced mask ratios in (0, 1]: what a bidirectional model was scored at before
+# the ratios came from its order (`validation_mask_ratios`); kept for explicit use.
 MASK_RATIOS = tuple((i + 1) / 8 for i in range(8))
+# Ratios a bidirectional model is scored at: quantiles of its order's training draw.
+RATIO_COUNT = 8
 # Forward passes per example and mask ratio, each with fresh head noise.
 NOISE_DRAWS = 2
 # Held-out `shapes` items come from this seed offset from the training data's seed: items
@@ -92,6 +95,14 @@ def known_counts(seq_len: int, mask_ratios: Sequence[float]) -> list[int]:
     return out
 
 
+def validation_mask_ratios(model: FluidModel, count: int = RATIO_COUNT) -> tuple[float, ...]:
+    """The mask ratios a bidirectional `model` is scored at by default: `count` quantiles of
+    its order's training draw (`AbstractGenerationOrder.validation_mask_ratios`), so that a
+    model trained on MAR's ratios (at least 70% masked) is not scored at ratios it never
+    saw, and the mean over them estimates its training objective."""
+    return model.order.validation_mask_ratios(count)
+
+
 def _conditional(model: FluidModel) -> FluidModel:
     """`model` without caption dropout (a static field: rebuilt through the constructor)."""
     return FluidModel(
@@ -142,7 +153,7 @@ def validation_loss_terms(
     batches: Iterable[Mapping[str, ArrayLike]],
     *,
     seed: int = 0,
-    mask_ratios: Sequence[float] = MASK_RATIOS,
+    mask_ratios: Sequence[float] | None = None,
     noise_draws: int = NOISE_DRAWS,
     chunk_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +177,8 @@ def validation_loss_terms(
     total_examples = len(examples["text_ids"])
     model = _conditional(model)
     causal = model.backbone.attention == CAUSAL
+    if mask_ratios is None:
+        mask_ratios = validation_mask_ratios(model)
     counts = None if causal else jnp.asarray(known_counts(model.seq_len, mask_ratios), jnp.int32)
     num_ratios = 1 if causal else len(mask_ratios)
     key = jr.key(seed)
@@ -192,7 +205,7 @@ def validation_loss(
     batches: Iterable[Mapping[str, ArrayLike]],
     *,
     seed: int = 0,
-    mask_ratios: Sequence[float] = MASK_RATIOS,
+    mask_ratios: Sequence[float] | None = None,
     noise_draws: int = NOISE_DRAWS,
     chunk_size: int = 64,
 ) -> float:
@@ -200,7 +213,8 @@ def validation_loss(
 
     A causal (raster) model is scored by its ordinary teacher-forced loss: every position
     is a target. A bidirectional (random-order) model is scored at fixed mask ratios
-    instead of the order's random draw: each example at each ratio of `mask_ratios`, with
+    instead of the order's random draw (by default `validation_mask_ratios(model)`, the
+    draw's quantiles): each example at each ratio of `mask_ratios`, with
     `ceil(seq * ratio)` positions masked (a ratio of 1 masks all of them); the result is
     the mean over all target tokens of all ratios, so ratios with more targets weigh more
     (`validation_loss_terms` gives each ratio's sums).
@@ -224,7 +238,8 @@ def validation_loss(
       how the set is split into batches does not change the result, not even in the last
       bit.
     - `seed`: seed of the keys.
-    - `mask_ratios`: masked fractions in (0, 1] for bidirectional models.
+    - `mask_ratios`: masked fractions in (0, 1] for bidirectional models; by default
+      `validation_mask_ratios(model)`.
     - `noise_draws`: forward passes per example and ratio.
     - `chunk_size`: examples per forward pass (memory against speed; it changes the
       result only by rounding).

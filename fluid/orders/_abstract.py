@@ -103,6 +103,21 @@ class AbstractGenerationOrder(eqx.Module):
         known = rank < num_known
         return TrainingPositions(order, known, ~known)
 
+    def validation_mask_ratios(self, count: int) -> tuple[float, ...]:
+        """`count` masked fractions in (0, 1] that stand for the training draw of
+        `num_known`, for scoring a bidirectional model at fixed ratios
+        (`fluid.eval.validation_loss`): the quantiles of the training distribution of the
+        ratio at the midpoints `(i + 0.5) / count`, so that the mean over them is the
+        midpoint rule for the training objective's expectation, and no ratio lies where
+        training never goes.
+
+        This default is the uniform distribution on (0, 1] (a known count uniform over
+        `[0, n - 1]`, as `RasterOrder` draws); an order that draws otherwise says so.
+        """
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}.")
+        return tuple((i + 0.5) / count for i in range(count))
+
 
 class AbstractBoundedOrder(AbstractGenerationOrder):
     """An order whose training draws know at most a static number of positions.

@@ -1,5 +1,6 @@
 import functools
 import math
+import statistics
 import typing
 
 import jax.numpy as jnp
@@ -77,6 +78,20 @@ class RandomOrder(AbstractBoundedOrder):
             # Standardised bounds of [0.7, 1] under N(1, 0.25^2).
             return 1.0 + 0.25 * jr.truncated_normal(key, -1.2, 0.0)
         return jnp.cos(jnp.pi / 2 * jr.uniform(key))
+
+    def validation_mask_ratios(self, count: int) -> tuple[float, ...]:
+        """The training draw's quantiles at `(i + 0.5) / count`, in increasing order:
+        `"mar"`: `1 + 0.25 * Phi^-1(Phi(-1.2) + q (Phi(0) - Phi(-1.2)))` (the normal's
+        quantile within its truncation to [0.7, 1]); `"cosine"`: `sin(pi/2 * q)` (the
+        quantile of `cos(pi/2 * u)`, `u` uniform)."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}.")
+        levels = [(i + 0.5) / count for i in range(count)]
+        if self.mask_schedule == "cosine":
+            return tuple(math.sin(math.pi / 2 * q) for q in levels)
+        normal = statistics.NormalDist()
+        low, high = normal.cdf(-1.2), normal.cdf(0.0)
+        return tuple(1.0 + 0.25 * normal.inv_cdf(low + q * (high - low)) for q in levels)
 
     @property
     def min_mask_ratio(self) -> float:
