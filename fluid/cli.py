@@ -150,7 +150,7 @@ def cmd_train_tokenizer(args) -> int:
 
 def cmd_sample(args) -> int:
     from .convert import is_mar_folder, read_mar_folder
-    from .pipeline import Pipeline, mar_pipeline, to_pil
+    from .pipeline import Pipeline, mar_pipeline, missing_vae, to_pil
     from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
     from .text import ClassLabelTokenizer, load_caption_tokenizer
     from .viz import check_figure_path, save_grid
@@ -169,7 +169,7 @@ def cmd_sample(args) -> int:
     check_figure_path(args.out)
     if is_mar_folder(args.checkpoint):
         if args.vae is None:
-            mar_pipeline(args.checkpoint, vae=None)  # raises ConfigError: how to make one
+            raise missing_vae(args.checkpoint)
         folder = read_mar_folder(args.checkpoint)
         # The classes are refused before the model is built.
         checked = _sample_prompts(args, ClassLabelTokenizer(

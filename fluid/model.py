@@ -33,7 +33,7 @@ from .heads import (
 from .nn import dense, per_vector
 from .orders import ORDERS, AbstractBoundedOrder, AbstractGenerationOrder
 from .text import AbstractTextEncoder, TextAligner
-from .tokenizers import AbstractImageTokenizer, KLTokenizer, draw_posterior_tokens
+from .tokenizers import AbstractImageTokenizer
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -276,9 +276,10 @@ class FluidModel(eqx.Module):
 
     @property
     def samples_posterior(self) -> bool:
-        """Whether training draws its tokens from the tokenizer's posterior (a KL tokenizer
-        with `sample_posterior`) rather than taking them as the tokenizer encodes them."""
-        return isinstance(self.tokenizer, KLTokenizer) and self.tokenizer.sample_posterior
+        """Whether training draws its tokens from the tokenizer's posterior (its
+        `samples_posterior`: a KL tokenizer with `sample_posterior`, say) rather than taking
+        them as the tokenizer encodes them."""
+        return self.tokenizer.samples_posterior
 
     def encode_images(
         self,
@@ -293,10 +294,10 @@ class FluidModel(eqx.Module):
             if not self.samples_posterior:
                 tokens = jax.vmap(self.tokenizer.encode)(images)
             elif keys is None:
-                tokens = jax.vmap(lambda x: self.tokenizer.latent_to_tokens(
-                    self.tokenizer.posterior(x)[0]))(images)
+                tokens = jax.vmap(self.tokenizer.mean_tokens)(images)
             else:
-                tokens = jax.vmap(lambda x, k: self.tokenizer.encode(x, key=k))(images, keys)
+                tokens = jax.vmap(lambda x, k: self.tokenizer.sample_tokens(x, key=k))(images,
+                                                                                     keys)
             return jax.lax.stop_gradient(tokens)
 
     def encode_text(self, ids: Int[Array, " ctx"], mask: TextMask) -> Context:
@@ -397,7 +398,7 @@ class FluidModel(eqx.Module):
         """A training batch's tokens, captions and cached text (with the empty caption's).
 
         Tokens come as they are (`tokens`), or are drawn from cached posterior moments
-        (`posterior`, `draw_posterior_tokens`), or are encoded from `image`; a draw of
+        (`posterior`, the tokenizer's `draw_tokens`), or are encoded from `image`; a draw of
         example `i` uses `jr.fold_in(keys[i], 5)`, apart from the keys the example's other
         choices split from `keys[i]`."""
         if "tokens" in batch:
@@ -407,14 +408,15 @@ class FluidModel(eqx.Module):
             if "posterior" in batch:
                 if not self.samples_posterior:
                     raise ValueError(
-                        "the batch holds posterior moments (a token cache of a KL tokenizer "
-                        "with sample_posterior=True), but this model's tokenizer does not "
-                        "sample its posterior: set sample_posterior=True in its kwargs, or "
-                        "rebuild the cache without it."
+                        "the batch holds posterior moments (a token cache of a tokenizer that "
+                        "samples its posterior: a KL tokenizer with sample_posterior=True), "
+                        f"but this model's {type(self.tokenizer).__name__} does not sample its "
+                        "posterior: set sample_posterior=True in its kwargs, or rebuild the "
+                        "cache without it."
                     )
                 with jax.named_scope("tokenizer"):
                     tokens = jax.lax.stop_gradient(jax.vmap(
-                        lambda m, k: draw_posterior_tokens(self.tokenizer, m, k)
+                        lambda m, k: self.tokenizer.draw_tokens(m, key=k)
                     )(jnp.asarray(batch["posterior"]), draw_keys))
             else:
                 tokens = self.encode_images(

@@ -229,6 +229,16 @@ def load(path: str | os.PathLike, *, ema: bool = True,
     return Pipeline(*load_model(path, ema=ema))
 
 
+def missing_vae(path: str | os.PathLike) -> ConfigError:
+    """The error for a MAR folder given without its autoencoder: what to convert and pass."""
+    return ConfigError(
+        f"{path} holds MAR's model alone; its tokens are latents of MAR's KL-16 "
+        "autoencoder, a checkpoint of its own (kl16.ckpt). Convert it with `fluid convert "
+        "ldm --mar kl16.ckpt VAE/` and pass the folder: fluid.load(..., vae='VAE/'), or "
+        "`fluid sample ... --vae VAE/`."
+    )
+
+
 def mar_pipeline(path: str | os.PathLike | MarFolder, *, vae: str | os.PathLike | None,
                  ema: bool = True) -> Pipeline:
     """`load` for a MAR folder (`fluid convert mar`; or the `MarFolder` that
@@ -238,12 +248,7 @@ def mar_pipeline(path: str | os.PathLike | MarFolder, *, vae: str | os.PathLike 
     folder = path if isinstance(path, MarFolder) else None
     path = folder.folder if folder is not None else os.fspath(path)
     if vae is None:
-        raise ConfigError(
-            f"{path} holds MAR's model alone; its tokens are latents of MAR's KL-16 "
-            "autoencoder, a checkpoint of its own (kl16.ckpt). Convert it with `fluid convert "
-            "ldm --mar kl16.ckpt VAE/` and pass the folder: fluid.load(..., vae='VAE/'), or "
-            "`fluid sample ... --vae VAE/`."
-        )
+        raise missing_vae(path)
     folder = folder or read_mar_folder(path)
     if not ema and folder.config["weights"] == "model_ema":
         raise ConfigError(

@@ -2,17 +2,25 @@
 each image and its flip, and a fresh draw per example and step from the step's key."""
 
 import dataclasses
+from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import tiny_config, untrained_pipeline
 
 from fluid.config import ComponentSpec
 from fluid.presets import get_config
 from fluid.recipes import CachedSource, CacheMismatchError, make_source, prepare
-from fluid.tokenizers import KLTokenizer, draw_posterior_tokens
+from fluid.tokenizers import (
+    AbstractImageTokenizer,
+    KLTokenizer,
+    PatchTokenizer,
+    draw_posterior_tokens,
+)
 
 
 def _config(tmp_path=None, *, sample_posterior=True, flip=None, steps=3, **changes):
@@ -174,3 +182,89 @@ def test_a_posterior_run_trains_and_resumes_exactly(tmp_path):
     assert second.step == 10
     tail = _losses(second.run())
     np.testing.assert_allclose(np.concatenate([head, tail]), straight, rtol=1e-6)
+
+
+class WobblyPatches(AbstractImageTokenizer):
+    """A plug-in tokenizer with a posterior that is no KL autoencoder: an image's patch
+    tokens are the mean of a Gaussian of fixed spread; its moments are the mean and the
+    log-variance of each view, `[views, 2, seq, token_dim]`."""
+
+    patches: PatchTokenizer
+    log_var: float = eqx.field(static=True, default=-3.0)
+    token_kind: ClassVar[str] = "continuous"
+
+    @property
+    def image_size(self):
+        return self.patches.image_size
+
+    @property
+    def grid(self):
+        return self.patches.grid
+
+    @property
+    def token_dim(self):
+        return self.patches.token_dim
+
+    @property
+    def vocab_size(self):
+        return None
+
+    @property
+    def samples_posterior(self):
+        return True
+
+    def encode(self, image):
+        return self.patches.encode(image)
+
+    def decode(self, tokens):
+        return self.patches.decode(tokens)
+
+    def fit(self, images, *, key):
+        return self
+
+    def mean_tokens(self, image):
+        return self.patches.encode(image)
+
+    def sample_tokens(self, image, *, key):
+        mean = self.patches.encode(image)
+        return mean + jnp.exp(self.log_var / 2) * jr.normal(key, mean.shape)
+
+    def posterior_moments(self, image, views):
+        images = [image, image[:, ::-1]][:views]
+        return jnp.stack([jnp.stack([m, jnp.full_like(m, self.log_var)])
+                          for m in map(self.patches.encode, images)])
+
+    def draw_tokens(self, moments, *, key):
+        pick, eps = jr.split(key)
+        mean, log_var = moments[jr.randint(pick, (), 0, moments.shape[0])]
+        return mean + jnp.exp(log_var / 2) * jr.normal(eps, mean.shape)
+
+
+def test_a_plug_in_tokenizer_with_a_posterior_trains_on_its_own_draws():
+    # The model asks the tokenizer (its interface), never its class: a tokenizer fluid has
+    # never heard of trains on draws from its cached moments and from its images.
+    pipe = untrained_pipeline(tiny_config())
+    assert not pipe.model.samples_posterior
+    tokenizer = WobblyPatches(pipe.model.tokenizer)
+    model = eqx.tree_at(lambda m: m.tokenizer, pipe.model, tokenizer)
+    assert model.samples_posterior
+    images = jr.uniform(jr.key(0), (3, 16, 16, 3), minval=-1.0, maxval=1.0)
+    ids, mask = pipe.text_tokenizer.encode(["a red circle"] * 3, pipe.config.model.text_len)
+    keys = jr.split(jr.key(7), 3)
+    moments = jax.vmap(lambda x: tokenizer.posterior_moments(x, 2))(images)
+    cached = model._training_inputs({"posterior": moments, "text_ids": ids, "text_mask": mask},
+                                    keys)[0]
+    loaded = model._training_inputs({"image": images, "text_ids": ids, "text_mask": mask},
+                                    keys)[0]
+    for i in range(3):
+        draw_key = jr.fold_in(keys[i], 5)
+        np.testing.assert_array_equal(cached[i], tokenizer.draw_tokens(moments[i], key=draw_key))
+        np.testing.assert_array_equal(loaded[i], tokenizer.sample_tokens(images[i], key=draw_key))
+    # Draws, not the mean; validation (no keys) takes the mean.
+    assert not np.allclose(cached, jax.vmap(tokenizer.mean_tokens)(images))
+    np.testing.assert_array_equal(model.encode_images(images),
+                                  jax.vmap(tokenizer.mean_tokens)(images))
+    # A tokenizer without a posterior says what one needs.
+    with pytest.raises(NotImplementedError, match="PatchTokenizer does not sample a posterior.*"
+                                                  "draw_tokens"):
+        pipe.model.tokenizer.draw_tokens(moments[0], key=keys[0])

@@ -6,11 +6,13 @@ every epoch, so MAR precomputed its KL latents once, which halved its training t
 text encoder is frozen, the encoder over every caption) and writes, in one directory:
 
     tokens.npy        [n, seq, token_dim] float32, or [n, seq] int32 for discrete tokens
-    posterior.npy     in place of tokens.npy for a KL tokenizer with `sample_posterior`:
-                      [n, 2, 2, lh, lw, latent] float32, the posterior's mean and
-                      log-variance of each image and of its horizontal flip (four times
-                      the floats of tokens.npy), from which training draws fresh tokens
-                      every step (`fluid.tokenizers.draw_posterior_tokens`), as MAR does
+    posterior.npy     in place of tokens.npy for a tokenizer that samples its posterior
+                      (`samples_posterior`: a KL tokenizer with `sample_posterior`):
+                      [n, views, ...] float32, its `posterior_moments` of each image and,
+                      with flips, of its horizontal flip (a KL tokenizer's mean and
+                      log-variance: [n, 2, 2, lh, lw, latent], four times the floats of
+                      tokens.npy), from which training draws fresh tokens every step (its
+                      `draw_tokens`), as MAR does
     text_hidden.npy   [n, text_len, text_dim] float32 (frozen text encoders only)
     captions.json     the n captions
     valid.npy         [n] bool: False where the record could not be read (skipped)
@@ -132,18 +134,10 @@ def _first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
     return None
 
 
-def _moments(tokenizer, image, views: int):
-    """`[views, 2, lh, lw, latent]`: the posterior's mean and log-variance of `image` and,
-    with 2 views, of its flip (the flip is not encoded for one view)."""
-    if views == 2:
-        return tokenizer.posterior_pair(image)
-    return jnp.stack(tokenizer.posterior(image))[None]
-
-
 @eqx.filter_jit
 def _encode(model: FluidModel, images, ids, mask, with_text: bool, views: int):
     if views:
-        tokens = jax.vmap(lambda x: _moments(model.tokenizer, x, views))(images)
+        tokens = jax.vmap(lambda x: model.tokenizer.posterior_moments(x, views))(images)
     else:
         tokens = model.encode_images(images)
     hidden = jax.vmap(model.text_encoder)(ids, mask) if with_text else None
@@ -164,7 +158,8 @@ def build_cache(
     """Encode every record of `source` with `model`'s tokenizer (and frozen text encoder)
     into `directory`, which must not exist yet: its tokens or, when `fingerprint` has a
     `"posterior"` entry (a tokenizer that samples its posterior), the posterior moments of
-    each image and of its horizontal flip (`KLTokenizer.posterior_pair`). Unreadable records are marked invalid with a
+    each image and of its horizontal flip (the tokenizer's `posterior_moments`). Unreadable
+    records are marked invalid with a
     warning, as the loader would skip them. Returns the directory."""
     directory = Path(directory)
     n = len(source)
@@ -182,10 +177,10 @@ def build_cache(
     token_shape = (model.seq_len,) + (
         () if model.tokenizer.token_kind == "discrete" else (model.tokenizer.token_dim,)
     )
-    if moments:  # [image (, flip)] x [mean, logvar] x the latent grid, as the tokenizer says
+    if moments:  # [views, ...]: what the tokenizer's posterior_moments gives
         size = model.tokenizer.image_size
         token_shape = jax.eval_shape(
-            lambda x: _moments(model.tokenizer, x, views),
+            lambda x: model.tokenizer.posterior_moments(x, views),
             jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
         ).shape
     token_dtype = np.int32 if model.tokenizer.token_kind == "discrete" else np.float32

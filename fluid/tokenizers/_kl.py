@@ -392,6 +392,34 @@ class KLTokenizer(AbstractImageTokenizer):
     def decode(self, tokens: Float[Array, "seq token_dim"]) -> Image:
         return jnp.clip(self.decode_latent(self.tokens_to_latent(tokens)), -1.0, 1.0)
 
+    # -- training on posterior draws (`AbstractImageTokenizer`'s optional part) --------------
+    @property
+    def samples_posterior(self) -> bool:
+        return self.sample_posterior
+
+    def sample_tokens(self, image: Image, *, key: Key) -> Float[Array, "seq token_dim"]:
+        """`sample`: tokens of a latent drawn from the posterior with `key`."""
+        return self.sample(image, key=key)
+
+    def mean_tokens(self, image: Image) -> Float[Array, "seq token_dim"]:
+        """Tokens of the posterior mean."""
+        return self.latent_to_tokens(self.posterior(image)[0])
+
+    def posterior_moments(self, image: Image, views: int) -> Float[Array, "views 2 lh lw latent"]:
+        """The posterior's mean and log-variance of `image` (`views=1`) or of it and its
+        flip (`views=2`, `posterior_pair`; the flip is not encoded for one view)."""
+        if views == 2:
+            return self.posterior_pair(image)
+        if views != 1:
+            raise ValueError(f"views is 1 (the image) or 2 (it and its flip), got {views}.")
+        return jnp.stack(self.posterior(image))[None]
+
+    def draw_tokens(
+        self, moments: Float[Array, "views 2 lh lw latent"], *, key: Key
+    ) -> Float[Array, "seq token_dim"]:
+        """`draw_posterior_tokens(self, moments, key)`."""
+        return draw_posterior_tokens(self, moments, key)
+
     def fit(self, images: np.ndarray, *, key: Key) -> "KLTokenizer":
         del images, key
         return self
