@@ -22,6 +22,7 @@ from fluid.eval import (
     CLIPEncoder,
     CLIPFeatures,
     FeatureStats,
+    InceptionFeatures,
     clip_score,
     data_reference_stats,
     evaluate_data,
@@ -181,6 +182,28 @@ def test_prompts_give_clip_score_and_fd_only_against_reference_images(world, cac
     expected = feature_stats(features, images, min_count=2).distance(
         FeatureStats.from_features(features(real), min_count=2))
     np.testing.assert_allclose(result["frechet"]["distance"], expected, rtol=1e-12)
+
+
+def _mean_colour(images):
+    return images.mean((1, 2))
+
+
+def test_any_feature_extractor_serves_the_frechet_distance(world, cache):
+    # The Inception adapter with a network of the user's (here: mean colour, 3 features),
+    # no CLIP: prompts and reference images give the distance alone.
+    model, text_tokenizer, config = _model(world)
+    features = InceptionFeatures(_mean_colour, name="mean-colour", input_size=8)
+    result, images, _ = evaluate_data(model, text_tokenizer, config, prompts=world["prompts"],
+                                      features=features, reference=world["pairs"], **FEW)
+    assert result["clip_score"] is None and result["validation"] is None
+    paths = sorted(world["pairs"].glob("*.png"))
+    real = np.stack([load_image(paths[i], config.data.image_size)
+                     for i in np.random.default_rng(SEED).permutation(len(paths))])
+    expected = feature_stats(features, images).distance(feature_stats(features, real))
+    np.testing.assert_allclose(result["frechet"]["distance"], expected, rtol=1e-12)
+    assert result["frechet"]["extractor"] == "mean-colour" and not result["frechet"]["rough"]
+    (cached,) = cache.glob("*.npz")
+    assert cached.name.endswith(f"-n10-seed{SEED}-mean-colour.npz")
 
 
 def test_bad_inputs_are_refused_before_generating(world, cache, tmp_path, monkeypatch):

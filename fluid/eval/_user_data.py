@@ -196,10 +196,10 @@ def data_reference_stats(
     The statistics, with their `count` (images actually read) and `seed`. Raises
     `ConfigError` for fewer images than the Frechet distance needs.
     """
-    paths = [os.fspath(p) for p in paths]
-    wanted = min(len(paths), DATA_REFERENCE_COUNT if count is None else count)
     if count is not None and count < 1:
         raise ConfigError(f"count must be positive, got {count}.")
+    paths = [os.fspath(p) for p in paths]
+    wanted = min(len(paths), DATA_REFERENCE_COUNT if count is None else count)
     dims = _feature_dims(extractor, image_size)
     _check_count(wanted, dims, extractor.name, min_count, "reference images",
                  "give more real images")
