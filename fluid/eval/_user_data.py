@@ -15,8 +15,14 @@ import numpy as np
 
 from .._errors import ConfigError, MissingInputError
 from .._types import CAUSAL, DISCRETE
-from ..data import BadRecord, FolderSource, JsonlSource, SkippedRecordWarning, load_image
-from ..data._files import IMAGE_EXTENSIONS
+from ..data import (
+    IMAGE_EXTENSIONS,
+    BadRecord,
+    FolderSource,
+    JsonlSource,
+    SkippedRecordWarning,
+    load_image,
+)
 from ..model import sampling_switches
 from ._abstract import AbstractFeatureExtractor
 from ._clip import CLIPEncoder
