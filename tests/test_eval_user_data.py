@@ -115,6 +115,18 @@ def test_every_number_equals_its_direct_computation(world, cache):
     stats = FeatureStats.load(cached)
     assert (stats.count, stats.seed, stats.extractor) == (10, SEED, features.name)
 
+    # The same pairs listed in a JSONL file (in the folder's order): the same numbers, the
+    # pairs named by line, the same real images' statistics read from the cache.
+    jsonl = world["root"] / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"pairs/{name}", "caption": CAPTIONS[i]})
+                             + "\n" for i, name in enumerate(names)))
+    again, _, _ = evaluate_data(model, text_tokenizer, config, data=jsonl, clip=clip, **FEW)
+    assert again["validation"]["pairs"] == [f"line {i + 1}" for i in held]
+    for measure in ("validation", "clip_score", "frechet"):
+        assert {**again[measure], "pairs": 0, "reference": 0} == {
+            **result[measure], "pairs": 0, "reference": 0}
+    assert list(cache.glob("*.npz")) == [cached]
+
 
 def test_the_cli_writes_the_report_and_reuses_the_cached_reference(world, cache, capsys):
     out = world["root"] / "report"
@@ -219,6 +231,8 @@ def test_bad_inputs_are_refused_before_generating(world, cache, tmp_path, monkey
         evaluate_data(*args, data=world["pairs"], clip=world["clip"], samples=8)
     with pytest.raises(ConfigError, match=r"10 reference images .* at least 25 .*--min-count"):
         evaluate_data(*args, data=world["pairs"], clip=world["clip"], samples=30)
+    with pytest.raises(MissingInputError, match="UTF-8|no usable records"):
+        evaluate_data(*args, data=world["pairs"] / "00.png", **FEW)  # an image, not JSONL
     with pytest.raises(MissingInputError, match="no data at"):
         evaluate_data(*args, data=tmp_path / "nowhere", clip=world["clip"], **FEW)
     (tmp_path / "empty").mkdir()
