@@ -373,15 +373,29 @@ def cmd_convert_ldm(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval import evaluate_checkpoint
+    from .eval import DEFAULT_SAMPLES, evaluate_checkpoint
     from .run import EvalReport
 
+    own = args.data is not None or args.prompts is not None
+    if not own:
+        for flag in ("clip", "reference", "reference_count"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} scores your own data: pass "
+                                  "--data PATH or --prompts FILE with it.")
+    extra = ({"data": args.data, "prompts": args.prompts, "clip": args.clip,
+              "reference": args.reference, "reference_count": args.reference_count}
+             if own else {})
+    samples = args.samples if own or args.samples is not None else DEFAULT_SAMPLES
     result = evaluate_checkpoint(
-        args.checkpoint, out=args.out, raw=args.raw, verbose=True, samples=args.samples,
+        args.checkpoint, out=args.out, raw=args.raw, verbose=True, samples=samples,
         seed=args.seed,
         validation_examples=args.validation_examples, min_count=args.min_count,
-        **_switch_args(args),
+        **extra, **_switch_args(args),
     )
+    if own:
+        _print_data_eval(result)
+        print(f"report: {EvalReport(result['out']).markdown}")
+        return 0
     val, fd = result["validation"], result["frechet"]
     print(f"validation loss {val['loss']:.4f} ({val['units']})")
     print(f"ShapesEval overall {result['shapes_eval']['overall']:.3f}")
@@ -389,6 +403,19 @@ def cmd_eval(args) -> int:
           f"{', rough' if fd['rough'] else ''})")
     print(f"report: {EvalReport(result['out']).markdown}")
     return 0
+
+
+def _print_data_eval(result: dict) -> None:
+    val, clip, fd = result["validation"], result["clip_score"], result["frechet"]
+    if val is not None:
+        print(f"validation loss {val['loss']:.4f} ({val['units']}, {val['examples']} "
+              "held-out pairs)")
+    if clip is not None:
+        print(f"CLIPScore {clip['score']:.3f} ({clip['samples']} images)")
+    if fd is not None:
+        print(f"Frechet distance {fd['distance']:.3f} ({fd['extractor']}, {fd['samples']} "
+              f"samples vs {fd['reference_count']} real images"
+              f"{', rough' if fd['rough'] else ''})")
 
 
 def cmd_sweep(args) -> int:
@@ -620,19 +647,43 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser(
-        "eval", help="validation loss, ShapesEval and Frechet distance of a run or checkpoint"
+        "eval", help="validation loss, ShapesEval and Frechet distance of a run or checkpoint "
+        "(on shapes, or on your --data / --prompts with CLIPScore and CLIP features)"
     )
     p.add_argument("checkpoint", help="a run's --out directory (its latest checkpoint), "
                    "<run>/checkpoints/<step>, or a directory Recipe.save wrote")
-    p.add_argument("--samples", type=_at_least(1, int), default=192,
+    p.add_argument("--samples", type=_at_least(1, int), default=None,
                    help="images generated for ShapesEval and the Frechet distance (default "
-                   "192, 32 per category: the fewest for the 191 ShapesFeatures)")
+                   "192, 32 per category: the fewest for the 191 ShapesFeatures); with "
+                   "--data or --prompts, one per caption of a seeded subset (default: one per "
+                   "pair, at most 1024, or per prompt; captions repeat if you ask for more)")
+    own = p.add_mutually_exclusive_group()
+    own.add_argument("--data", default=None, metavar="PATH",
+                     help="evaluate on your image-caption pairs instead of shapes: a folder "
+                     "of images with same-named .txt captions or a JSONL file, as fluid train "
+                     "reads them; validation loss on --validation-examples held-out pairs "
+                     "picked by --seed")
+    own.add_argument("--prompts", default=None, metavar="FILE",
+                     help="evaluate on prompts, one per line: CLIPScore (needs --clip), and "
+                     "the Frechet distance if --reference images are given")
+    p.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="a Hugging Face CLIP folder (CLIPModel.save_pretrained, with its "
+                   "tokenizer): CLIPScore of the generated images against their captions and "
+                   "the Frechet distance of CLIP image features to the real images'")
+    p.add_argument("--reference", default=None, metavar="PATH",
+                   help="real images for the Frechet distance (a folder of images or a JSONL "
+                   "file of pairs); default: --data's images")
+    p.add_argument("--reference-count", type=_at_least(1, int), default=None,
+                   help="real images summarised for the Frechet distance, a seeded subset "
+                   "(default all, at most 10000); cached with their count and seed")
     p.add_argument("--out", default=None,
                    help="report directory (default <run>/eval or <run>/eval/step_<n>)")
     p.add_argument("--validation-examples", type=_at_least(1, int), default=256,
-                   help="held-out examples of the validation loss")
+                   help="held-out examples of the validation loss (with --data: the first "
+                   "of the pairs in an order drawn from --seed, all of them if fewer)")
     p.add_argument("--min-count", type=_at_least(2, int), default=None,
-                   help="accept fewer samples than 192 for a rough Frechet distance")
+                   help="accept fewer samples than the features' dimension + 1 (192 for "
+                   "ShapesFeatures) for a rough Frechet distance")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     _add_switch_args(p)

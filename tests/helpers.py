@@ -34,6 +34,14 @@ def write_tiny_t5_folder(folder: Path) -> Path:
     return folder
 
 
+def write_tiny_clip_folder(folder: Path, seed: int = 0) -> Path:
+    """A Hugging Face `CLIPModel` folder of random weights (`test_clip`'s tiny config: 32 px
+    images, 24-dimensional features) with its tiny byte-level BPE tokenizer."""
+    from test_clip import random_tensors, write_folder
+
+    return write_folder(folder, random_tensors(seed))
+
+
 def perturbed(module, key, scale=0.3):
     """`module` with every float leaf moved off its initial value (zero-initialised gates
     would otherwise block gradients to the layers before them, and make outputs trivial)."""

@@ -7,8 +7,8 @@ files the command names) without training: what a wrong key, name or path would 
 Commands that read a run (`sample`, `eval`, `serve`: its server stopped once it listens) run
 for real on a tiny run made here, with the README's placeholders filled in (`<class run>`: a
 class-conditional run). The files the
-commands name (`imgs/`, `sd-vae/`, `flan-t5-small/`, `runs/kl32/tokenizer`, `imagenet/train/`,
-MAR's `checkpoint-last.pth` and `kl16.ckpt`) are made here, tiny and random.
+commands name (`imgs/`, `sd-vae/`, `flan-t5-small/`, `clip-vit-b32/`, `runs/kl32/tokenizer`,
+`imagenet/train/`, MAR's `checkpoint-last.pth` and `kl16.ckpt`) are made here, tiny and random.
 """
 
 import importlib.util
@@ -69,7 +69,7 @@ def test_readme_commands_are_found():
 @pytest.fixture(scope="module")
 def readme_world(tmp_path_factory):
     """A working directory holding every file the README's commands name, and a tiny run."""
-    from helpers import write_tiny_t5_folder
+    from helpers import write_tiny_clip_folder, write_tiny_t5_folder
 
     from fluid.tokenizers import KLTokenizer
 
@@ -84,6 +84,7 @@ def readme_world(tmp_path_factory):
     vae.save_pretrained(root / "sd-vae")
     vae.save_pretrained(root / "runs" / "kl32" / "tokenizer")
     write_tiny_t5_folder(root / "flan-t5-small")
+    write_tiny_clip_folder(root / "clip-vit-b32")
     run = root / "runs" / "tiny"
     tiny = ["steps=2", "checkpoint_every=1", "model.backbone.depth=1", "data.fit_images=16",
             "sample_steps=2"]

@@ -3,6 +3,7 @@
 batches any of them."""
 
 from ..config import ON_CHANGE as ON_CHANGE
+from ._files import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from ._files import MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
 from ._files import BadRecord as BadRecord
 from ._files import FolderSource as FolderSource

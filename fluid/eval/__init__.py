@@ -3,7 +3,7 @@ distance between feature statistics with a pluggable feature extractor (`ShapesF
 for `shapes`, `InceptionFeatures` for FID with a user-supplied network, `CLIPFeatures` for
 FD on CLIP features), CLIP itself from a Hugging Face folder (`CLIPEncoder`) and CLIPScore
 (`clip_score`), the validation loss measured alike for every variant, `fluid eval`
-(`evaluate_checkpoint`) and `fluid sweep` (`run_sweep`: the four variants trained at several
+(`evaluate_checkpoint`: `evaluate` on `shapes`, `evaluate_data` on your own pairs or prompts) and `fluid sweep` (`run_sweep`: the four variants trained at several
 sizes and seeds, loss against parameters fitted as a power law, means over seeds with
 Student-t intervals by `mean_interval`).
 
@@ -23,6 +23,7 @@ from ._evaluate import default_out_dir as default_out_dir
 from ._evaluate import evaluate as evaluate
 from ._evaluate import evaluate_checkpoint as evaluate_checkpoint
 from ._evaluate import generate_images as generate_images
+from ._evaluate import model_summary as model_summary
 from ._evaluate import write_report as write_report
 from ._frechet import REFERENCE_COUNT as REFERENCE_COUNT
 from ._frechet import REFERENCE_SEED as REFERENCE_SEED
@@ -49,6 +50,15 @@ from ._sweep import sweep_config as sweep_config
 from ._sweep import sweep_run_name as sweep_run_name
 from ._sweep_report import fit_power_law as fit_power_law
 from ._sweep_report import fit_power_law_with_floor as fit_power_law_with_floor
+from ._user_data import DATA_REFERENCE_COUNT as DATA_REFERENCE_COUNT
+from ._user_data import DATA_SAMPLES as DATA_SAMPLES
+from ._user_data import GRID_IMAGES as GRID_IMAGES
+from ._user_data import data_reference_stats as data_reference_stats
+from ._user_data import evaluate_data as evaluate_data
+from ._user_data import image_paths as image_paths
+from ._user_data import open_pairs as open_pairs
+from ._user_data import read_prompts as read_prompts
+from ._user_data import seeded_order as seeded_order
 from ._validation import MASK_RATIOS as MASK_RATIOS
 from ._validation import NOISE_DRAWS as NOISE_DRAWS
 from ._validation import VALIDATION_SEED_OFFSET as VALIDATION_SEED_OFFSET

@@ -15,6 +15,7 @@ import jax.random as jr
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._errors import ConfigError
 from .._types import CAUSAL, DISCRETE
 from ..model import sampling_switches
 from ..run import EvalReport, RunFolder, find_weights, load_model
@@ -158,14 +159,15 @@ def evaluate(
     `(result, images, prompts)`: a JSON-ready dict of every number, the generated images
     and their prompts.
     """
-    from ..build import count_params, non_embedding_params
     from ..data.shapes import shapes_options
 
     data = config.data
     if data.dataset != "shapes":
-        raise ValueError(
-            "fluid eval scores runs on the built-in shapes data set (its held-out set, "
-            f"ShapesEval and Frechet reference); this run trained on {data.dataset!r}."
+        raise ConfigError(
+            "without data, fluid eval scores runs on the built-in shapes data set (its "
+            f"held-out set, ShapesEval and Frechet reference); this run trained on "
+            f"{data.dataset!r}: evaluate it on your pairs (data, --data PATH) or prompts "
+            "(prompts, --prompts FILE) instead."
         )
     # Refused before the validation pass, not after it.
     _, _, refresh = sampling_switches(model.head, cfg=config.sample_cfg,
@@ -211,16 +213,7 @@ def evaluate(
     t3 = time.perf_counter()
 
     result = {
-        "model": {
-            "tokenizer": config.model.tokenizer.name,
-            "head": config.model.head.name,
-            "order": config.model.order.name,
-            "backbone": config.model.backbone.name,
-            "width": config.model.width,
-            "depth": config.model.backbone.kwargs.get("depth"),
-            "parameters": count_params(model),
-            "non_embedding_parameters": non_embedding_params(model),
-        },
+        "model": model_summary(model, config),
         "validation": validation,
         "shapes_eval": {k: scores[k] for k in ("overall", "categories", "intervals", "counts")},
         "frechet": {
@@ -248,6 +241,22 @@ def evaluate(
     return result, images, prompts
 
 
+def model_summary(model: Any, config: Any) -> dict[str, Any]:
+    """The `model` entry of an evaluation result: its parts and parameter counts."""
+    from ..build import count_params, non_embedding_params
+
+    return {
+        "tokenizer": config.model.tokenizer.name,
+        "head": config.model.head.name,
+        "order": config.model.order.name,
+        "backbone": config.model.backbone.name,
+        "width": config.model.width,
+        "depth": config.model.backbone.kwargs.get("depth"),
+        "parameters": count_params(model),
+        "non_embedding_parameters": non_embedding_params(model),
+    }
+
+
 def _grid_indices(prompts: Sequence[str], per_category: int) -> list[int]:
     from ..data.shapes import parse_caption
 
@@ -264,18 +273,25 @@ def _grid_indices(prompts: Sequence[str], per_category: int) -> list[int]:
 def write_report(
     result: dict[str, Any], images: np.ndarray, prompts: Sequence[str], out: str | Path
 ) -> Path:
-    """Write `eval.json`, a sample grid `samples.png` (one row per category) and a short
-    `eval.md` into the directory `out` (`fluid.run.EvalReport`); returns the path of
-    `eval.json`."""
+    """Write `eval.json`, a sample grid `samples.png` and a short `eval.md` into the
+    directory `out` (`fluid.run.EvalReport`); returns the path of `eval.json`.
+
+    A result of `evaluate` (on `shapes`) gets one grid row per category; one of
+    `evaluate_data` the first `GRID_PER_CATEGORY` rows of its images, and the measures it
+    has (validation loss, CLIPScore, Frechet distance) with their sample counts."""
     from ..viz import save_grid
+    from ._user_data import data_markdown
 
     report = EvalReport(out)
     report.root.mkdir(parents=True, exist_ok=True)
-    picked = _grid_indices(prompts, GRID_PER_CATEGORY)
+    shapes = "shapes_eval" in result
+    picked = (_grid_indices(prompts, GRID_PER_CATEGORY) if shapes
+              else list(range(min(len(prompts), GRID_PER_CATEGORY**2))))
     save_grid(images[picked], report.samples, captions=[prompts[i] for i in picked],
               cols=GRID_PER_CATEGORY)
     report.result.write_text(json.dumps(result, indent=1))
-    report.markdown.write_text(_markdown(result, samples=report.samples.name))
+    markdown = _markdown if shapes else data_markdown
+    report.markdown.write_text(markdown(result, samples=report.samples.name))
     return report.result
 
 
@@ -338,7 +354,8 @@ def default_out_dir(path: str | Path) -> Path:
 
 def evaluate_checkpoint(
     path: str | Path, *, out: str | Path | None = None, raw: bool = False,
-    verbose: bool = False, **options: Any
+    verbose: bool = False, data: str | Path | None = None, prompts: str | Path | None = None,
+    **options: Any
 ) -> dict[str, Any]:
     """`fluid eval`: load a run, one of its checkpoints or a saved model, evaluate it and
     write the report.
@@ -349,17 +366,26 @@ def evaluate_checkpoint(
     - `out`: the report's directory (`default_out_dir(path)` when `None`).
     - `raw`: evaluate the raw weights instead of the EMA ones.
     - `verbose`: print which weights (step, file) are evaluated.
-    - `options`: keyword arguments of `evaluate`.
+    - `data`, `prompts`: evaluate on your image-caption pairs or prompts (`evaluate_data`)
+      instead of the built-in `shapes` data (`evaluate`).
+    - `options`: keyword arguments of `evaluate`, or of `evaluate_data` with `data` or
+      `prompts`.
 
     **Returns:**
 
     The result dict, as written to `eval.json` (with `checkpoint` and `out` added).
     """
+    from ._user_data import evaluate_data
+
     weights = find_weights(path, ema=not raw)
     if verbose:
         print(f"evaluating {weights.describe()}")
     model, text_tokenizer, config = load_model(weights, ema=not raw)
-    result, images, prompts = evaluate(model, text_tokenizer, config, **options)
+    if data is not None or prompts is not None:
+        result, images, prompts = evaluate_data(model, text_tokenizer, config, data=data,
+                                                prompts=prompts, **options)
+    else:
+        result, images, prompts = evaluate(model, text_tokenizer, config, **options)
     out = Path(out) if out is not None else default_out_dir(path)
     result = {"checkpoint": str(path), "step": weights.step, "out": str(out),
               "weights": "raw" if raw else "ema", **result}

@@ -91,12 +91,15 @@ class FeatureStats:
     - `count`: how many samples it summarises.
     - `extractor`: the `name` of the feature extractor, so that statistics of different
       features are never compared; empty when unknown.
+    - `seed`: the seed that picked the samples, for reference statistics of a seeded
+      subset (`data_reference_stats`); `None` when not recorded.
     """
 
     mean: np.ndarray
     cov: np.ndarray
     count: int
     extractor: str = ""
+    seed: int | None = None
 
     def __post_init__(self):
         d = self.mean.shape[0] if self.mean.ndim == 1 else -1
@@ -167,6 +170,7 @@ class FeatureStats:
                 cov=self.cov,
                 count=np.int64(self.count),
                 extractor=np.str_(self.extractor),
+                **({} if self.seed is None else {"seed": np.int64(self.seed)}),
             )
         os.replace(partial, path)
 
@@ -179,6 +183,7 @@ class FeatureStats:
                 cov=data["cov"].astype(np.float64),
                 count=int(data["count"]),
                 extractor=str(data["extractor"]),
+                seed=int(data["seed"]) if "seed" in data.files else None,
             )
 
 
