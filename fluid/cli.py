@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._errors import ConfigError, ConfigKeyError, MissingInputError, UserError
+from ._errors import ConfigError, ConfigKeyError, UserError
 
 DEBUG_ENV = "FLUID_DEBUG"
 
@@ -152,6 +152,7 @@ def cmd_sample(args) -> int:
     from .convert import is_mar_folder, read_mar_folder
     from .pipeline import Pipeline, mar_pipeline, missing_vae, to_pil
     from .run import RunFolder, find_weights, is_pretrained, load_model, load_pretrained
+    from .sample import read_prompts
     from .text import ClassLabelTokenizer, load_caption_tokenizer
     from .viz import check_figure_path, save_grid
 
@@ -159,7 +160,7 @@ def cmd_sample(args) -> int:
     if args.prompts_file is not None:
         if args.classes is not None:
             raise ConfigError("give --prompts-file or --class, not both.")
-        args.prompt = [*(args.prompt or []), *_read_prompts(args.prompts_file)]
+        args.prompt = [*(args.prompt or []), *read_prompts(args.prompts_file)]
     if (args.prompt is None) == (args.classes is None):
         raise ConfigError(
             "give --prompt (captions, for a text-conditional model) or --class (class ids or "
@@ -272,18 +273,6 @@ def _add_switch_args(p) -> None:
                    help="run guidance's unconditional backbone pass only every K guided steps "
                    "and reuse the residual between the conditions in between (LazyMAR; "
                    "bidirectional backbones; 1: every step; default: every step)")
-
-
-def _read_prompts(path: str) -> list[str]:
-    """The prompts of a file, one per line (blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MissingInputError(f"cannot read the prompts file {path}: {error}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ConfigError(f"the prompts file {path} has no prompt (one per line).")
-    return prompts
 
 
 def _sample_prompts(args, text_tokenizer) -> tuple[list[str], list[str]]:

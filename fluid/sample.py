@@ -1,7 +1,9 @@
 """Sampling images from captions: the jitted whole-loop entry point."""
 
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -9,7 +11,7 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from ._errors import ConfigError
+from ._errors import ConfigError, MissingInputError
 from ._types import Key, Keys
 from .model import FluidModel, sampling_switches
 from .text import CaptionTokenizer
@@ -28,6 +30,21 @@ def warn_truncated(text_tokenizer: CaptionTokenizer, prompts: Sequence[str], tex
             f"are cut to that length: {listed}.",
             stacklevel=3,
         )
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line (surrounding whitespace stripped, blank
+    lines skipped). Raises `MissingInputError` for a missing or unreadable file and
+    `ConfigError` for one without a prompt."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MissingInputError(f"cannot read the prompts file {path} ({error}); expected a "
+                                "UTF-8 text file with one prompt per line.") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"the prompts file {path} has no prompt (write one per line).")
+    return prompts
 
 
 def _checked_steps(model: FluidModel, steps: int, cfg: float, temperature: float) -> int:

@@ -239,7 +239,7 @@ def test_bad_inputs_are_refused_before_generating(world, cache, tmp_path, monkey
     with pytest.raises(MissingInputError, match="no images with .txt captions"):
         evaluate_data(*args, data=tmp_path / "empty", **FEW)
     (tmp_path / "blank.txt").write_text("\n  \n")
-    with pytest.raises(MissingInputError, match="holds no prompts"):
+    with pytest.raises(ConfigError, match="has no prompt"):
         evaluate_data(*args, prompts=tmp_path / "blank.txt", clip=world["clip"], **FEW)
     with pytest.raises(ConfigError, match="nothing to measure"):
         evaluate_data(*args, prompts=world["prompts"], **FEW)

@@ -16,7 +16,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._errors import ConfigError
-from .._types import CAUSAL, DISCRETE
 from ..model import sampling_switches
 from ..run import EvalReport, RunFolder, find_weights, load_model
 from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
@@ -27,7 +26,7 @@ from ._validation import (
     VALIDATION_EXAMPLES,
     validation_batches,
     validation_loss_terms,
-    validation_mask_ratios,
+    validation_summary,
 )
 
 # 32 prompts per category: the fewest images whose ShapesFeatures (191 of them) have a
@@ -182,19 +181,8 @@ def evaluate(
         data, text_tokenizer, text_len=config.model.text_len, count=validation_examples
     )
     totals, targets = validation_loss_terms(model, batches, seed=seed, noise_draws=noise_draws)
-    causal = model.backbone.attention == CAUSAL
-    validation = {
-        "loss": float(totals.sum() / targets.sum()),
-        "by_mask_ratio": None if causal else {
-            f"{ratio:.4g}": float(t / c)
-            for ratio, t, c in zip(validation_mask_ratios(model), totals, targets)
-        },
-        "units": "nats per token (cross-entropy)" if model.tokenizer.token_kind == DISCRETE
-        else "diffusion loss per token (noise MSE + variance term)",
-        "examples": validation_examples,
-        "noise_draws": noise_draws,
-        "target_tokens": int(targets.sum()),
-    }
+    validation = validation_summary(model, totals, targets, examples=validation_examples,
+                                    noise_draws=noise_draws)
     t1 = time.perf_counter()
 
     judge = ShapesEval()

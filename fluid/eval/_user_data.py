@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError, MissingInputError
-from .._types import CAUSAL, DISCRETE
 from ..data import (
     IMAGE_EXTENSIONS,
     BadRecord,
@@ -24,11 +23,17 @@ from ..data import (
     load_image,
 )
 from ..model import sampling_switches
+from ..sample import read_prompts
 from ._abstract import AbstractFeatureExtractor
 from ._clip import CLIPEncoder
 from ._clip_score import CLIPFeatures, clip_scores
 from ._frechet import FeatureStats, cache_dir, feature_stats, required_count
-from ._validation import MASK_RATIOS, NOISE_DRAWS, VALIDATION_EXAMPLES, validation_loss_terms
+from ._validation import (
+    NOISE_DRAWS,
+    VALIDATION_EXAMPLES,
+    validation_loss_terms,
+    validation_summary,
+)
 
 # Captions generated for by default: the data's pairs, at most this many (a seeded subset),
 # enough for the Frechet distance of ViT-B/32's (512) and ViT-L/14's (768) CLIP features.
@@ -58,22 +63,6 @@ def open_pairs(path: str | os.PathLike, image_size: int) -> FolderSource | Jsonl
                                 f"expected {_PAIRS}.") from error
     except ValueError as error:
         raise MissingInputError(str(error)) from error
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a text file, one per line (surrounding whitespace stripped, blank
-    lines skipped). Raises `MissingInputError` for a missing or unreadable file, or one
-    without a prompt."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MissingInputError(f"cannot read prompts from {path} ({error}); expected a "
-                                "UTF-8 text file with one prompt per line.") from error
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise MissingInputError(f"{path} holds no prompts; write one prompt per line.")
-    return prompts
 
 
 def image_paths(path: str | os.PathLike) -> list[str]:
@@ -358,17 +347,9 @@ def evaluate_data(
                  "text_ids": np.asarray(ids), "text_mask": np.asarray(mask)}
         totals, targets = validation_loss_terms(model, [batch], seed=seed,
                                                 noise_draws=noise_draws)
-        causal = model.backbone.attention == CAUSAL
         validation = {
-            "loss": float(totals.sum() / targets.sum()),
-            "by_mask_ratio": None if causal else {
-                f"{ratio:g}": float(t / c) for ratio, t, c in zip(MASK_RATIOS, totals, targets)
-            },
-            "units": "nats per token (cross-entropy)" if model.tokenizer.token_kind == DISCRETE
-            else "diffusion loss per token (noise MSE + variance term)",
-            "examples": len(items),
-            "noise_draws": noise_draws,
-            "target_tokens": int(targets.sum()),
+            **validation_summary(model, totals, targets, examples=len(items),
+                                 noise_draws=noise_draws),
             "pairs": _pair_names(source, indices),
         }
     t1 = time.perf_counter()

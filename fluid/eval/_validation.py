@@ -18,7 +18,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int
 
-from .._types import CAUSAL, Key
+from .._types import CAUSAL, DISCRETE, Key
 from ..model import FluidModel
 
 # 8 evenly spaced mask ratios in (0, 1]: what a bidirectional model was scored at before
@@ -198,6 +198,28 @@ def validation_loss_terms(
             per_ratio = np.asarray(terms, np.float64).reshape(num_ratios, noise_draws, chunk)
             sums += per_ratio[..., :real].sum((1, 2))
     return totals, targets
+
+
+def validation_summary(
+    model: FluidModel, totals: np.ndarray, targets: np.ndarray, *, examples: int,
+    noise_draws: int
+) -> dict[str, Any]:
+    """The `validation` entry of an evaluation result from `validation_loss_terms`'s sums:
+    the loss per target token, per mask ratio (`None` for a causal model), its units, and
+    what it was measured on."""
+    causal = model.backbone.attention == CAUSAL
+    return {
+        "loss": float(totals.sum() / targets.sum()),
+        "by_mask_ratio": None if causal else {
+            f"{ratio:.4g}": float(t / c)
+            for ratio, t, c in zip(validation_mask_ratios(model), totals, targets)
+        },
+        "units": "nats per token (cross-entropy)" if model.tokenizer.token_kind == DISCRETE
+        else "diffusion loss per token (noise MSE + variance term)",
+        "examples": examples,
+        "noise_draws": noise_draws,
+        "target_tokens": int(targets.sum()),
+    }
 
 
 def validation_loss(
