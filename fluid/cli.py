@@ -117,17 +117,19 @@ def _initialize_distributed() -> None:
                 ids[arg] = int(env[var])
             except ValueError:
                 raise ConfigError(f"{var}={env[var]!r} must be a whole number.") from None
-    if env.get("JAX_COORDINATOR_ADDRESS") and len(ids) < 2 and not (
-        int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES")
-    ):
-        raise ConfigError(
-            "JAX_COORDINATOR_ADDRESS is set, so this is one of several processes: set "
-            "JAX_NUM_PROCESSES (how many) and JAX_PROCESS_ID (0 to JAX_NUM_PROCESSES - 1, "
-            "different on each host) too."
-        )
     import jax
 
-    jax.distributed.initialize(**ids)
+    try:
+        jax.distributed.initialize(**ids)
+    except ValueError as error:
+        if "must be defined" not in str(error):
+            raise
+        # JAX found no cluster (TPU pod, SLURM, Open MPI, ...) that names the processes.
+        raise ConfigError(
+            f"{error} This looks like one of several processes (JAX_COORDINATOR_ADDRESS is "
+            "set): set JAX_NUM_PROCESSES (how many) and JAX_PROCESS_ID (0 to "
+            "JAX_NUM_PROCESSES - 1, different on each host) too."
+        ) from None
 
 
 def cmd_train(args) -> int:
