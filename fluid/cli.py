@@ -97,8 +97,10 @@ def _initialize_distributed() -> None:
     """`jax.distributed.initialize()` when launched as one of several processes.
 
     Signs of a multi-process launch: an explicit coordinator (`JAX_COORDINATOR_ADDRESS`),
-    a TPU pod slice with several workers, or a SLURM job of several tasks; JAX reads the
-    rest (process count and id) from the same environment.
+    a TPU pod slice with several workers, or a SLURM job of several tasks. JAX reads the
+    coordinator from the environment and finds the process count and id itself on a TPU pod
+    or under SLURM; elsewhere they come from `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, which
+    JAX itself does not read.
     """
     env = os.environ
     several = (
@@ -106,10 +108,28 @@ def _initialize_distributed() -> None:
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
         or int(env.get("SLURM_NTASKS", "1")) > 1
     )
-    if several:
-        import jax
+    if not several:
+        return
+    ids = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if env.get(var):
+            try:
+                ids[arg] = int(env[var])
+            except ValueError:
+                raise ConfigError(f"{var}={env[var]!r} must be a whole number.") from None
+    import jax
 
-        jax.distributed.initialize()
+    try:
+        jax.distributed.initialize(**ids)
+    except ValueError as error:
+        if "must be defined" not in str(error):
+            raise
+        # JAX found no cluster (TPU pod, SLURM, Open MPI, ...) that names the processes.
+        raise ConfigError(
+            f"{error} This looks like one of several processes (JAX_COORDINATOR_ADDRESS is "
+            "set): set JAX_NUM_PROCESSES (how many) and JAX_PROCESS_ID (0 to "
+            "JAX_NUM_PROCESSES - 1, different on each host) too."
+        ) from None
 
 
 def cmd_train(args) -> int:

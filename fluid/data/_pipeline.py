@@ -15,6 +15,7 @@ reproduces exactly the batches an uninterrupted run gives from there.
 """
 
 import json
+import os
 import typing
 import warnings
 from typing import Any, Protocol, runtime_checkable
@@ -41,6 +42,9 @@ class RandomAccessSource(Protocol):
 
 
 _ARRAYS = ("image", "tokens", "posterior", "text_hidden")
+# A folder: every `Loader` then appends the source indices of each batch it yields to
+# `<folder>/shard<k>.jsonl`, to check which process read what (tests/test_multihost.py).
+DATA_LOG_ENV = "FLUID_DATA_LOG"
 
 
 
@@ -55,9 +59,9 @@ class DataStreamChangedError(UserError, ValueError):
 class _Records:
     """The source as Grain reads it: `caption` and the arrays among `image`, `tokens` or
     `posterior` (a token cache's records) and `text_hidden` (dropping other keys keeps what
-    crosses process boundaries small), and a bad record as `{"skip": message, "index": source index}` so the
-    training process can warn and count each once (workers' warnings and counters would be
-    lost)."""
+    crosses process boundaries small) with its source `index`, and a bad record as
+    `{"skip": message, "index": index}` so the training process can warn and count each once
+    (workers' warnings and counters would be lost)."""
 
     def __init__(self, source: Any):
         self.source = source
@@ -74,6 +78,7 @@ class _Records:
         if "image" in record:
             record["image"] = record["image"].astype(np.float32, copy=False)
         record["caption"] = item["caption"]
+        record["index"] = index
         return record
 
 
@@ -91,13 +96,34 @@ class _Flip:
         return record
 
 
+class _Share:
+    """Process `index`'s share of `records` among `count` processes reading `size` records per
+    batch: the `index`-th block of `size` records out of every `count * size`, so the
+    processes' batches stacked in process order are the batches of one process reading
+    `count * size` records at a time."""
+
+    def __init__(self, records: Any, size: int, index: int, count: int):
+        self.records, self.size, self.index, self.count = records, size, index, count
+
+    def __len__(self) -> int:
+        rounds, rest = divmod(len(self.records), self.count * self.size)
+        return rounds * self.size + min(max(rest - self.index * self.size, 0), self.size)
+
+    def __getitem__(self, position: int) -> Any:
+        block, offset = divmod(position, self.size)
+        return self.records[(block * self.count + self.index) * self.size + offset]
+
+
 @typing.final
 class Loader:
     """Batches of images and tokenized captions from a random-access source, via Grain.
 
-    Each epoch visits the source in a fresh seeded order; this process reads every
-    `shard_count`-th record of that order starting at `shard_index`, so processes see
-    disjoint shares that together cover each epoch. A record whose `source[i]` raises
+    Each epoch visits the source in a fresh seeded order; this process reads the
+    `shard_index`-th block of `batch_size` records out of every `shard_count * batch_size`
+    of that order, so processes see disjoint shares that together cover each epoch, and
+    their batches stacked in process order are the batches one process reading
+    `shard_count * batch_size` at a time gets (while no record is skipped): a run over
+    several hosts trains on the global batches a run on one host trains on. A record whose `source[i]` raises
     `BadRecord` is skipped; the next records fill the batch, so every batch is full. Each bad
     record is warned about once (a `SkippedRecordWarning` naming its file, the first time it
     is met) and counted once in `skipped`, however many epochs read it, and a resumed loader
@@ -123,8 +149,9 @@ class Loader:
     - `text_len`: length of every id row (captions are padded or truncated to it).
     - `seed`: seed of the order and of the flips, in `[0, 2**32)`.
     - `shuffle`: visit records in a seeded random order, reshuffled every epoch; `False`
-      reads them in index order (batch `k` of one process is items
-      `[k * batch_size, (k + 1) * batch_size)` when nothing is skipped, like `Batches`).
+      reads them in index order (batch `k` of shard `p` of `n` is items
+      `[(k * n + p) * batch_size, (k * n + p + 1) * batch_size)` when nothing is skipped;
+      of a single process, `[k * batch_size, (k + 1) * batch_size)`, like `Batches`).
     - `flip`: mirror each image left-right with probability 1/2, a seeded decision per
       position. Off by default: a mirror contradicts captions that say "left of".
     - `num_epochs`: passes over the source; `None` repeats forever.
@@ -209,7 +236,9 @@ class Loader:
         records = records.repeat(num_epochs)
         if flip:
             records = records.map_with_index(_Flip(seed))
-        self._records = records[shard_index::shard_count]
+        self._records = grain.MapDataset.source(
+            _Share(records, batch_size, shard_index, shard_count)
+        )
         # A whole epoch of this share skipped means nothing will ever load: fail, not spin.
         self._max_consecutive_skips = -(-length // shard_count)
         self._elements: grain.DatasetIterator | None = None
@@ -332,6 +361,11 @@ class Loader:
             text = {"text_ids": ids, "text_mask": mask}
         # The position only moves by whole batches, so a saved state is always a boundary;
         # the bad records met move with it, so the state lists exactly those before it.
+        if log := os.environ.get(DATA_LOG_ENV):
+            line = {"shard": self._stream["shard_index"], "shards": self._stream["shard_count"],
+                    "position": self.position, "indices": [int(r["index"]) for r in records]}
+            with open(os.path.join(log, f"shard{line['shard']}.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
         self.position += consumed
         self._bad |= bad
         batch = {k: np.stack([r[k] for r in records]) for k in _ARRAYS if k in records[0]}

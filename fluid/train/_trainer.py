@@ -7,6 +7,7 @@ a recipe's business (`fluid.recipes`).
 """
 
 import functools
+import json
 import os
 import time
 import warnings
@@ -130,6 +131,32 @@ def _train_step(state, frozen, batch, *, static, objective, optimizer, ema_decay
     return TrainState(params, opt_state, ema, state.step + 1, key), metrics
 
 
+def _all_states(state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the loaders' positions: this process's `state`, or on
+    several processes `{"processes": [state of process 0, 1, ...]}` (every process takes
+    part; process 0 alone writes the checkpoint's JSON)."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return {"processes": [json.loads(bytes(row[: int(n)])) for row, (n,) in zip(rows, sizes)]}
+
+
+def _own_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """This process's loader position from what `_all_states` recorded. A process that the
+    saving run did not have gets process 0's, which its loader refuses (or restarts from,
+    under `on_change="restart"`) as a different shard."""
+    if "processes" not in saved:
+        return saved
+    states = saved["processes"]
+    return states[jax.process_index()] if jax.process_index() < len(states) else states[0]
+
+
 class Trainer:
     """Trains a model on one device or a mesh: a jitted step, AdamW (or any optax
     transformation), EMA, checkpoints, metrics.
@@ -145,7 +172,8 @@ class Trainer:
     global batch sharded over `"data"`, accumulates `config.grad_accum` micro-batches and
     updates the state in place (donated). With an `out_dir`, it resumes from the latest
     checkpoint there (`checkpoints/`) exactly where that run stopped (the loader's
-    position too, when the loader has `get_state`/`set_state`), writes one every
+    position too, when the loader has `get_state`/`set_state`; on several processes, each
+    process's own position), writes one every
     `checkpoint_every` steps, at the end and on interruption, and logs metrics to
     `metrics.jsonl` and TensorBoard.
 
@@ -244,7 +272,7 @@ class Trainer:
         self.history: list[dict[str, float | int]] = []
 
         if resuming:
-            data_state = self._restore()
+            data_state = _own_state(self._restore())
             if data_state and hasattr(loader, "set_state"):
                 loader.set_state(data_state)
         self._data_state = self._loader_state()
@@ -430,6 +458,6 @@ class Trainer:
                 self.step,
                 {"state": self.state, "frozen": self.frozen},
                 config=to_dict(self.config),
-                data_state=self._data_state,
+                data_state=_all_states(self._data_state),
             )
         return Path(str(self.checkpoints.step_directory(self.step)))
