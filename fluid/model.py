@@ -514,7 +514,8 @@ class FluidModel(eqx.Module):
           prompt that is the empty caption gives the images of no negative prompt.
         - `cfg_interval`: `(lo, hi)`, guidance only at the steps whose progress (the fraction
           of the tokens produced before the step) lies in `[lo, hi)`; the others sample the
-          conditional model alone, with half the head's work (LlamaGen's `cfg_interval` is
+          conditional model alone, with half the head's work, and half the backbone's for a
+          backbone without state per context (`context_state`; LlamaGen's `cfg_interval` is
           `(0, t / n)`). `None` (the default): every step; `(0, 1)` is the same (static).
         - `head_steps`: the chain of an iterative head (diffusion, flow) in place of its own:
           an int for every token, or a step schedule over progress as DiSA's (a tuple: the
@@ -720,7 +721,13 @@ class FluidModel(eqx.Module):
                     key, sub = jr.split(key)
                     idx = jax.lax.dynamic_slice(perm, (first,), (k,))
                     with jax.named_scope("backbone"):
-                        if residual is None:
+                        if residual is None and guided and not guided_step and not (
+                                backbone.context_state):
+                            # Outside the guidance interval nothing reads the unconditional
+                            # pass, and no per-context state needs it: the caption's alone.
+                            z, state = backbone.decode(state, tokens, embed, idx, ctx[:1],
+                                                       ctx_mask[:1])
+                        elif residual is None:
                             z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
                         elif residual:  # a refresh: both passes, over the block's positions
                             ahead = jax.lax.dynamic_slice(perm, (first,), (residual,))

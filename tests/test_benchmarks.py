@@ -280,3 +280,75 @@ def test_ab_imports_a_revision_beside_fluid_and_tells_what_differs(tmp_path):
     assert ab.differences(a, b) == ["['gone'] only before", "['new'] only after",
                                     "['b'] differs"]
     assert ab.differences(a, a) == []
+
+
+def test_quality_speed_measures_the_baseline_and_each_switch(tmp_path):
+    # An untrained tiny model, 2 seeds of 6 images: the structure of the output, and that the
+    # baseline's images are `generate_images`' with every switch off for the same seed.
+    import json
+
+    from quality_speed import main
+
+    from fluid.eval import generate_images
+    from fluid.run import load_model
+
+    out = main(["--train", "tiny-fluid", "--steps", "0", "--train-out", str(tmp_path / "run"),
+                "--seeds", "2", "--samples", "6", "--min-count", "2", "--only", "cfg-refresh-2",
+                "--out-dir", str(tmp_path), "--name", "t"], keep_images=True)
+    written = json.loads((tmp_path / "quality_speed_t.json").read_text())
+    assert (tmp_path / "quality_speed_t.png").stat().st_size > 0
+    assert "images" not in written and written["best"] == out["best"]
+    assert [r["name"] for r in written["settings"]] == ["baseline", "cfg-refresh-2"]
+    assert written["settings"][1]["switches"]["cfg_refresh"] == 2
+    assert written["frechet"]["rough"] and written["frechet"]["min_count"] == 2
+    # Only the refresh family has a setting: no combination, and it says why.
+    assert written["combination"] is None
+    assert [s["name"] for s in written["skipped"]] == ["combination"]
+    for row in written["settings"]:
+        assert row["images_per_s"] > 0 and len(row["seconds"]) == 2
+        for x in [row["frechet"], row["shapes_eval"]["overall"],
+                  *row["shapes_eval"]["categories"].values()]:
+            assert len(x["per_seed"]) == 2
+            assert x["low"] <= x["mean"] <= x["high"]
+            assert x["mean"] == pytest.approx(np.mean(x["per_seed"]))
+        assert set(row["shapes_eval"]["categories"]) == set(written["categories"])
+    assert written["settings"][0]["keeps_quality"] and written["settings"][0]["speedup"] == 1
+
+    model, tok, config = load_model(tmp_path / "run")
+    from fluid.eval import ShapesEval
+
+    for seed in range(2):
+        prompts = ShapesEval().prompts(1, seed=seed, categories=written["categories"])
+        expected = generate_images(model, tok, prompts, text_len=config.model.text_len,
+                                   seed=seed, steps=config.sample_steps, cfg=config.sample_cfg,
+                                   temperature=config.sample_temperature, progress=False)
+        np.testing.assert_array_equal(out["images"]["baseline"][seed], expected)
+
+
+def test_quality_speed_skips_what_a_model_cannot_take_and_combines_the_fastest_kept():
+    from quality_speed import candidate_settings, combination_of, combine, refusal
+
+    from fluid.presets import get_config
+
+    config = get_config("tiny-continuous-raster")  # a causal backbone, a diffusion head
+    model = abstract_model(config.model)
+    settings = {s.name: s for s in candidate_settings(model)}
+    assert set(settings) >= {"baseline", "head-steps-50", "head-steps-25", "ddim-25", "disa",
+                             "cfg-interval-0-0.5", "cfg-refresh-2", "cfg-refresh-4"}
+    assert settings["disa"].head_steps == (50, 35, 20, 5)
+    assert "bidirectional" in refusal(model, config, settings["cfg-refresh-4"])
+    assert refusal(model, config, settings["cfg-interval-0-0.5"]) is None
+    assert refusal(model, config, settings["ddim-25"]) is None
+    unguided = dataclasses.replace(config, sample_cfg=1.0)
+    assert "without guidance" in refusal(model, unguided, settings["cfg-interval-0-0.5"])
+
+    def row(name, family, speed, kept):
+        return {"name": name, "family": family, "images_per_s": speed, "keeps_quality": kept}
+
+    rows = [row("baseline", None, 1.0, True), row("head-steps-25", "head", 3.0, False),
+            row("head-steps-50", "head", 2.0, True), row("disa", "head", 2.5, True),
+            row("cfg-interval-0-0.5", "cfg_interval", 1.5, False),
+            row("cfg-refresh-2", "cfg_refresh", 1.2, True)]
+    assert combination_of(rows) == ["disa", "cfg-refresh-2"]
+    combo = combine("c", [settings["ddim-25"], settings["cfg-refresh-2"]])
+    assert (combo.head_steps, combo.head_sampler, combo.cfg_refresh) == (25, ("ddim", 0.0), 2)

@@ -281,11 +281,10 @@ def test_the_unconditional_pass_runs_only_at_refresh_steps(models, variant):
         lazy, passes = run(cfg_refresh=k, cfg_interval=interval)
         guided = [c for c in steps if interval is None or c / model.seq_len >= interval[0]]
         refreshed = guided[::k]
-        # (An unguided step, outside the interval, runs both passes as without reuse: the
-        # interval saves the head's work.)
-        unguided = [c for c in steps if c not in guided]
+        # (An unguided step, outside the interval, runs the conditional pass alone: a
+        # bidirectional backbone keeps no state per context.)
         assert passes == sorted({(int(c), False) for c in steps}
-                                | {(int(c), True) for c in refreshed + unguided}), (k, interval)
+                                | {(int(c), True) for c in refreshed}), (k, interval)
         for row in range(2):
             # Every run produces the same positions with the same conditional conditions.
             np.testing.assert_array_equal(lazy[row, :, [0, 2]], plain[row, :, [0, 2]])
@@ -315,3 +314,40 @@ def test_bad_refresh_periods_are_refused(models):
     with pytest.raises(ConfigError, match="cfg_refresh"):
         sample_images(causal, ClassLabelTokenizer(10), ["1"], text_len=ids.shape[1], steps=2,
                       cfg_refresh=2)
+
+
+@pytest.mark.parametrize("interval", [(0.0, 0.5), (0.5, 1.0)])
+def test_outside_the_interval_a_backbone_without_context_state_skips_the_unconditional_pass(
+        models, monkeypatch, interval):
+    # The samples are those of running both passes at every step (as a backbone with state
+    # per context must), bit for bit; the unconditional pass runs at the guided steps only.
+    model = models["fluid"]
+    assert not model.backbone.context_state
+    skipped = np.asarray(sample(model, cfg_interval=interval))
+    monkeypatch.setattr(type(model.backbone), "context_state", True)
+    np.testing.assert_array_equal(skipped, np.asarray(sample(model, cfg_interval=interval)))
+    monkeypatch.undo()
+
+    spied = eqx.tree_at(
+        lambda m: (m.backbone, m.head), model,
+        (SpyBackbone(model.backbone.dim, model.seq_len),
+         ConditionHead(model.head.cond_dim, model.tokenizer.token_dim)),
+    )
+    ids, mask = golden_captions()
+
+    def passes():
+        _PASSES.clear()
+        out = eqx.filter_jit(lambda m: m.generate_tokens(
+            ids, mask, key=jr.key(3), **{**SETTINGS, "steps": 6, "cfg_interval": interval}))(
+            spied)
+        jax.effects_barrier()
+        return np.asarray(out), sorted(set(_PASSES))
+
+    out, seen = passes()
+    steps = np.unique(out[0, :, 2])
+    guided = [int(c) for c in steps if interval[0] <= c / model.seq_len < interval[1]]
+    assert 0 < len(guided) < len(steps)
+    assert seen == sorted({(int(c), False) for c in steps} | {(c, True) for c in guided})
+    monkeypatch.setattr(SpyBackbone, "context_state", True)
+    _, seen = passes()
+    assert seen == sorted({(int(c), u) for c in steps for u in (False, True)})

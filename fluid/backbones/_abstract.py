@@ -37,10 +37,16 @@ class AbstractBackbone(eqx.Module):
     `parallel_decode` says whether `decode` takes several positions at one step (an order
     that produces several, such as the random order's cosine schedule); `FluidModel` refuses
     to sample such an order with a backbone that cannot, naming those that can.
+
+    `context_state` says whether the decoding state holds something per context (a KV cache
+    per caption) that every step must extend under every context. Without it (False), a
+    step whose unconditional pass nothing reads (outside a `cfg_interval`) decodes under
+    the caption's context alone. True, the default, is always correct.
     """
 
     attention: eqx.AbstractClassVar[str]
     parallel_decode: typing.ClassVar[bool] = True
+    context_state: typing.ClassVar[bool] = True
     dim: eqx.AbstractVar[int]
     seq_len: eqx.AbstractVar[int]
 
@@ -132,7 +138,10 @@ class AbstractBackbone(eqx.Module):
 
 class AbstractBidirectionalBackbone(AbstractBackbone):
     """A backbone that reads the known positions in any order, and at sampling re-reads
-    every token produced so far at each step (MaskGIT, MAR)."""
+    every token produced so far at each step (MaskGIT, MAR). Its decoding state is which
+    positions are known, the same under every context (`context_state` is False)."""
+
+    context_state: typing.ClassVar[bool] = False
 
     @abc.abstractmethod
     def at_positions(
