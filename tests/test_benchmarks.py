@@ -264,6 +264,51 @@ def test_mar_reference_builds_mar_at_the_issues_sizes(name, width, blocks, heads
     }
 
 
+def _mar_param_count(k: dict, *, classes: int = 1000) -> int:
+    """MAR's trainable parameters (LTH14/mar, `models/mar.py` and `models/diffloss.py`),
+    layer by layer from its constructor arguments `k`."""
+    w, W, d, c = k["encoder_embed_dim"], k["diffloss_w"], k["diffloss_d"], k["vae_embed_dim"]
+    n = (k["img_size"] // k["vae_stride"]) ** 2
+    total = n + k["buffer_size"]
+    block = 12 * w * w + 13 * w  # timm Block: 2 LayerNorms, qkv (bias), proj, MLP 4x
+    mar = (c * w + w  # z_proj
+           + classes * w + w  # class_emb, fake_latent
+           + total * w + 2 * w  # encoder_pos_embed_learned, z_proj_ln
+           + k["encoder_depth"] * block + 2 * w  # encoder blocks, encoder_norm
+           + w * w + w + w + total * w  # decoder_embed, mask_token, decoder_pos_embed
+           + k["decoder_depth"] * block + 2 * w  # decoder blocks, decoder_norm
+           + n * w)  # diffusion_pos_embed_learned
+    head = (256 * W + W + W * W + W  # time_embed (256 frequencies)
+            + w * W + W + c * W + W  # cond_embed, input_proj
+            + d * (2 * W + 2 * (W * W + W) + 3 * W * W + 3 * W)  # ResBlocks
+            + W * 2 * c + 2 * c + 2 * W * W + 2 * W)  # FinalLayer (learned sigma: 2c out)
+    return mar + head
+
+
+@pytest.mark.parametrize("name, count", [("mar512", None), ("mar256", 5_046_560)])
+def test_mar_reference_times_fluid_at_mars_sizes(name, count):
+    # The fluid model `mar_reference.py --with-fluid` trains beside MAR has MAR's parameters
+    # (the tokenizer apart: tokens are fed directly), counted layer by layer from MAR's
+    # code; 5,046,560 is what torch counted for MAR's own `mar256` model. Its encoder has
+    # the slots MAR's least-masked draw needs (256 - ceil(0.7 * 256) known tokens).
+    from mar_reference import fluid_mar_config, mar_kwargs
+
+    from fluid.build import count_params
+
+    config = fluid_mar_config(name)
+    model = abstract_model(config.model)
+    parts = (model.token_embedding, model.text_encoder, model.aligner, model.backbone,
+             model.head)
+    expected = _mar_param_count(mar_kwargs(name))
+    assert count is None or expected == count
+    assert sum(count_params(p) for p in parts) == expected
+    assert model.seq_len == 256 and model.tokenizer.token_dim == 16
+    assert model.order.max_num_known(256) == 76
+    optim = config.optim
+    assert (config.batch_size, config.precision, optim.b1, optim.b2, optim.weight_decay,
+            optim.grad_clip, optim.ema_decay) == (8, "float32", 0.9, 0.95, 0.02, 3.0, 0.9999)
+
+
 def test_ab_imports_a_revision_beside_fluid_and_tells_what_differs(tmp_path):
     # `benchmarks/ab.py`: the other version is a second, independent package in this process.
     import ab
