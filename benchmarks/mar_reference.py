@@ -89,7 +89,7 @@ from sampling import build as build_fluid
 
 from fluid.build import compose, count_params
 from fluid.config import DataConfig, OptimConfig, TrainConfig
-from fluid.presets import _mar_model
+from fluid.presets import mar_model_config
 from fluid.recipes import prepare
 from fluid.train import shard_batch
 
@@ -284,7 +284,7 @@ def fluid_mar_config(name: str) -> TrainConfig:
     if k["encoder_embed_dim"] != k["decoder_embed_dim"] or (
             k["encoder_num_heads"] != k["decoder_num_heads"]):
         raise ValueError(f"{name}: fluid's mae backbone has one width and one head count.")
-    model = _mar_model(
+    model = mar_model_config(
         MAR_TOKENIZER, width=k["encoder_embed_dim"], depth=k["encoder_depth"],
         heads=k["encoder_num_heads"], decoder_depth=k["decoder_depth"],
         head={"width": k["diffloss_w"], "depth": k["diffloss_d"],

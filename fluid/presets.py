@@ -194,7 +194,7 @@ MAR_SIZES = {
 }
 
 
-def _mar_model(tokenizer: ComponentSpec, *, width: int, depth: int, heads: int,
+def mar_model_config(tokenizer: ComponentSpec, *, width: int, depth: int, heads: int,
                head: dict, num_classes: int, buffer_size: int,
                decoder_depth: int | None = None, mlp_ratio: float = 4.0) -> ModelConfig:
     """MAR's composition (`fluid.build.mar_model` builds the same from MAR's weights):
@@ -246,7 +246,7 @@ def mar(size: str) -> TrainConfig:
     tokenizer = ComponentSpec(name="kl", kwargs={
         k: list(v) if isinstance(v, tuple) else v for k, v in MAR_KL16.items()
     })
-    model = _mar_model(tokenizer, width=width, depth=depth, heads=heads,
+    model = mar_model_config(tokenizer, width=width, depth=depth, heads=heads,
                        head={"width": head_width, "depth": head_depth, "batch_mul": 4},
                        num_classes=1000, buffer_size=64)
     return TrainConfig(
@@ -283,7 +283,7 @@ def mar_converted(architecture: Mapping[str, Any], *, num_heads: int, tokenizer:
         if (a["width"], a["depth"], a["decoder_depth"], num_heads, a["head_width"],
                 a["head_depth"]) == (width, depth, depth, heads, head_width, head_depth):
             cfg = size_cfg
-    model = _mar_model(
+    model = mar_model_config(
         tokenizer, width=a["width"], depth=a["depth"], heads=num_heads,
         head={"width": a["head_width"], "depth": a["head_depth"], "batch_mul": batch_mul,
               "sampling_steps": sampling_steps},
@@ -309,7 +309,7 @@ def tiny_mar() -> TrainConfig:
     of flat colours): the loss falls from 1.0 to about 0.05 and samples take their class's
     colour (at 350 steps they do not yet).
     """
-    model = _mar_model(
+    model = mar_model_config(
         ComponentSpec(name="patch", kwargs={"image_size": 8, "patch_size": 4}),
         width=32, depth=2, heads=2,
         head={"width": 64, "depth": 2, "batch_mul": 2, "clip_denoised": 1.0,
