@@ -197,7 +197,6 @@ def cmd_sample(args) -> int:
             folder.config["architecture"]["num_classes"]))
         print(f"loading the MAR model {args.checkpoint} with the autoencoder {args.vae}")
         pipeline = mar_pipeline(folder, vae=args.vae, ema=not args.raw)
-        model, text_tokenizer, config = pipeline.model, pipeline.text_tokenizer, pipeline.config
     elif args.vae is not None:
         raise ConfigError(f"--vae is for a MAR model that `fluid convert mar` wrote; "
                           f"{args.checkpoint} is not one (a run names its tokenizer in its "
@@ -206,19 +205,18 @@ def cmd_sample(args) -> int:
         saved = RunFolder(args.checkpoint).text_tokenizer
         checked = _sample_prompts(args, load_caption_tokenizer(saved))
         print(f"loading the pretrained folder {args.checkpoint}")
-        model, text_tokenizer, config = load_pretrained(args.checkpoint)
+        pipeline = Pipeline(*load_pretrained(args.checkpoint))
     else:
         weights = find_weights(args.checkpoint, ema=not args.raw)
         saved = RunFolder(weights.run_dir).text_tokenizer
         # Without a caption tokenizer (not a generative run), load_model says what is wrong.
         checked = _sample_prompts(args, load_caption_tokenizer(saved)) if saved.exists() else None
         print(f"loading {weights.describe()}")
-        model, text_tokenizer, config = load_model(weights, ema=not args.raw)
-    prompts, captions = checked or _sample_prompts(args, text_tokenizer)
+        pipeline = Pipeline(*load_model(weights, ema=not args.raw))
+    model = pipeline.model
+    prompts, captions = checked or _sample_prompts(args, pipeline.text_tokenizer)
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
     captions = [c for c in captions for _ in range(args.per_prompt)]
-    pipeline = Pipeline(model, text_tokenizer, config)
-    steps = config.sample_steps if args.steps is None else args.steps
     if args.steps is not None and args.steps > model.seq_len:
         raise ConfigError(
             f"--steps {args.steps} is more than the model's {model.seq_len} tokens; give "
@@ -227,7 +225,7 @@ def cmd_sample(args) -> int:
     # On every local device, in batches of --batch-size (one by default: what one call of
     # `sample_images` with `jr.key(seed)` draws), with a progress bar over the batches.
     images = pipeline.images(
-        prompts, seed=args.seed, steps=steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+        prompts, seed=args.seed, steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
         temperature=args.temperature, batch_size=args.batch_size,
         negative_prompt=args.negative_prompt, progress=True, **_switch_args(args),
     )

@@ -67,7 +67,12 @@ class Pipeline:
         LlamaGen uses a constant scale)."""
         return self.model.default_cfg_schedule
 
-    def __call__(
+    def __call__(self, prompts: str | Sequence[str], **options) -> list:
+        """`images(prompts, **options)` as a list of `PIL.Image.Image`,
+        `len(prompts) * num_images_per_prompt` of them."""
+        return to_pil(self.images(prompts, **options))
+
+    def images(
         self,
         prompts: str | Sequence[str],
         *,
@@ -83,8 +88,8 @@ class Pipeline:
         head_steps: int | Sequence[int] | None = None,
         cfg_refresh: int | None = None,
         progress: bool = False,
-    ) -> list:
-        """Sample images of `prompts` (one string, or several).
+    ) -> np.ndarray:
+        """Sample images of `prompts` (one string, or several), as one array.
 
         **Arguments:**
 
@@ -109,34 +114,9 @@ class Pipeline:
 
         **Returns:**
 
-        A list of `PIL.Image.Image`, `len(prompts) * num_images_per_prompt` of them
-        (`images` gives the arrays).
+        `[len(prompts) * num_images_per_prompt, h, w, 3]` images in [-1, 1] (`__call__`
+        gives them as PIL images).
         """
-        return to_pil(self.images(
-            prompts, num_images_per_prompt=num_images_per_prompt, seed=seed, steps=steps,
-            cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, batch_size=batch_size,
-            negative_prompt=negative_prompt, cfg_interval=cfg_interval, head_steps=head_steps,
-            cfg_refresh=cfg_refresh, progress=progress,
-        ))
-
-    def images(
-        self,
-        prompts: str | Sequence[str],
-        *,
-        num_images_per_prompt: int = 1,
-        seed: int = 0,
-        steps: int | None = None,
-        cfg: float | None = None,
-        cfg_schedule: str | None = None,
-        temperature: float | None = None,
-        batch_size: int | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        cfg_interval: tuple[float, float] | None = None,
-        head_steps: int | Sequence[int] | None = None,
-        cfg_refresh: int | None = None,
-        progress: bool = False,
-    ) -> np.ndarray:
-        """What `__call__` samples, as one array `[n, h, w, 3]` in [-1, 1]."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(self.text_tokenizer, ClassLabelTokenizer):
@@ -175,7 +155,7 @@ class Pipeline:
                 text_len=config.model.text_len, key=sub,
                 steps=config.sample_steps if steps is None else steps,
                 cfg=config.sample_cfg if cfg is None else cfg,
-                cfg_schedule=cfg_schedule or self.default_cfg_schedule,
+                cfg_schedule=cfg_schedule,
                 temperature=config.sample_temperature if temperature is None else temperature,
                 negative_prompts=None if negatives is None else negatives[start:start + size],
                 cfg_interval=cfg_interval, head_steps=head_steps, cfg_refresh=cfg_refresh,

@@ -45,8 +45,10 @@ def test_train_resume_and_sample(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     grid = tmp_path / "grid.png"
+    capsys.readouterr()
     assert main(["sample", str(run / "checkpoints" / "2"), "--prompt", "a red circle",
                  "--prompt", "a blue square", "--out", str(grid), "--steps", "2"]) == 0
+    assert "sampling" in capsys.readouterr().err  # the progress bar over batches
     image = np.asarray(Image.open(grid))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # two tiles side by side
     # Prompts from a file, several images each, one PNG per image; from a pretrained folder
@@ -66,6 +68,16 @@ def test_train_resume_and_sample(tmp_path, capsys):
         a = np.asarray(Image.open(tmp_path / "from_run" / name))
         np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "from_folder" / name)))
         np.testing.assert_array_equal(a, np.asarray(pipe[i]))
+    # --batch-size: batches of the pipeline's batch_size (batch b > 0 with its own key).
+    assert main(["sample", str(pretrained), "--prompts-file", str(prompts), "--per-prompt", "2",
+                 "--images-dir", str(tmp_path / "batched"), "--out", str(tmp_path / "g.png"),
+                 "--steps", "2", "--seed", "5", "--batch-size", "3"]) == 0
+    batched = fluid.load(pretrained)(["a red circle", "a blue square"], num_images_per_prompt=2,
+                                     seed=5, steps=2, batch_size=3)
+    for i, name in enumerate(written):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "batched" / name)),
+                                      np.asarray(batched[i]))
+    assert not np.array_equal(np.asarray(batched[3]), np.asarray(pipe[3]))  # its own key
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert "has no prompt" in user_error(

@@ -280,6 +280,28 @@ def test_proportion_intervals_stay_within_zero_and_one():
     assert (shapes["low"], shapes["high"]) == (0.0, pytest.approx(high, rel=1e-12))
 
 
+def test_the_sweeps_flags_reach_its_setting(tmp_path, monkeypatch):
+    seen = {}
+
+    def run_sweep(out, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fluid.eval, "run_sweep", run_sweep)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--scale", "tiny", "--out", str(tmp_path), "--mask-schedule", "mar",
+              "--lr-width-exponent", "1", "--style", "shaded"])
+    assert seen["options"] == {"mask_schedule": "mar", "lr_width_exponent": 1.0,
+                               "style": "shaded"}
+    setting = fluid.eval.scale_setting("tiny", seen["options"])
+    assert (setting.mask_schedule, setting.lr_width_exponent, setting.style) == (
+        "mar", 1.0, "shaded")
+    with pytest.raises(ValueError, match="unknown sweep settings \\['colour'\\]"):
+        fluid.eval.scale_setting("tiny", {"colour": "red"})
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        fluid.eval._sweep.run_sweep(tmp_path, scale="huge")  # the real one
+
+
 SWEEP = ["sweep", "--scale", "tiny", "--variants", "fluid", "discrete-raster"]
 
 

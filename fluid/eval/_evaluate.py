@@ -18,7 +18,12 @@ from tqdm.auto import tqdm
 from .._errors import ConfigError
 from ..model import sampling_switches
 from ..run import EvalReport, RunFolder, find_weights, load_model
-from ._frechet import REFERENCE_COUNT, feature_stats, required_count, shapes_reference_stats
+from ._frechet import (
+    REFERENCE_COUNT,
+    check_frechet_count,
+    feature_stats,
+    shapes_reference_stats,
+)
 from ._shapes_eval import ShapesEval
 from ._shapes_features import ShapesFeatures
 from ._validation import (
@@ -102,14 +107,8 @@ def generate_images(
 def _check_frechet_count(samples: int, image_size: int, min_count: int | None) -> None:
     # Fail before generating rather than after: the covariance needs d + 1 samples.
     dims = ShapesFeatures()(np.zeros((1, image_size, image_size, 3), np.float32)).shape[1]
-    needed = required_count(dims, min_count)
-    if samples < needed:
-        raise ValueError(
-            f"{samples} samples are too few for the Frechet distance of {dims} ShapesFeatures: "
-            f"at least {needed} are needed (the default, {DEFAULT_SAMPLES}, is enough). "
-            "Pass min_count (--min-count) to accept fewer knowingly: the distance is then "
-            "rough, dominated by the bias of a singular covariance."
-        )
+    check_frechet_count(samples, dims, ShapesFeatures.name, min_count, "samples",
+                        f"the default samples, {DEFAULT_SAMPLES}, are enough")
 
 
 def evaluate(

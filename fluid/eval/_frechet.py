@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jaxtyping import Float
 
+from .._errors import ConfigError
 from ..data.shapes import ShapesDataset
 from ._abstract import AbstractFeatureExtractor
 from ._shapes_features import ShapesFeatures
@@ -74,6 +75,21 @@ def required_count(dims: int, min_count: int | None = None) -> int:
     features: `dims + 1` (a full-rank sample covariance) unless `min_count` says otherwise,
     and never fewer than 2."""
     return max(2, dims + 1 if min_count is None else min_count)
+
+
+def check_frechet_count(count: int, dims: int, name: str, min_count: int | None, what: str,
+                        how: str) -> None:
+    """Refuse, before any work, `count` samples (`what`: "generated samples", say) that are
+    too few for the Frechet distance of `dims`-dimensional `name` features
+    (`required_count`); `how` says how to get more."""
+    needed = required_count(dims, min_count)
+    if count < needed:
+        raise ConfigError(
+            f"{count} {what} are too few for the Frechet distance of {dims}-dimensional "
+            f"{name} features: at least {needed} are needed; {how}, or pass min_count "
+            "(--min-count) to accept fewer knowingly (the distance is then rough, dominated "
+            "by the bias of a singular covariance)."
+        )
 
 
 @typing.final

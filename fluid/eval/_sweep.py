@@ -388,8 +388,6 @@ def run_sweep(
     `seeds` (each seed's own `{"seed", "a", "alpha"}`) and `alpha_over_seeds` (the mean
     and interval of those exponents).
     """
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; scales are {sorted(SCALES)}.")
     setting = scale_setting(scale, options)
     sizes = list(sizes or setting.sizes)
     seeds = setting.seeds if seeds is None else seeds

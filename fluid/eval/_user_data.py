@@ -27,7 +27,7 @@ from ..sample import read_prompts
 from ._abstract import AbstractFeatureExtractor
 from ._clip import CLIPEncoder
 from ._clip_score import CLIPFeatures, clip_scores
-from ._frechet import FeatureStats, cache_dir, feature_stats, required_count
+from ._frechet import FeatureStats, cache_dir, check_frechet_count, feature_stats
 from ._validation import (
     NOISE_DRAWS,
     VALIDATION_EXAMPLES,
@@ -145,18 +145,6 @@ def _feature_dims(extractor: AbstractFeatureExtractor, image_size: int) -> int:
     return extractor(np.zeros((1, image_size, image_size, 3), np.float32)).shape[1]
 
 
-def _check_count(count: int, dims: int, name: str, min_count: int | None, what: str,
-                 how: str) -> None:
-    needed = required_count(dims, min_count)
-    if count < needed:
-        raise ConfigError(
-            f"{count} {what} are too few for the Frechet distance of {dims}-dimensional "
-            f"{name} features: at least {needed} are needed; {how}, or pass min_count "
-            "(--min-count) to accept fewer knowingly (the distance is then rough, dominated "
-            "by the bias of a singular covariance)."
-        )
-
-
 def data_reference_stats(
     paths: Sequence[str | os.PathLike],
     image_size: int,
@@ -196,7 +184,7 @@ def data_reference_stats(
     paths = [os.fspath(p) for p in paths]
     wanted = min(len(paths), DATA_REFERENCE_COUNT if count is None else count)
     dims = _feature_dims(extractor, image_size)
-    _check_count(wanted, dims, extractor.name, min_count, "reference images",
+    check_frechet_count(wanted, dims, extractor.name, min_count, "reference images",
                  "give more real images")
     if path is None:
         path = cache_dir() / (f"images-{_images_digest(paths)}-{image_size}px-n{wanted}-"
@@ -208,7 +196,7 @@ def data_reference_stats(
             return stats
     _, images = _first_usable(lambda i: load_image(paths[i], image_size),
                               seeded_order(len(paths), seed), wanted)
-    _check_count(len(images), dims, extractor.name, min_count, "readable reference images",
+    check_frechet_count(len(images), dims, extractor.name, min_count, "readable reference images",
                  "give more real images")
     features = np.concatenate([extractor(np.stack(images[i : i + _BATCH]))
                                for i in range(0, len(images), _BATCH)])
@@ -328,11 +316,11 @@ def evaluate_data(
         samples = min(available, DATA_SAMPLES) if scoring else min(available, GRID_IMAGES)
     if frechet:
         dims = _feature_dims(features, image_size)
-        _check_count(samples, dims, features.name, min_count, "generated samples",
+        check_frechet_count(samples, dims, features.name, min_count, "generated samples",
                      "pass more samples (--samples; captions repeat when there are fewer)")
         reference_wanted = min(len(real), DATA_REFERENCE_COUNT if reference_count is None
                                else reference_count)
-        _check_count(reference_wanted, dims, features.name, min_count, "reference images",
+        check_frechet_count(reference_wanted, dims, features.name, min_count, "reference images",
                      "give more real images (or a larger reference_count, --reference-count)")
 
     t0 = time.perf_counter()
