@@ -7,6 +7,7 @@ from ._attention import dot_product_attention as dot_product_attention
 from ._cache import KVCache as KVCache
 from ._cross_attention import CrossAttention as CrossAttention
 from ._dropout import dropout as dropout
+from ._dropout import keep_mask as keep_mask
 from ._init import PerVectorLinear as PerVectorLinear
 from ._init import dense as dense
 from ._init import embedding as embedding

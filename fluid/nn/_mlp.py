@@ -31,10 +31,11 @@ class Mlp(eqx.Module):
         self.fc2 = linear(hidden_dim, dim, key=k2)
 
     def __call__(
-        self, x: Float[Array, " dim"], *, dropout_rate: float = 0.0, key: Key | None = None
-    ) -> Float[Array, " dim"]:
-        """The MLP on one vector; with a `key`, dropout at `dropout_rate` after the GELU and
-        after the second linear layer (timm's `Mlp(drop=...)`, which MAR's blocks use)."""
+        self, x: Float[Array, "*rows dim"], *, dropout_rate: float = 0.0, key: Key | None = None
+    ) -> Float[Array, "*rows dim"]:
+        """The MLP along the last axis of `x` (one vector, or rows of them); with a `key`,
+        dropout at `dropout_rate` after the GELU and after the second linear layer (timm's
+        `Mlp(drop=...)`, which MAR's blocks use), drawn over the whole array at once."""
         if key is None:
             return dense(self.fc2, gelu(dense(self.fc1, x)))
         k1, k2 = jr.split(key)

@@ -102,11 +102,8 @@ class TransformerBlock(eqx.Module):
         normed = jax.vmap(self.mlp_norm)(x)
         if k_mlp is None:
             return x + jax.vmap(self.mlp)(normed)
-
-        def mlp(v, k):
-            return self.mlp(v, dropout_rate=self.proj_dropout, key=k)
-
-        return x + jax.vmap(mlp)(normed, jr.split(k_mlp, x.shape[0]))
+        # One draw over the whole sequence (per-row keys cost a Threefry split per row).
+        return x + self.mlp(normed, dropout_rate=self.proj_dropout, key=k_mlp)
 
     def decode(
         self,
