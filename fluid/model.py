@@ -710,36 +710,43 @@ class FluidModel(eqx.Module):
         # produced at each step. Under `cfg_refresh` a refresh step and its reuse steps form
         # one block, unrolled in the scan's body, so the residual stays a local value.
         plan = self._step_plan(counts, guided, cfg_interval, head_steps, cfg_refresh)
+        # A backbone whose cost follows the number of known positions (the `mae` encoder's
+        # slots) is told a static bound on it at each step: the most known before that step
+        # in any iteration of its scan (exactly the count for a scan of one iteration).
+        bounded = "max_known" in inspect.signature(type(backbone).decode).parameters
         for block, run in itertools.groupby(_blocks(plan)):
             length = len(list(run))
             size = sum(step[0] for step in block)
 
-            def body(carry, i, block=block, start=start, size=size):
+            def body(carry, i, block=block, start=start, size=size, length=length):
                 tokens, state, key = carry
                 first = start + i * size
+                bound = start + (length - 1) * size
                 for k, guided_step, chain, residual in block:
                     key, sub = jr.split(key)
                     idx = jax.lax.dynamic_slice(perm, (first,), (k,))
+                    decode = (functools.partial(backbone.decode, max_known=max(bound, 1))
+                              if bounded else backbone.decode)
                     with jax.named_scope("backbone"):
                         if residual is None and guided and not guided_step and not (
                                 backbone.context_state):
                             # Outside the guidance interval nothing reads the unconditional
                             # pass, and no per-context state needs it: the caption's alone.
-                            z, state = backbone.decode(state, tokens, embed, idx, ctx[:1],
-                                                       ctx_mask[:1])
+                            z, state = decode(state, tokens, embed, idx, ctx[:1],
+                                              ctx_mask[:1])
                         elif residual is None:
-                            z, state = backbone.decode(state, tokens, embed, idx, ctx, ctx_mask)
+                            z, state = decode(state, tokens, embed, idx, ctx, ctx_mask)
                         elif residual:  # a refresh: both passes, over the block's positions
                             ahead = jax.lax.dynamic_slice(perm, (first,), (residual,))
-                            z, _ = backbone.decode(state, tokens, embed, ahead, ctx, ctx_mask)
+                            z, _ = decode(state, tokens, embed, ahead, ctx, ctx_mask)
                             # A bidirectional backbone's state is which positions are known
                             # (`AbstractBidirectionalBackbone.decode`).
                             state = state.at[idx].set(True)
                             cached = z[0, k:] - z[1, k:]
                             z, used = z[:, :k], 0
                         else:  # a reuse step: the conditional pass alone
-                            z, state = backbone.decode(state, tokens, embed, idx, ctx[:1],
-                                                       ctx_mask[:1])
+                            z, state = decode(state, tokens, embed, idx, ctx[:1],
+                                              ctx_mask[:1])
                             z = jnp.stack([z[0], z[0] - cached[used:used + k]])
                             used += k
                     cfg_value = self._cfg_at(cfg, schedule, first + k)
@@ -749,6 +756,7 @@ class FluidModel(eqx.Module):
                     with jax.named_scope("backbone"):
                         state = backbone.observe(state, tokens, embed, idx, ctx, ctx_mask)
                     first = first + k
+                    bound = bound + k
                 return (tokens, state, key), None
 
             (tokens, state, key), _ = jax.lax.scan(

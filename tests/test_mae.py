@@ -3,6 +3,7 @@
 under a bound on the known tokens, no leakage of unknown tokens, dropout only with a key."""
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -235,6 +236,55 @@ def test_at_positions_equals_the_full_output_at_positions():
     chex.assert_trees_all_close(call(b.at_positions, *args, positions), want, **TOL)
     bounded = eqx.filter_jit(lambda *a: b.at_positions(*a, max_known=4))
     chex.assert_trees_all_close(bounded(*args, positions), want, **TOL)
+
+
+def _class_model(**backbone):
+    config = dataclasses.replace(
+        tiny("fluid").model,
+        backbone=ComponentSpec(name="mae", kwargs={"depth": 1, "num_heads": 2,
+                                                   "buffer_size": 4, **backbone}),
+        text_encoder=ComponentSpec(name="class_labels", kwargs={"num_classes": 10, "dim": 32}),
+        text_len=2, text_vocab_size=11,
+    )
+    tokenizer = ClassLabelTokenizer(10)
+    null_ids, null_mask = tokenizer.encode([""], config.text_len)
+    model = compose(config, text_vocab_size=tokenizer.vocab_size,
+                    null_text=(null_ids[0], null_mask[0]), key=jr.key(0))
+    # The head's output layers start at zero, which would stop every gradient there.
+    model = eqx.tree_at(lambda m: m.head, model, perturbed(model.head, jr.key(4), 0.05))
+    return config, tokenizer, model
+
+
+def test_the_sampler_bounds_the_encoder_by_the_known_count(monkeypatch):
+    # Each step's encoder runs over as many slots as positions can be known before it (the
+    # sampler's static counts), and the images are those of the unbounded encoder.
+    _, tokenizer, model = _class_model()
+    ids, mask = tokenizer.encode(["1", "7"], 2)
+    counts = model.order.step_counts(model.seq_len, 6)
+    unbounded = MaskedAutoencoder.decode
+    bounds = []
+
+    def spy(self, *args, max_known=None):
+        bounds.append(max_known)
+        return unbounded(self, *args, max_known=max_known)
+
+    def sample(model):
+        return eqx.filter_jit(lambda m, k: m.generate(ids, mask, key=k, steps=6, cfg=2.0))(
+            model, jr.key(3))
+
+    monkeypatch.setattr(MaskedAutoencoder, "decode", spy)
+    bounded = sample(model)
+    # Steps of equal counts share a scan, traced once: its bound is the count before its
+    # last iteration. Here (1, 2, 2, 3, 4, 4) of 16: scans from 0, 1, 5 and 8 known.
+    want, start = [], 0
+    for size, run in itertools.groupby(counts):
+        length = len(list(run))
+        want.append(max(start + (length - 1) * size, 1))
+        start += size * length
+    assert len(want) < len(counts) and bounds == want
+    monkeypatch.setattr(MaskedAutoencoder, "decode",
+                        lambda self, *args, max_known=None: unbounded(self, *args))
+    chex.assert_trees_all_close(bounded, sample(model), **TOL)
 
 
 # -- information flow ---------------------------------------------------------------------------

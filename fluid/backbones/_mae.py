@@ -1,3 +1,4 @@
+import functools
 import typing
 
 import equinox as eqx
@@ -172,6 +173,22 @@ class MaskedAutoencoder(AbstractBidirectionalBackbone):
         slots = self.seq_len if max_known is None else max_known
         h, slot_positions = self.encode(x, known, context, context_mask, max_known=slots)
         return self.decode_conditions(h, slot_positions, context, context_mask, positions)
+
+    def decode(self, state, tokens, embed, positions, contexts, context_masks, *,
+               max_known: int | None = None):
+        """`AbstractBidirectionalBackbone.decode`, with the encoder over `max_known` slots
+        (static): the sampler's bound on the positions known before this step (it knows
+        the step counts; `FluidModel.generate` passes it), so that the encoder's cost
+        follows the tokens produced so far instead of `seq_len` at every step. `None`:
+        `seq_len` slots. Equal to the unbounded call whenever the bound holds (padding
+        slots are never read), and an error, not a wrong result, when it does not."""
+        known = state
+        x = jax.vmap(embed)(tokens)
+        at = functools.partial(self.at_positions, max_known=max_known)
+        z = jax.vmap(at, in_axes=(None, None, 0, 0, None))(
+            x, known, contexts, context_masks, positions
+        )
+        return z, known.at[positions].set(True)
 
     # -- the two halves -------------------------------------------------------------------
     def encode(
