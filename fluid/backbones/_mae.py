@@ -44,8 +44,10 @@ class MaskedAutoencoder(AbstractBidirectionalBackbone):
     `max_known = seq_len - ceil(0.7 * seq_len)` runs the encoder over under a third of the
     positions. More known tokens than `max_known` raise at run time (`eqx.error_if`)
     rather than being dropped silently. `None` (the default) gives `seq_len` slots, which
-    always fit. `at_positions` (sampling, where up to `seq_len - 1` tokens are known and
-    the driver's count is not static) uses `seq_len` slots unless told otherwise. In
+    always fit. `at_positions` (sampling, where up to `seq_len - 1` tokens are known) uses
+    `seq_len` slots unless told otherwise; `FluidModel.generate` tells `decode` a static
+    bound at each step (its step counts are static), so sampling's encoder follows the
+    tokens produced so far. In
     `FluidModel`'s training the call's `max_known` comes from the order
     (`fluid.orders.AbstractBoundedOrder`; MAR's random order bounds it as above), so the
     field matters only to direct calls.
