@@ -371,7 +371,8 @@ def test_quality_speed_measures_the_baseline_and_each_switch(tmp_path):
 
 
 def test_quality_speed_skips_what_a_model_cannot_take_and_combines_the_fastest_kept():
-    from quality_speed import candidate_settings, combination_of, combine, refusal
+    from quality_speed import (candidate_settings, combination_of, combine, keeps_quality,
+                               refusal, within_baseline)
 
     from fluid.presets import get_config
 
@@ -395,5 +396,16 @@ def test_quality_speed_skips_what_a_model_cannot_take_and_combines_the_fastest_k
             row("cfg-interval-0-0.5", "cfg_interval", 1.5, False),
             row("cfg-refresh-2", "cfg_refresh", 1.2, True)]
     assert combination_of(rows) == ["disa", "cfg-refresh-2"]
+    # The rule is one-sided: better than the baseline keeps quality, worse does not.
+    def judged(se, fd):
+        return {"shapes_eval": {"overall": {"low": se[0], "high": se[1]}},
+                "frechet": {"low": fd[0], "high": fd[1]}}
+
+    base = judged((0.4, 0.5), (7.0, 8.0))
+    assert keeps_quality(judged((0.6, 0.7), (5.0, 6.0)), base)  # better on both
+    assert not within_baseline(judged((0.6, 0.7), (5.0, 6.0)), base)
+    assert keeps_quality(judged((0.35, 0.45), (7.5, 8.5)), base)  # overlapping
+    assert not keeps_quality(judged((0.2, 0.3), (7.0, 8.0)), base)  # worse ShapesEval
+    assert not keeps_quality(judged((0.4, 0.5), (8.1, 9.0)), base)  # worse Frechet
     combo = combine("c", [settings["ddim-25"], settings["cfg-refresh-2"]])
     assert (combo.head_steps, combo.head_sampler, combo.cfg_refresh) == (25, ("ddim", 0.0), 2)
