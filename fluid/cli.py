@@ -708,8 +708,8 @@ def _parser() -> argparse.ArgumentParser:
         "seeds to a finished sweep trains only the new ones. Over several seeds the report "
         "gives each measure's mean with a 95% Student-t interval and each variant's "
         "exponent fitted per seed. The default "
-        "scale (small: 4 variants x 3 sizes x 250 steps) took 29 minutes on an idle 2-core CPU "
-        "(docs/reproduction.md); medium and large are for "
+        "scale (small: 4 variants x 3 sizes x 3 seeds x 200 steps) is planned at about an "
+        "hour on an idle 2-core CPU; medium and large are for "
         "hours on a CPU or a GPU.",
     )
     p.add_argument("--scale", default="small", choices=sorted(SCALES),
@@ -726,7 +726,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_at_least(1, int), default=None,
                    help="runs per (variant, size), seeds 0 to N-1: each sets the model's "
                    "initialisation, the data and the evaluation's sampling (default: the "
-                   "scale's, 1: no intervals)")
+                   "scale's: 3 for small, 1 for the others, where 1 gives no intervals)")
     p.add_argument("--mask-schedule", choices=("cosine", "mar"), default=None,
                    help="masked fractions of the random-order variants in training: cosine "
                    "over [0, 1] as Fluid (the scales' default), or mar (at least 70%% masked)")

@@ -371,8 +371,14 @@ def test_quality_speed_measures_the_baseline_and_each_switch(tmp_path):
 
 
 def test_quality_speed_skips_what_a_model_cannot_take_and_combines_the_fastest_kept():
-    from quality_speed import (candidate_settings, combination_of, combine, keeps_quality,
-                               refusal, within_baseline)
+    from quality_speed import (
+        candidate_settings,
+        combination_of,
+        combine,
+        keeps_quality,
+        refusal,
+        within_baseline,
+    )
 
     from fluid.presets import get_config
 

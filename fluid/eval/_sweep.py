@@ -121,16 +121,21 @@ SCALES: dict[str, SweepScale] = {
         samples=12,
         validation_examples=16, min_count=2, fit_images=16,
     ),
-    # The default: 4 variants x 3 sizes x 250 steps on 32 px shapes. Measured on an idle
-    # 2-core CPU (docs/reproduction.md): 29 minutes in all; 62-153 s of training and 18-69 s
-    # of evaluation per run; median steps of 0.12-0.46 s. Objects are placed near fixed
-    # slots and drawn larger, captions come from the colour categories, and the diffusion
-    # head's noise is shifted, as in the demo, so that minutes of training show in the
-    # samples; the diffusion head draws 2 timesteps per token in training instead of MAR's 4.
+    # The default: 4 variants x 3 sizes x 3 seeds x 200 steps on 32 px shapes, sizes
+    # spanning 11.8x (continuous) to 20x (discrete) in non-embedding parameters. Planned
+    # from session 13's idle timings of single runs (fluid w32d2 70 s of training and 50 s
+    # of evaluation at 250 steps and 192 samples, w128d4 136 s and 68 s; discrete-raster
+    # 53 + 18 s and 102 + 27 s) at about 55 minutes in all; the run that times it is in
+    # docs/reproduction.md once made. 96 samples per run: the Frechet distance of 96
+    # 191-dimensional features is rough (min_count), compared at equal N across the grid;
+    # ShapesEval's interval comes from the seeds. Objects are placed near fixed slots and
+    # drawn larger, captions come from the colour categories, and the diffusion head's
+    # noise is shifted, as in the demo, so that minutes of training show in the samples;
+    # the diffusion head draws 2 timesteps per token in training instead of MAR's 4.
     "small": SweepScale(
-        sizes=("w32d2", "w64d2", "w96d3"), steps=250, head_batch_mul=2, object_scale=1.6,
+        sizes=("w32d2", "w64d2", "w128d4"), steps=200, head_batch_mul=2, object_scale=1.6,
         layout="slots", categories=("colors", "color_attr"), sample_temperature=0.8,
-        validation_examples=128, fit_images=512,
+        samples=96, min_count=96, validation_examples=128, fit_images=512, seeds=3,
     ),
     # Hours on a CPU, minutes on a GPU.
     "medium": SweepScale(
