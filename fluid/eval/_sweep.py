@@ -122,11 +122,9 @@ SCALES: dict[str, SweepScale] = {
         validation_examples=16, min_count=2, fit_images=16,
     ),
     # The default: 4 variants x 3 sizes x 3 seeds x 200 steps on 32 px shapes, sizes
-    # spanning 11.8x (continuous) to 20x (discrete) in non-embedding parameters. Planned
-    # from session 13's idle timings of single runs (fluid w32d2 70 s of training and 50 s
-    # of evaluation at 250 steps and 192 samples, w128d4 136 s and 68 s; discrete-raster
-    # 53 + 18 s and 102 + 27 s) at about 55 minutes in all; the run that times it is in
-    # docs/reproduction.md once made. 96 samples per run: the Frechet distance of 96
+    # spanning 11.8x (continuous) to 20x (discrete) in non-embedding parameters. Measured
+    # on an idle 2-core CPU (session 14, `time fluid sweep`): 40 minutes in all, 36 runs.
+    # 96 samples per run: the Frechet distance of 96
     # 191-dimensional features is rough (min_count), compared at equal N across the grid;
     # ShapesEval's interval comes from the seeds. Objects are placed near fixed slots and
     # drawn larger, captions come from the colour categories, and the diffusion head's
